@@ -1,0 +1,664 @@
+"""CSV manifests, audio crops and the sampler that mixes labeled and unlabeled clips.
+
+Manifest contract (one row per audio file):
+    path    required; relative to the CSV's own folder, or absolute
+    split   optional; train, val or test (without the column every row is train)
+    labels  any column(s) named with --label-column and read as --task:
+            multiclass = one class name; multilabel = tags joined by ";";
+            regression = a number (several columns: --label-column valence,arousal).
+            An empty cell means the row is unlabeled for that column.
+
+Audio is read with soundfile by seeking (a 3 s crop of a 10 min MP3 decodes 3 s), mixed
+to mono and resampled with torchaudio. `python datasets.py synth --out DIR` writes the
+built-in synthetic music set that train.py uses when no manifest is given.
+"""
+import argparse
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+import torchaudio
+
+SPLITS = ("train", "val", "test")
+TASKS = ("multiclass", "multilabel", "regression")
+LABEL_KINDS = ("generic", "pitch_class", "pitch", "key", "tempo")
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+KEY_NAMES = tuple(f"{note} {mode}" for mode in ("major", "minor") for note in NOTE_NAMES)
+# MIREX key-relation weights, reused as the built-in key similarity (README documents them).
+KEY_WEIGHTS = {"same": 1.0, "fifth": 0.5, "relative": 0.3, "parallel": 0.2}
+MAX_REPLACEMENTS = 10
+
+
+class ManifestError(ValueError):
+    """A manifest or label problem, found before training; the message names the place."""
+
+
+# ---------------------------------------------------------------- label parsing
+
+_NOTE_RE = re.compile(r"^\s*([A-Ga-g])\s*([#♯b♭]?)")
+_MODE_WORDS = {"major": 0, "maj": 0, "": 0, "minor": 1, "min": 1, "m": 1}
+
+
+def _note_index(letter, accidental):
+    index = NOTE_NAMES.index(letter.upper())
+    index += {"#": 1, "♯": 1, "b": -1, "♭": -1}.get(accidental, 0)
+    return index % 12
+
+
+def parse_key(text):
+    """Key name -> class index in KEY_NAMES (0-11 major, 12-23 minor).
+
+    Accepts the common spellings: "C major", "A minor", "c#:min", "Bb maj", "F# minor",
+    "Am", "Ebm". Raises ValueError for anything else.
+    """
+    match = _NOTE_RE.match(text)
+    if not match:
+        raise ValueError(f"cannot read a key from {text!r}")
+    rest = text[match.end():].strip().lstrip(":").strip()
+    if rest == "M":
+        mode = 0
+    elif rest.lower() in _MODE_WORDS and rest != "M":
+        mode = _MODE_WORDS[rest.lower()]
+    else:
+        raise ValueError(f"cannot read a key mode from {text!r} (expected major/minor)")
+    return _note_index(match.group(1), match.group(2)) + 12 * mode
+
+
+def parse_pitch_class(text):
+    """Pitch class name ("C#", "Db") or number 0-11 -> 0..11; ValueError otherwise."""
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        value = int(text)
+        if value > 11:
+            raise ValueError(f"pitch class {value} is outside 0-11")
+        return value
+    match = _NOTE_RE.match(text)
+    if not match or text[match.end():].strip():
+        raise ValueError(f"cannot read a pitch class from {text!r}")
+    return _note_index(match.group(1), match.group(2))
+
+
+def parse_pitch(text):
+    """MIDI note number ("60") or note name with octave ("C4" = 60, "A#3") -> int."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.0+)?", text):
+        return int(float(text))
+    match = re.fullmatch(r"([A-Ga-g])([#♯b♭]?)(-?\d+)", text)
+    if not match:
+        raise ValueError(f"cannot read a pitch from {text!r} (MIDI number or e.g. C#4)")
+    return 12 * (int(match.group(3)) + 1) + _note_index(match.group(1), match.group(2))
+
+
+def key_similarity():
+    """Built-in `[24, 24]` similarity between the keys of KEY_NAMES (MIREX weights).
+
+    same key 1; a perfect fifth apart in the same mode (dominant or subdominant) 0.5;
+    relative major/minor 0.3; parallel major/minor 0.2; anything else 0.
+    """
+    similarity = torch.zeros(24, 24)
+    for a in range(24):
+        for b in range(24):
+            tonic_a, mode_a, tonic_b, mode_b = a % 12, a // 12, b % 12, b // 12
+            if a == b:
+                value = KEY_WEIGHTS["same"]
+            elif mode_a == mode_b and (tonic_b - tonic_a) % 12 in (5, 7):
+                value = KEY_WEIGHTS["fifth"]
+            elif mode_a != mode_b and (tonic_a + (9 if mode_a == 0 else 3)) % 12 == tonic_b:
+                value = KEY_WEIGHTS["relative"]
+            elif mode_a != mode_b and tonic_a == tonic_b:
+                value = KEY_WEIGHTS["parallel"]
+            else:
+                value = 0.0
+            similarity[a, b] = value
+    return similarity
+
+
+def pitch_similarity(pitches, octave_aware=False):
+    """Similarity between MIDI pitches that halves with every semitone of distance.
+
+    pitches: sequence of C MIDI numbers. With octave_aware, notes whose pitch classes
+    agree keep half the similarity they would have at the same octave (0.5 * 2^-d with
+    d the circular pitch-class distance), so C4 and C5 are close but not equal.
+    Returns `[C, C]` in [0, 1] with ones on the diagonal.
+    """
+    midi = torch.tensor([float(p) for p in pitches])
+    distance = (midi[:, None] - midi[None, :]).abs()
+    similarity = torch.pow(2.0, -distance)
+    if octave_aware:
+        class_distance = distance % 12
+        class_distance = torch.minimum(class_distance, 12 - class_distance)
+        similarity = torch.maximum(similarity, 0.5 * torch.pow(2.0, -class_distance))
+    return similarity
+
+
+# ---------------------------------------------------------------- manifests
+
+@dataclass
+class LabelColumn:
+    """One supervision signal read from the manifest.
+
+    columns: CSV column names (several only for regression).
+    task: multiclass, multilabel or regression; kind: what the label means (LABEL_KINDS).
+    classes: class or tag names (multiclass, multilabel), index = position.
+    mean, std: regression standardization, fitted on the labeled train rows.
+    values: per-row encoded labels (class index, multi-hot or standardized values).
+    labeled: per-row bool.
+    similarity: optional `[C, C]` class similarity (multiclass).
+    """
+    columns: list
+    task: str
+    kind: str = "generic"
+    classes: list = field(default_factory=list)
+    mean: list = field(default_factory=list)
+    std: list = field(default_factory=list)
+    values: np.ndarray = None
+    labeled: np.ndarray = None
+    similarity: torch.Tensor = None
+
+    @property
+    def name(self):
+        return ",".join(self.columns)
+
+    def describe(self):
+        """Everything but the per-row arrays, for checkpoints and probing."""
+        return {"columns": self.columns, "task": self.task, "kind": self.kind,
+                "classes": self.classes, "mean": self.mean, "std": self.std}
+
+
+def _where(csv_path, row, column):
+    # Line numbers count the header as line 1, as a text editor shows them.
+    return f"{csv_path}, line {row + 2}, column {column!r}"
+
+
+def read_manifest(csv_paths):
+    """Read and concatenate manifests, resolving paths and checking `path` and `split`.
+
+    csv_paths: one path or a list. Returns a DataFrame with absolute `path`, `split`,
+    `source` (the CSV) and `source_row` (its line number), plus every other column as
+    text ("" for empty cells). Raises ManifestError naming file, line and column.
+    """
+    if isinstance(csv_paths, (str, os.PathLike)):
+        csv_paths = [csv_paths]
+    frames = []
+    for csv_path in csv_paths:
+        csv_path = str(csv_path)
+        if not os.path.isfile(csv_path):
+            raise ManifestError(f"{csv_path}: manifest not found")
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        if "path" not in frame.columns:
+            raise ManifestError(f"{csv_path}: no 'path' column (columns: {list(frame.columns)})")
+        if "split" not in frame.columns:
+            frame["split"] = "train"
+        frame["split"] = frame["split"].str.strip().str.lower().replace({"valid": "val", "validation": "val"})
+        for row, (path, split) in enumerate(zip(frame["path"], frame["split"])):
+            if not path.strip():
+                raise ManifestError(f"{_where(csv_path, row, 'path')}: empty path")
+            if split not in SPLITS:
+                raise ManifestError(f"{_where(csv_path, row, 'split')}: unknown split {split!r}; use one of {SPLITS}")
+        folder = os.path.dirname(os.path.abspath(csv_path))
+        frame["path"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(folder, p))
+                         for p in frame["path"].str.strip()]
+        frame["source"] = csv_path
+        frame["source_row"] = np.arange(len(frame)) + 2
+        frames.append(frame)
+    manifest = pd.concat(frames, ignore_index=True).fillna("")
+    return manifest
+
+
+def _cell_error(manifest, row, column, message):
+    source, line = manifest["source"].iat[row], manifest["source_row"].iat[row]
+    return ManifestError(f"{source}, line {line}, column {column!r}: {message}")
+
+
+def parse_labels(manifest, columns, task, kind="generic", similarity=None):
+    """Encode one label column of a manifest (see the module docstring for the format).
+
+    manifest: from read_manifest. columns: a column name, or comma-separated names for
+    several regression outputs. task: multiclass, multilabel or regression. kind: one of
+    LABEL_KINDS; pitch_class, pitch and key labels are parsed as such (e.g. "Bb maj").
+    similarity: None, "key", "pitch", "pitch-octave", or a CSV path holding a C x C
+    class similarity with class names as header and index.
+    Returns a LabelColumn. Raises ManifestError naming file, line and column.
+    """
+    names = [c.strip() for c in columns.split(",")] if isinstance(columns, str) else list(columns)
+    if task not in TASKS:
+        raise ManifestError(f"unknown task {task!r}; use one of {TASKS}")
+    if kind not in LABEL_KINDS:
+        raise ManifestError(f"unknown label kind {kind!r}; use one of {LABEL_KINDS}")
+    for name in names:
+        if name not in manifest.columns:
+            raise ManifestError(f"label column {name!r} is not in the manifest(s) "
+                                f"{sorted(set(manifest['source']))}; columns: {list(manifest.columns)}")
+    if len(names) > 1 and task != "regression":
+        raise ManifestError(f"several label columns {names} in one signal need --task regression")
+    column = LabelColumn(columns=names, task=task, kind=kind)
+    cells = [[str(v).strip() for v in manifest[name]] for name in names]
+    labeled = np.array([all(c[row] for c in cells) for row in range(len(manifest))])
+    column.labeled = labeled
+    if task == "regression":
+        values = np.zeros((len(manifest), len(names)), dtype=np.float32)
+        for k, name in enumerate(names):
+            for row in np.flatnonzero(labeled):
+                try:
+                    values[row, k] = float(cells[k][row])
+                except ValueError:
+                    raise _cell_error(manifest, row, name, f"{cells[k][row]!r} is not a number") from None
+                if not math.isfinite(values[row, k]):
+                    raise _cell_error(manifest, row, name, f"{cells[k][row]!r} is not finite")
+        fit = labeled & (manifest["split"].to_numpy() == "train")
+        if not fit.any():
+            raise ManifestError(f"regression column(s) {names}: no labeled train row to standardize on")
+        column.mean = values[fit].mean(0).tolist()
+        column.std = np.maximum(values[fit].std(0), 1e-8).tolist()
+        column.values = (values - np.array(column.mean, dtype=np.float32)) / np.array(column.std, dtype=np.float32)
+        column.values[~labeled] = 0.0
+        return column
+    raw = cells[0]
+    name = names[0]
+    if task == "multilabel":
+        tag_lists = [[t.strip() for t in raw[row].split(";") if t.strip()] if labeled[row] else []
+                     for row in range(len(manifest))]
+        column.classes = sorted({t for tags in tag_lists for t in tags})
+        index = {t: i for i, t in enumerate(column.classes)}
+        column.values = np.zeros((len(manifest), len(column.classes)), dtype=np.float32)
+        for row, tags in enumerate(tag_lists):
+            column.values[row, [index[t] for t in tags]] = 1.0
+        return column
+    parsers = {"key": parse_key, "pitch_class": parse_pitch_class, "pitch": parse_pitch}
+    if kind in parsers:
+        codes = np.full(len(manifest), -1, dtype=np.int64)
+        for row in np.flatnonzero(labeled):
+            try:
+                codes[row] = parsers[kind](raw[row])
+            except ValueError as error:
+                raise _cell_error(manifest, row, name, str(error)) from None
+        if kind == "key":
+            column.classes = list(KEY_NAMES)
+        elif kind == "pitch_class":
+            column.classes = list(NOTE_NAMES)
+        else:
+            column.classes = [str(p) for p in sorted(set(codes[labeled].tolist()))]
+            lookup = {int(p): i for i, p in enumerate(column.classes)}
+            codes = np.array([lookup[c] if c >= 0 else -1 for c in codes], dtype=np.int64)
+    else:
+        column.classes = sorted({raw[row] for row in np.flatnonzero(labeled)})
+        lookup = {c: i for i, c in enumerate(column.classes)}
+        codes = np.array([lookup[raw[row]] if labeled[row] else -1 for row in range(len(manifest))],
+                         dtype=np.int64)
+    column.values = codes
+    if similarity is not None:
+        column.similarity = class_similarity(similarity, column)
+    return column
+
+
+def class_similarity(spec, column):
+    """Resolve a --class-similarity value for a multiclass LabelColumn -> `[C, C]`.
+
+    spec: "key" (needs kind key), "pitch" or "pitch-octave" (kind pitch: MIDI distance;
+    kind pitch_class: circular distance), or a CSV file with class names as header and
+    first column, values in [0, 1], covering exactly the column's classes.
+    """
+    if spec == "key":
+        if column.kind != "key":
+            raise ManifestError(f"--class-similarity key needs --label-kind key for column {column.name!r}")
+        return key_similarity()
+    if spec in ("pitch", "pitch-octave"):
+        if column.kind == "pitch":
+            return pitch_similarity([int(c) for c in column.classes], octave_aware=spec == "pitch-octave")
+        if column.kind == "pitch_class":
+            # Pitch classes live on a circle: distance is the shorter way round.
+            steps = torch.arange(12.0)
+            distance = (steps[:, None] - steps[None, :]).abs()
+            return torch.pow(2.0, -torch.minimum(distance, 12 - distance))
+        raise ManifestError(f"--class-similarity {spec} needs --label-kind pitch or pitch_class "
+                            f"for column {column.name!r}")
+    if not os.path.isfile(spec):
+        raise ManifestError(f"--class-similarity {spec!r}: not a built-in (key, pitch, pitch-octave) "
+                            f"and no such file")
+    table = pd.read_csv(spec, index_col=0)
+    table.index = table.index.astype(str).str.strip()
+    table.columns = table.columns.astype(str).str.strip()
+    if table.shape[0] != table.shape[1] or list(table.index) != list(table.columns):
+        raise ManifestError(f"{spec}: class similarity must be square with the same class names as "
+                            f"header and index (got {table.shape[0]} rows, {table.shape[1]} columns)")
+    try:
+        matrix = table.to_numpy(dtype=np.float64)
+    except ValueError:
+        raise ManifestError(f"{spec}: class similarity holds a value that is not a number") from None
+    bad = np.argwhere(~((matrix >= 0) & (matrix <= 1)))
+    if len(bad):
+        r, c = bad[0]
+        raise ManifestError(f"{spec}: entry ({table.index[r]!r}, {table.columns[c]!r}) = {matrix[r, c]} "
+                            f"is outside [0, 1]")
+    missing = sorted(set(column.classes) - set(table.index))
+    if missing:
+        raise ManifestError(f"{spec}: classes of column {column.name!r} missing from the similarity: {missing}")
+    absent = sorted(set(table.index) - set(column.classes))
+    if absent:
+        raise ManifestError(f"{spec}: names classes absent from column {column.name!r}: {absent}")
+    order = [list(table.index).index(c) for c in column.classes]
+    return torch.tensor(matrix[np.ix_(order, order)], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- audio
+
+class AudioError(RuntimeError):
+    """A file that cannot give the requested audio (unreadable, empty or too short)."""
+
+
+_RESAMPLERS = {}
+
+
+def _resample(audio, source_rate, sample_rate):
+    """`[C, T]` numpy -> float32 tensor at sample_rate.
+
+    Building the sinc kernel costs more than applying it, so one torchaudio Resample
+    per rate pair is kept for the life of the process.
+    """
+    wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    if source_rate == sample_rate:
+        return wave
+    key = (source_rate, sample_rate)
+    if key not in _RESAMPLERS:
+        _RESAMPLERS[key] = torchaudio.transforms.Resample(source_rate, sample_rate)
+    return _RESAMPLERS[key](wave)
+
+
+def _fit_length(wave, length):
+    """Cut or zero-pad the last axis to exactly `length` samples."""
+    if wave.shape[-1] >= length:
+        return wave[..., :length]
+    return torch.nn.functional.pad(wave, (0, length - wave.shape[-1]))
+
+
+def read_crops(path, num_views, clip_samples, sample_rate, rng):
+    """Read `num_views` random crops of one file, mono, at `sample_rate`.
+
+    Crops do not overlap when the file holds num_views crops; otherwise they are drawn
+    independently (and may overlap). A file shorter than one crop is zero-padded if it is
+    at least half a crop long, else AudioError. Only the cropped frames are decoded.
+    rng: numpy Generator. Returns `[num_views, clip_samples]` float32.
+    """
+    try:
+        with sf.SoundFile(path) as f:
+            source_rate, frames = f.samplerate, f.frames
+            # One extra source frame absorbs rounding of the resampled length.
+            crop = math.ceil(clip_samples * source_rate / sample_rate) + 1
+            if frames <= 0:
+                raise AudioError(f"{path}: empty audio")
+            if frames < crop:
+                if frames < crop // 2:
+                    raise AudioError(f"{path}: {frames / source_rate:.2f} s is shorter than half a "
+                                     f"{clip_samples / sample_rate:.2f} s crop")
+                starts = [0] * num_views
+            elif frames >= num_views * crop:
+                # Non-overlapping: place num_views crops and share the slack randomly.
+                slack = np.sort(rng.integers(0, frames - num_views * crop + 1, size=num_views))
+                starts = [int(s) + k * crop for k, s in enumerate(slack)]
+                starts = [starts[k] for k in rng.permutation(num_views)]
+            else:
+                starts = rng.integers(0, frames - crop + 1, size=num_views).tolist()
+            crops = []
+            for start in starts:
+                f.seek(int(start))
+                crops.append(f.read(min(crop, frames - int(start)), dtype="float32", always_2d=True))
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        if isinstance(error, AudioError):
+            raise
+        raise AudioError(f"{path}: cannot read audio ({error})") from error
+    views = []
+    for audio in crops:
+        wave = _resample(audio.mean(1, keepdims=True).T, source_rate, sample_rate)  # [1, T]
+        views.append(_fit_length(wave[0], clip_samples))
+    out = torch.stack(views)  # [V, clip_samples]
+    if not torch.isfinite(out).all():
+        raise AudioError(f"{path}: audio holds NaN or Inf samples")
+    return out
+
+
+def read_clips(path, clip_samples, sample_rate, max_clips=None):
+    """A whole file as consecutive clips (test time), mono at `sample_rate`.
+
+    The last partial clip is kept (zero-padded) when it is at least half a clip long;
+    a file shorter than that gives one padded clip. max_clips caps the count (taken
+    evenly spread over the file). Returns `[K, clip_samples]` float32.
+    """
+    try:
+        audio, source_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        raise AudioError(f"{path}: cannot read audio ({error})") from error
+    if len(audio) == 0:
+        raise AudioError(f"{path}: empty audio")
+    wave = _resample(audio.mean(1, keepdims=True).T, source_rate, sample_rate)[0]  # [T]
+    count = max(1, int(wave.shape[0] / clip_samples + 0.5))
+    clips = _fit_length(wave, count * clip_samples).reshape(count, clip_samples)  # [K, T]
+    if max_clips is not None and count > max_clips:
+        clips = clips[torch.linspace(0, count - 1, max_clips).round().long()]
+    if not torch.isfinite(clips).all():
+        raise AudioError(f"{path}: audio holds NaN or Inf samples")
+    return clips
+
+
+# ---------------------------------------------------------------- datasets and sampling
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Map-style dataset of multi-view crops, indexed by draws from MixedBatchSampler.
+
+    Each index is a draw `(row, seed, pool, is_labeled)`: the crop positions come from
+    `seed`, so a run is reproducible with any number of workers. A file that fails to
+    load is replaced by a random row of the same pool (at most MAX_REPLACEMENTS tries)
+    and counted in the item's `failed` field, so the batch keeps its size and mix.
+
+    paths: per-row file paths; columns: LabelColumns; pools: {pool id: row array}.
+    augment: optional callable `[V, T] -> [V, T]` applied here (augmentation in workers).
+    Items are dicts: audio `[V, clip_samples]`, clip (row), labels (one tensor per
+    column), labeled (one bool per column), failed (int), failed_paths (";"-joined).
+    """
+
+    def __init__(self, paths, columns, pools, num_views, clip_samples, sample_rate, augment=None):
+        self.paths = list(paths)
+        self.columns = columns
+        self.pools = pools
+        self.num_views = num_views
+        self.clip_samples = clip_samples
+        self.sample_rate = sample_rate
+        self.augment = augment
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, draw):
+        row, seed, pool, is_labeled = draw
+        rng = np.random.default_rng(seed)
+        failed = []
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            try:
+                audio = read_crops(self.paths[row], self.num_views, self.clip_samples, self.sample_rate, rng)
+                break
+            except AudioError:
+                failed.append(self.paths[row])
+                row = int(rng.choice(self.pools[pool]))
+        else:
+            raise AudioError(f"{MAX_REPLACEMENTS + 1} files in a row failed to load, last {failed[-1]}; "
+                             f"run `python train.py --check-data` on the manifest")
+        if self.augment is not None:
+            audio = self.augment(audio, torch.Generator().manual_seed(seed))
+        labels = [torch.as_tensor(c.values[row]) for c in self.columns]
+        labeled = [bool(is_labeled and c.labeled[row]) for c in self.columns]
+        return {"audio": audio, "clip": row, "labels": labels, "labeled": labeled,
+                "failed": len(failed), "failed_paths": ";".join(failed)}
+
+
+def split_pools(labeled, train_rows, labeled_fraction, seed):
+    """Split train rows into the labeled pool (a p_s share of labeled rows) and the rest.
+
+    labeled: per-row bool (labeled in at least one column); train_rows: row indices.
+    labeled_fraction: p_s in [0, 1]; the kept subset is fixed by `seed`.
+    Returns (labeled_rows, unlabeled_rows) as sorted int arrays.
+    """
+    train_rows = np.asarray(train_rows)
+    candidates = train_rows[labeled[train_rows]]
+    keep = int(round(labeled_fraction * len(candidates)))
+    chosen = np.sort(np.random.default_rng(seed).permutation(candidates)[:keep])
+    rest = np.setdiff1d(train_rows, chosen)
+    return chosen, rest
+
+
+class MixedBatchSampler:
+    """Endless batches with an exact labeled share b_s, reproducible from (seed, step).
+
+    Each global batch holds round(b_s * batch_size) draws from the labeled pool and the
+    rest from the unlabeled pool. Each pool is read as an endless series of shuffled
+    passes, so the smaller pool is cycled and the composition stays exact. A draw is
+    `(row, seed, pool, is_labeled)` (see ClipDataset). Rank r of world_size takes draws
+    r, r + world_size, ... of the global batch, so ranks get disjoint shares whose union
+    is the global batch. Batch k depends on (seed, k) only: starting at `start_step`
+    continues the same stream as an uninterrupted run.
+    """
+
+    def __init__(self, labeled_rows, unlabeled_rows, batch_size, labeled_per_batch, seed,
+                 rank=0, world_size=1, start_step=0):
+        self.num_labeled = int(round(labeled_per_batch * batch_size))
+        self.pools = {1: np.asarray(labeled_rows), 0: np.asarray(unlabeled_rows)}
+        self.counts = {1: self.num_labeled, 0: batch_size - self.num_labeled}
+        for pool, name in ((1, "labeled"), (0, "unlabeled")):
+            if self.counts[pool] and not len(self.pools[pool]):
+                raise ValueError(f"b_s={labeled_per_batch} asks for {self.counts[pool]} {name} clips per "
+                                 f"batch but the {name} pool is empty")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.step = start_step
+        self.passes = {}
+
+    def _pass(self, pool, index):
+        key = (pool, index)
+        if key not in self.passes:
+            if len(self.passes) > 8:
+                self.passes.clear()
+            rng = np.random.default_rng([self.seed, pool, index])
+            self.passes[key] = self.pools[pool][rng.permutation(len(self.pools[pool]))]
+        return self.passes[key]
+
+    def batch(self, step):
+        """The draws of this rank for global step `step`."""
+        draws = []
+        for pool in (1, 0):
+            count, size = self.counts[pool], len(self.pools[pool])
+            for k in range(step * count, (step + 1) * count):
+                row = int(self._pass(pool, k // size)[k % size])
+                draws.append((row, pool))
+        seeds = np.random.default_rng([self.seed, 7919, step]).integers(0, 2**62, size=len(draws))
+        draws = [(row, int(s), pool, pool == 1) for (row, pool), s in zip(draws, seeds)]
+        return draws[self.rank::self.world_size]
+
+    def __iter__(self):
+        while True:
+            yield self.batch(self.step)
+            self.step += 1
+
+
+def fixed_batches(rows, labeled, batch_size, seed, rank=0, world_size=1):
+    """Deterministic batches over `rows` (validation): every row once, crops fixed by seed.
+
+    labeled: per-row bool. Returns a list of per-rank draw lists (see MixedBatchSampler).
+    """
+    rows = np.asarray(rows)
+    seeds = np.random.default_rng([seed, 104729]).integers(0, 2**62, size=len(rows))
+    draws = [(int(r), int(s), int(labeled[r]), bool(labeled[r])) for r, s in zip(rows, seeds)]
+    batches = [draws[i:i + batch_size] for i in range(0, len(draws), batch_size)]
+    return [b[rank::world_size] for b in batches if len(b) >= 2 * world_size]
+
+
+# ---------------------------------------------------------------- synthetic music
+
+TIMBRES = ("pluck", "organ", "bowed", "bell")
+
+
+def _render(rng, midi_notes, timbre, seconds, sample_rate):
+    """One note or chord of a timbre family, as float32 audio in [-1, 1]."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    out = np.zeros_like(t)
+    vibrato_depth = rng.uniform(0.0, 0.006) if timbre in ("bowed", "organ") else 0.0
+    vibrato = 1 + vibrato_depth * np.sin(2 * np.pi * rng.uniform(4, 7) * t)
+    for midi in midi_notes:
+        f0 = 440.0 * 2 ** ((midi - 69) / 12)
+        for k in range(1, 16):
+            if timbre == "bell":
+                partial = k * (1 + 0.07 * (k - 1) ** 1.3)  # inharmonic partials
+                amplitude = 1 / k
+                decay = 1.5 + 0.8 * k
+            elif timbre == "pluck":
+                partial, amplitude, decay = k, 1 / k ** 1.2, 2.0 + 1.2 * k
+            elif timbre == "organ":
+                partial, amplitude, decay = k, (1 / k if k % 2 else 0.15 / k), 0.0
+            else:
+                partial, amplitude, decay = k, 1 / k, 0.3
+            frequency = f0 * partial
+            if frequency > 0.45 * sample_rate:
+                break
+            phase = 2 * np.pi * np.cumsum(frequency * vibrato) / sample_rate + rng.uniform(0, 2 * np.pi)
+            out += amplitude * rng.uniform(0.7, 1.0) * np.exp(-decay * t) * np.sin(phase)
+    attack = {"pluck": 0.005, "bell": 0.002, "organ": 0.03, "bowed": 0.25}[timbre]
+    envelope = np.minimum(1.0, t / attack) * np.minimum(1.0, (t[-1] - t) / 0.05 + 1e-3)
+    out = out * envelope + rng.uniform(0.002, 0.02) * rng.standard_normal(len(t))
+    return (0.8 * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
+
+
+def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, seed=0):
+    """Write the built-in synthetic music set (once) and return its manifest path.
+
+    Each file is a note or chord (major or minor triad) with a random root between
+    MIDI 48 and 71, one of four timbre families, random envelope details, vibrato and
+    noise. Columns: path, split (70/15/15), pitch_class (root name), timbre, pitch
+    (MIDI root), tags ("chord"/"note" plus timbre and "vibrato"), brightness (a number).
+    """
+    folder = os.path.abspath(folder)
+    manifest = os.path.join(folder, "manifest.csv")
+    if os.path.isfile(manifest):
+        existing = pd.read_csv(manifest)
+        if len(existing) == num_files and all(os.path.isfile(os.path.join(folder, p)) for p in existing["path"]):
+            return manifest
+    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(num_files):
+        root = int(rng.integers(48, 72))
+        timbre = TIMBRES[index % len(TIMBRES)]
+        is_chord = rng.random() < 0.5
+        notes = [root, root + (4 if rng.random() < 0.5 else 3), root + 7] if is_chord else [root]
+        audio = _render(rng, notes, timbre, seconds, sample_rate)
+        name = f"audio/{index:04d}.wav"
+        sf.write(os.path.join(folder, name), audio, sample_rate, subtype="PCM_16")
+        split = "train" if index % 20 < 14 else ("val" if index % 20 < 17 else "test")
+        tags = ["chord" if is_chord else "note", timbre] + (["vibrato"] if timbre in ("bowed", "organ") else [])
+        spectrum = np.abs(np.fft.rfft(audio))
+        brightness = float((spectrum * np.arange(len(spectrum))).sum() / spectrum.sum() / len(spectrum))
+        rows.append({"path": name, "split": split, "pitch_class": NOTE_NAMES[root % 12], "timbre": timbre,
+                     "pitch": root, "tags": ";".join(tags), "brightness": round(brightness, 5)})
+    pd.DataFrame(rows).to_csv(manifest + ".tmp", index=False)
+    os.replace(manifest + ".tmp", manifest)
+    return manifest
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="write the built-in synthetic music set")
+    synth.add_argument("--out", default=".cache/synthetic", help="folder for audio and manifest.csv")
+    synth.add_argument("--num-files", type=int, default=480, help="number of files")
+    synth.add_argument("--seconds", type=float, default=3.0, help="file length in seconds")
+    synth.add_argument("--sample-rate", type=int, default=16000, help="sample rate in Hz")
+    args = parser.parse_args()
+    if args.command == "synth":
+        print(make_synthetic_set(args.out, args.num_files, args.seconds, args.sample_rate))
+
+
+if __name__ == "__main__":
+    main()

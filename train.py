@@ -1,0 +1,420 @@
+"""SemiSupCon pretraining: one contrastive loss over views and labels, mixed batches.
+
+CPU, on the built-in synthetic music set (no data arguments):
+    python train.py --steps 200 --batch-size 32 --width 0.25 --clip-seconds 1 --sample-rate 16000
+CPU or one GPU, on your manifests (labeled and unlabeled):
+    python train.py --train-csv mtat.csv --label-column tags --task multilabel \
+        --train-csv fma.csv --out runs/semisupcon
+Several GPUs (the batch size is global; projections are gathered across processes):
+    torchrun --nproc_per_node=4 train.py --train-csv mtat.csv --label-column tags --task multilabel
+Resume: run the same command again; --out's latest checkpoint is picked up.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import augment
+import datasets
+import losses
+import models
+import utils
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-csv", action="append", default=[],
+                      help="manifest CSV (repeatable: e.g. a labeled and an unlabeled set); "
+                           "without it, the built-in synthetic music set is used")
+    data.add_argument("--synthetic-dir", default=".cache/synthetic",
+                      help="folder where the built-in synthetic set is written once")
+    data.add_argument("--label-column", action="append", default=[],
+                      help="label column(s) of one supervision signal; repeat for several signals; "
+                           "comma-separated columns form one regression signal (default: 'label' if present)")
+    data.add_argument("--task", action="append", default=[], choices=datasets.TASKS,
+                      help="how each --label-column is read (one value, or one per column; default multiclass)")
+    data.add_argument("--label-kind", action="append", default=[], choices=datasets.LABEL_KINDS,
+                      help="what each label means (one value, or one per column; default generic)")
+    data.add_argument("--clip-seconds", type=float, default=2.7, help="crop length in seconds (paper: 2.7)")
+    data.add_argument("--sample-rate", type=int, default=22050, help="audio is resampled to this rate (Hz)")
+    data.add_argument("--views", type=int, default=2, help="crops per clip (paper: 2)")
+    data.add_argument("--labeled-fraction", type=float, default=1.0,
+                      help="p_s: share of the labeled train rows kept as labeled (rest join the unlabeled pool)")
+    data.add_argument("--labeled-per-batch", type=float, default=None,
+                      help="b_s: share of each batch drawn from the labeled pool (default 0.5 with labels, else 0)")
+    data.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    model = parser.add_argument_group("model")
+    model.add_argument("--encoder", default="samplecnn", choices=sorted(models.ENCODERS), help="encoder name")
+    model.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (1 = paper)")
+    model.add_argument("--hidden-dim", type=int, default=512, help="projection head hidden size")
+    model.add_argument("--projection-dim", type=int, default=128, help="projection size D")
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--temperature", type=float, default=0.1, help="tau")
+    loss.add_argument("--positive-threshold", default="1",
+                      help="multilabel: shared tags needed for a positive (T), or 'weighted' for the soft target")
+    loss.add_argument("--target-kernel", default="gaussian", choices=losses.KERNELS,
+                      help="regression: how target distance becomes a target value")
+    loss.add_argument("--target-sigma", type=float, default=0.5,
+                      help="regression, gaussian kernel: sigma in standardized units")
+    loss.add_argument("--target-radius", type=float, default=0.5,
+                      help="regression, threshold kernel: radius in standardized units")
+    loss.add_argument("--class-similarity", action="append", default=[],
+                      help="multiclass: 'key', 'pitch', 'pitch-octave' or a C x C CSV (one, or one per column; "
+                           "'none' to skip a column)")
+    aug = parser.add_argument_group("augmentation")
+    aug.add_argument("--augment", default=",".join(augment.DEFAULT_AUGMENT),
+                     help="transforms for the views, comma-separated, or 'none'")
+    aug.add_argument("--augment-labeled", default=None,
+                     help="transforms for labeled clips (default: same as --augment; 'none' allowed)")
+    aug.add_argument("--severity", type=float, default=1.0, help="augmentation strength: 0 none, 1 paper, up to 2.5")
+    aug.add_argument("--augment-on", default="device", choices=("device", "workers"),
+                     help="augment batches on the training device, or clip by clip in the data workers")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch-size", type=int, default=96, help="clips per step, global over processes (paper: 96)")
+    optim.add_argument("--steps", type=int, default=50000, help="optimizer steps in total")
+    optim.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    optim.add_argument("--schedule", default="constant", choices=("constant", "cosine"), help="lr schedule")
+    optim.add_argument("--warmup-steps", type=int, default=0, help="linear lr warmup steps")
+    optim.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
+    optim.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="autocast precision (auto: bf16 on GPU, fp32 on CPU)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="runs/semisupcon", help="folder for checkpoints, logs and args.json")
+    run.add_argument("--seed", type=int, default=0, help="base seed (each process adds its rank)")
+    run.add_argument("--resume", default="auto",
+                     help="'auto': latest checkpoint in --out if any; a path; or 'none' to start afresh")
+    run.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard scalars")
+    run.add_argument("--image-every", type=int, default=0, help="steps between target/similarity images (0: off)")
+    run.add_argument("--val-every", type=int, default=500, help="steps between validation losses (0: off)")
+    run.add_argument("--val-batches", type=int, default=10, help="batches per validation (at most the val split)")
+    run.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
+    run.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    return parser
+
+
+class ContrastiveModel(torch.nn.Module):
+    """Encoder plus projection head: waveform `[n, T]` -> projection `[n, D]`."""
+
+    def __init__(self, encoder, hidden_dim=512, projection_dim=128):
+        super().__init__()
+        self.encoder = encoder
+        self.head = models.ProjectionHead(encoder.embed_dim, hidden_dim, projection_dim)
+
+    def forward(self, views):
+        return self.head(self.encoder(views))
+
+
+def broadcast(values, count, name):
+    """One flag value per label column: a single value is repeated; else counts must match."""
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise SystemExit(f"--{name} was given {len(values)} times for {count} label columns")
+    return values
+
+
+def load_data(args, is_main):
+    """Read the manifests and label columns; returns (manifest, columns, targets specs)."""
+    if not args.train_csv:
+        args.train_csv = [datasets.make_synthetic_set(args.synthetic_dir)] if is_main else []
+        utils.barrier()
+        args.train_csv = args.train_csv or [os.path.join(os.path.abspath(args.synthetic_dir), "manifest.csv")]
+    manifest = datasets.read_manifest(args.train_csv)
+    if not args.label_column and "label" in manifest.columns:
+        args.label_column = ["label"]
+    count = len(args.label_column)
+    tasks = broadcast(args.task or ["multiclass"], count, "task")
+    kinds = broadcast(args.label_kind or ["generic"], count, "label-kind")
+    similarities = broadcast(args.class_similarity or ["none"], count, "class-similarity")
+    columns, specs = [], []
+    threshold = None if args.positive_threshold == "weighted" else int(args.positive_threshold)
+    for name, task, kind, similarity in zip(args.label_column, tasks, kinds, similarities):
+        column = datasets.parse_labels(manifest, name, task, kind, None if similarity == "none" else similarity)
+        columns.append(column)
+        specs.append(losses.TargetSpec(task=task, threshold=threshold, kernel=args.target_kernel,
+                                       sigma=args.target_sigma, radius=args.target_radius,
+                                       similarity=column.similarity))
+    return manifest, columns, specs
+
+
+def warn_label_changes(args, columns):
+    """Say which labeled-clip transforms contradict the declared label kinds."""
+    chain = augment.parse_augment(args.augment_labeled)
+    for column in columns:
+        for name in chain:
+            if column.kind in augment.LABEL_CHANGES.get(name, ()):
+                print(f"warning: transform {name!r} changes {column.kind} labels of column {column.name!r} "
+                      f"but runs on labeled clips; set --augment-labeled without it")
+
+
+def lr_factor(args, step):
+    """Learning-rate multiplier at `step`: linear warmup, then constant or cosine to 0."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if args.schedule == "cosine":
+        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def batch_columns(batch, specs, num_views, device):
+    """Per-view (labels, labeled, spec) triples of this process's batch, for losses."""
+    triples = []
+    for k, spec in enumerate(specs):
+        labels = batch["labels"][k].to(device).repeat_interleave(num_views, dim=0)  # [b*V, ...]
+        labeled = batch["labeled"][k].to(device).repeat_interleave(num_views)  # [b*V]
+        triples.append((labels, labeled, spec))
+    return triples
+
+
+def contrastive_step(model, views, clip_ids, columns, args, rank):
+    """Encode, project, gather and compute the global-batch loss for this process's rows.
+
+    views: `[n, T]` augmented audio of this process; clip_ids `[n]`; columns from
+    batch_columns. Returns (loss to backpropagate, detached stats dict). The loss is
+    scaled so that, after DDP averages gradients over processes, they equal those of
+    one process holding the whole global batch.
+    """
+    z = model(views)  # [n, D]
+    z_all = utils.gather_with_grad(z)  # [N, D], N = world * n
+    clip_all = utils.gather(clip_ids)
+    columns_all = [(utils.gather(labels), utils.gather(labeled), spec) for labels, labeled, spec in columns]
+    target, views_part, labels_part = losses.build_target(clip_all, columns_all)  # [N, N] each
+    anchors = rank * len(z) + torch.arange(len(z), device=z.device)
+    row_loss, has_positive = losses.row_losses(z_all, target[anchors], args.temperature, anchors)
+    count = utils.all_reduce_sum(has_positive.sum().float())
+    loss = row_loss.sum() / count.clamp(min=1) * args.world_size
+    stats = {"loss_sum": row_loss.detach().sum(), "count": count, "z_all": z_all.detach(),
+             "target": target, "views_part": views_part, "labels_part": labels_part}
+    return loss, stats
+
+
+def augment_batch(audio, labeled, chains, generator):
+    """Augment `[n, T]` views: labeled ones with chains['labeled'], others with chains['unlabeled']."""
+    if chains["labeled"] is chains["unlabeled"]:
+        return chains["unlabeled"](audio, generator)
+    out = audio.clone()
+    for mask, chain in ((labeled, chains["labeled"]), (~labeled, chains["unlabeled"])):
+        if mask.any():
+            out[mask] = chain(audio[mask], generator)
+    return out
+
+
+@torch.no_grad()
+def validate(model, loader, specs, chains, args, device, rank):
+    """Mean contrastive loss over the validation batches (fixed crops and augmentation)."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed + 10_000 + rank)
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in loader:
+        views, clip_ids, labeled = prepare_batch(batch, args, device)
+        views = augment_batch(views, labeled, chains, generator)
+        columns = batch_columns(batch, specs, args.views, device)
+        with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
+            _, stats = contrastive_step(model, views, clip_ids, columns, args, rank)
+        total += utils.all_reduce_sum(stats["loss_sum"])
+        count += stats["count"]
+    model.train()
+    return (total / count.clamp(min=1)).item()
+
+
+def prepare_batch(batch, args, device):
+    """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]`."""
+    audio = batch["audio"].to(device, non_blocking=True)  # [b, V, T]
+    views = audio.reshape(-1, audio.shape[-1])  # [b*V, T]
+    clip_ids = batch["clip"].to(device).repeat_interleave(args.views)  # [b*V]
+    any_labeled = torch.stack([l.to(device) for l in batch["labeled"]]).any(0) if batch["labeled"] else \
+        torch.zeros(len(audio), dtype=torch.bool, device=device)
+    return views, clip_ids, any_labeled.repeat_interleave(args.views)
+
+
+def make_loader(dataset, batches, args, device):
+    """DataLoader over an iterable of draw lists (a batch sampler)."""
+    workers = args.workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0 and not isinstance(batches, list), prefetch_factor=4 if workers else None)
+
+
+def main(argv=None):
+    # ---- arguments and process
+    args = build_parser().parse_args(argv)
+    rank, world_size, local_rank, device = utils.setup_process()
+    is_main = rank == 0
+    args.world_size = world_size
+    if args.batch_size % world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} is global and must divide by {world_size} processes")
+    args.clip_samples = int(round(args.clip_seconds * args.sample_rate))
+    args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
+    args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
+    utils.seed_everything(args.seed + rank)
+    os.makedirs(args.out, exist_ok=True)
+
+    # ---- data
+    manifest, columns, specs = load_data(args, is_main)
+    has_labels = any(c.labeled.any() for c in columns)
+    if args.labeled_per_batch is None:
+        args.labeled_per_batch = 0.5 if has_labels else 0.0
+    any_labeled = np.zeros(len(manifest), dtype=bool)
+    for column in columns:
+        any_labeled |= column.labeled
+    train_rows = np.flatnonzero(manifest["split"].to_numpy() == "train")
+    labeled_rows, unlabeled_rows = datasets.split_pools(any_labeled, train_rows, args.labeled_fraction, args.seed)
+    if args.labeled_per_batch < 1 and not len(unlabeled_rows):
+        # Every train row is labeled: the unlabeled share of each batch hides the labels of train rows.
+        unlabeled_rows = train_rows
+        if is_main:
+            print("no unlabeled rows: the unlabeled share of each batch draws from all train rows, labels hidden")
+    if is_main:
+        print(f"train rows {len(train_rows)}: labeled pool {len(labeled_rows)}, unlabeled pool "
+              f"{len(unlabeled_rows)}; b_s={args.labeled_per_batch} p_s={args.labeled_fraction}; "
+              f"signals: {[c.name + ':' + c.task for c in columns] or 'none (self-supervised)'}")
+        warn_label_changes(args, columns)
+    chains = {"unlabeled": augment.build_chain(augment.parse_augment(args.augment), args.severity, args.sample_rate)}
+    chains["labeled"] = chains["unlabeled"] if args.augment_labeled == args.augment else \
+        augment.build_chain(augment.parse_augment(args.augment_labeled), args.severity, args.sample_rate)
+    identity = augment.build_chain([], 0.0, args.sample_rate)
+    device_chains = chains if args.augment_on == "device" else {"labeled": identity, "unlabeled": identity}
+    pools = {1: labeled_rows, 0: unlabeled_rows}
+    # Augmenting in workers cannot tell labeled from unlabeled clips per item cheaply; it uses --augment.
+    dataset = datasets.ClipDataset(manifest["path"], columns, pools, args.views, args.clip_samples,
+                                   args.sample_rate, None if args.augment_on == "device" else chains["unlabeled"])
+
+    # ---- model and optimizer
+    model = ContrastiveModel(models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width),
+                             args.hidden_dim, args.projection_dim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args, step))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
+    generator = torch.Generator(device=device).manual_seed(args.seed + rank)
+    step, best_val = 0, float("inf")
+
+    # ---- resume
+    checkpoints = utils.list_checkpoints(args.out)
+    resume_path = (checkpoints[-1] if checkpoints else None) if args.resume == "auto" else \
+        (None if args.resume == "none" else args.resume)
+    if resume_path:
+        state = utils.load_checkpoint(resume_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        # With another process count than the saved run, process r takes saved state r mod count.
+        utils.set_rng_states(state["rng"][rank % len(state["rng"])])
+        generator.set_state(state["generator"][rank % len(state["generator"])].cpu())
+        step, best_val = state["step"], state["best_val"]
+        if is_main:
+            print(f"resumed from {resume_path} at step {step}")
+    bare_model = model
+    if world_size > 1:
+        # DDP broadcasts rank 0's weights at construction and averages gradients after backward.
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    sampler = datasets.MixedBatchSampler(labeled_rows, unlabeled_rows, args.batch_size, args.labeled_per_batch,
+                                         args.seed, rank, world_size, start_step=step)
+    loader = iter(make_loader(dataset, sampler, args, device))
+    val_rows = np.flatnonzero(manifest["split"].to_numpy() == "val")
+    val_batches = datasets.fixed_batches(val_rows, any_labeled, args.batch_size, args.seed, rank, world_size)
+    val_loader = make_loader(dataset, val_batches[:args.val_batches], args, device) if val_batches else None
+
+    writer = SummaryWriter(args.out) if is_main else None
+    if is_main:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump({k: v for k, v in vars(args).items() if k != "autocast_dtype"}, f, indent=2)
+        print(f"{args.encoder}: {utils.count_parameters(bare_model.encoder):,} parameters; "
+              f"{world_size} process(es) on {device}; out {args.out}")
+
+    def save(step):
+        rngs, generators = utils.gather_objects(utils.rng_states()), utils.gather_objects(generator.get_state())
+        if is_main:
+            state = {"model": bare_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                     "args": {k: v for k, v in vars(args).items() if k != "autocast_dtype"},
+                     "rng": rngs, "generator": generators, "best_val": best_val,
+                     "labels": [c.describe() for c in columns]}
+            utils.save_checkpoint(state, args.out, step, args.keep)
+        utils.barrier()
+
+    # ---- training loop
+    failed_files, clips_seen, tick = 0, 0, time.time()
+    progress = tqdm(total=args.steps, initial=step, disable=not is_main, desc="train")
+    while step < args.steps:
+        batch = next(loader)
+        views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n]
+        views = augment_batch(views, labeled, device_chains, generator)
+        columns_batch = batch_columns(batch, specs, args.views, device)
+        with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
+            loss, stats = contrastive_step(model, views, clip_ids, columns_batch, args, rank)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(bare_model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        failed_files += int(batch["failed"].sum())
+        clips_seen += len(batch["clip"]) * world_size
+        progress.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            log_scalars(writer, stats, args, step, scheduler.get_last_lr()[0], failed_files,
+                        clips_seen / (time.time() - tick), progress)
+            clips_seen, tick = 0, time.time()
+        if writer and args.image_every and step % args.image_every == 0:
+            log_images(writer, stats, step)
+        if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
+            val_loss = validate(model, val_loader, specs, chains, args, device, rank)
+            best_val = min(best_val, val_loss)
+            if writer:
+                writer.add_scalar("val/loss", val_loss, step)
+        if step % args.save_every == 0 or step == args.steps:
+            save(step)
+    progress.close()
+    if writer:
+        writer.close()
+    utils.cleanup_process()
+    return args.out
+
+
+@torch.no_grad()
+def log_scalars(writer, stats, args, step, lr, failed_files, clips_per_second, progress):
+    """Scalars of the last step: losses restricted to each target part, density, speed."""
+    z_all, target = stats["z_all"], stats["target"]
+    total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
+    failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=z_all.device)).item())
+    if writer is None:
+        return
+    writer.add_scalar("loss/total", total, step)
+    for name in ("views_part", "labels_part"):
+        if stats[name].sum() > 0:
+            part = losses.contrastive_loss(z_all, stats[name], args.temperature).item()
+            writer.add_scalar(f"loss/{name.replace('_part', '')}", part, step)
+    off_diagonal = len(target) * (len(target) - 1)
+    writer.add_scalar("target/density", (target.sum() / off_diagonal).item(), step)
+    writer.add_scalar("lr", lr, step)
+    writer.add_scalar("speed/clips_per_s", clips_per_second, step)
+    writer.add_scalar("data/failed_files", failed, step)
+    progress.set_postfix(loss=f"{total:.3f}", failed=failed)
+
+
+@torch.no_grad()
+def log_images(writer, stats, step):
+    """The batch's target matrix and cosine-similarity matrix as TensorBoard images."""
+    z = torch.nn.functional.normalize(stats["z_all"].float(), dim=1)
+    writer.add_image("batch/target", stats["target"][None].float().cpu(), step)
+    writer.add_image("batch/similarity", ((z @ z.T + 1) / 2)[None].cpu(), step)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""What train.py, probe.py and bench.py share: processes, gathering, seeds, checkpoints."""
+import glob
+import os
+import random
+import re
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_functional
+
+
+def setup_process():
+    """Join torchrun's process group if its environment is set, else run alone.
+
+    Returns (rank, world_size, local_rank, device). Under torchrun the backend is NCCL
+    when CUDA is available and gloo otherwise; each process uses GPU `local_rank`.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return rank, world_size, local_rank, device
+
+
+def cleanup_process():
+    """Leave the process group, if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_with_grad(x):
+    """Concatenate `x` `[n, ...]` from every process in rank order -> `[world * n, ...]`.
+
+    Gradients flow back: the backward pass sums, over processes, the gradient of each
+    process's loss with respect to this process's slice. Alone, returns x unchanged.
+    """
+    if not dist.is_initialized():
+        return x
+    return torch.cat(dist_functional.all_gather(x), dim=0)
+
+
+def gather(x):
+    """Concatenate `x` `[n, ...]` from every process in rank order, without gradients."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(x):
+    """Sum a tensor over processes (no gradient); alone, returns it unchanged."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def gather_objects(obj):
+    """List of one picklable object per process, in rank order ([obj] when alone)."""
+    if not dist.is_initialized():
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def barrier():
+    """Wait for every process (no-op when alone)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices) with one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_states():
+    """The global RNG states of Python, NumPy, torch and CUDA, for a checkpoint."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    """Restore what rng_states returned."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "args", "rng", "labels", "best_val")
+
+
+def save_checkpoint(state, folder, step, keep=3):
+    """Write `state` atomically as folder/checkpoint-STEP.pt and keep the newest `keep`.
+
+    The file is written to a temporary name, flushed to disk and renamed, so a crash
+    (even kill -9) mid-write leaves the previous checkpoints loadable.
+    Returns the path written.
+    """
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise KeyError(f"checkpoint state lacks {missing}")
+    path = os.path.join(folder, f"checkpoint-{step:08d}.pt")
+    write_atomic(state, path)
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        os.remove(old)
+    return path
+
+
+def write_atomic(state, path):
+    """torch.save to `path` through a temporary file, fsync and rename."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def list_checkpoints(folder):
+    """Checkpoint paths in `folder`, oldest step first (temporary files excluded)."""
+    paths = glob.glob(os.path.join(folder, "checkpoint-*.pt"))
+    return sorted(p for p in paths if re.fullmatch(r"checkpoint-\d+\.pt", os.path.basename(p)))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by save_checkpoint; a missing key is an error naming it."""
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise KeyError(f"{path}: not a complete checkpoint, missing {missing}")
+    return state
+
+
+def count_parameters(module):
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
