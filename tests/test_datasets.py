@@ -1,0 +1,229 @@
+"""Manifests, labels, audio formats and crops, and the mixed batch sampler."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+import datasets
+
+
+def write_tone(path, seconds, sample_rate, channels=1, frequency=440.0):
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    audio = 0.5 * np.sin(2 * np.pi * frequency * t)
+    audio = np.stack([audio * (k + 1) / channels for k in range(channels)], 1)
+    sf.write(path, audio.astype(np.float32), sample_rate)
+    return path
+
+
+def write_csv(folder, rows, name="manifest.csv"):
+    path = os.path.join(folder, name)
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_manifest_paths_splits_and_empty_labels(tmp_path):
+    os.makedirs(tmp_path / "sub")
+    write_tone(tmp_path / "sub" / "a.wav", 1, 8000)
+    absolute = write_tone(tmp_path / "b.wav", 1, 8000)
+    csv = write_csv(tmp_path, [{"path": "sub/a.wav", "split": "train", "label": "rock"},
+                               {"path": str(absolute), "split": "valid", "label": ""}])
+    manifest = datasets.read_manifest(csv)
+    assert manifest["path"].tolist() == [str(tmp_path / "sub" / "a.wav"), str(absolute)]
+    assert manifest["split"].tolist() == ["train", "val"]
+    column = datasets.parse_labels(manifest, "label", "multiclass")
+    assert column.labeled.tolist() == [True, False]
+    assert column.values.tolist() == [0, -1] and column.classes == ["rock"]
+
+
+def test_manifest_without_split_is_all_train(tmp_path):
+    csv = write_csv(tmp_path, [{"path": "a.wav"}, {"path": "b.wav"}])
+    assert datasets.read_manifest(csv)["split"].tolist() == ["train", "train"]
+
+
+def test_multilabel_and_several_regression_columns(tmp_path):
+    csv = write_csv(tmp_path, [
+        {"path": "a.wav", "tags": "rock;guitar", "valence": "0.5", "arousal": "1"},
+        {"path": "b.wav", "tags": "", "valence": "1.5", "arousal": "3"},
+        {"path": "c.wav", "tags": "guitar", "valence": "", "arousal": "2"}])
+    manifest = datasets.read_manifest(csv)
+    tags = datasets.parse_labels(manifest, "tags", "multilabel")
+    assert tags.classes == ["guitar", "rock"]
+    assert tags.values.tolist() == [[1, 1], [0, 0], [1, 0]]
+    assert tags.labeled.tolist() == [True, False, True]
+    emotion = datasets.parse_labels(manifest, "valence,arousal", "regression")
+    assert emotion.labeled.tolist() == [True, True, False]
+    assert emotion.mean == pytest.approx([1.0, 2.0])
+    assert emotion.values[0].tolist() == pytest.approx([-1.0, -1.0])
+
+
+@pytest.mark.parametrize("rows, columns, task, message", [
+    ([{"file": "a.wav"}], "label", "multiclass", "no 'path' column"),
+    ([{"path": "a.wav", "split": "training"}], "label", "multiclass", "line 2, column 'split'"),
+    ([{"path": "a.wav", "v": "1"}, {"path": "b.wav", "v": "loud"}], "v", "regression", "line 3, column 'v'"),
+    ([{"path": "a.wav", "key": "C major"}, {"path": "b.wav", "key": "H dur"}], "key", "multiclass",
+     "line 3, column 'key'"),
+    ([{"path": "a.wav"}], "genre", "multiclass", "label column 'genre' is not in"),
+])
+def test_bad_manifests_name_file_row_and_column(tmp_path, rows, columns, task, message):
+    csv = write_csv(tmp_path, rows)
+    with pytest.raises(datasets.ManifestError, match=message) as error:
+        manifest = datasets.read_manifest(csv)
+        datasets.parse_labels(manifest, columns, task, "key" if columns == "key" else "generic")
+    assert str(csv) in str(error.value) or "no 'path'" not in message
+
+
+def test_key_spellings():
+    assert datasets.parse_key("C major") == 0
+    assert datasets.parse_key("A minor") == 21
+    assert datasets.parse_key("c#:min") == 13
+    assert datasets.parse_key("Bb maj") == 10
+    assert datasets.parse_key("F# minor") == 18
+    assert datasets.parse_key("Ebm") == 15
+    with pytest.raises(ValueError):
+        datasets.parse_key("X minor")
+
+
+def test_key_similarity_values():
+    similarity = datasets.key_similarity()
+    c_major, g_major, f_major, a_minor, c_minor = 0, 7, 5, 21, 12
+    assert similarity[c_major, c_major] == 1.0
+    assert similarity[c_major, g_major] == similarity[c_major, f_major] == 0.5
+    assert similarity[c_major, a_minor] == similarity[a_minor, c_major] == 0.3
+    assert similarity[c_major, c_minor] == 0.2
+    assert similarity[c_major, 1] == 0.0
+    assert torch.equal(similarity, similarity.T)
+
+
+@pytest.mark.parametrize("fmt, subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", None)])
+@pytest.mark.parametrize("source_rate, channels", [(44100, 2), (48000, 1)])
+def test_formats_rates_and_channels_give_exact_crops(tmp_path, fmt, subtype, source_rate, channels):
+    path = str(tmp_path / f"tone.{fmt.lower()}")
+    t = np.arange(2 * source_rate) / source_rate
+    audio = np.stack([0.4 * np.sin(2 * np.pi * 441 * t)] * channels, 1).astype(np.float32)
+    sf.write(path, audio, source_rate, format=fmt, subtype=subtype)
+    crops = datasets.read_crops(path, 2, 8000, 16000, np.random.default_rng(0))
+    assert crops.shape == (2, 8000) and crops.dtype == torch.float32
+    spectrum = torch.fft.rfft(crops[0]).abs()
+    assert spectrum.argmax().item() * 16000 / 8000 == pytest.approx(441, abs=3)  # frequency kept after resampling
+    clips = datasets.read_clips(path, 8000, 16000)
+    assert clips.shape == (4, 8000)
+
+
+def test_views_do_not_overlap_when_the_file_is_long_enough(tmp_path):
+    sample_rate = 8000
+    ramp = (np.arange(4 * sample_rate) / (4 * sample_rate)).astype(np.float32)  # a sample's value gives its time
+    path = str(tmp_path / "ramp.wav")
+    sf.write(path, ramp, sample_rate, subtype="FLOAT")
+    for seed in range(10):
+        crops = datasets.read_crops(path, 2, sample_rate, sample_rate, np.random.default_rng(seed))
+        starts = sorted(float(c[0]) * 4 * sample_rate for c in crops)
+        assert starts[1] - starts[0] >= sample_rate - 1
+
+
+def test_short_files_pad_or_fail(tmp_path):
+    half = write_tone(str(tmp_path / "half.wav"), 0.6, 8000)
+    crops = datasets.read_crops(half, 2, 8000, 8000, np.random.default_rng(0))
+    assert crops.shape == (2, 8000) and crops[:, -1000:].abs().max() == 0
+    tiny = write_tone(str(tmp_path / "tiny.wav"), 0.2, 8000)
+    with pytest.raises(datasets.AudioError, match="shorter than half"):
+        datasets.read_crops(tiny, 2, 8000, 8000, np.random.default_rng(0))
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(datasets.AudioError, match="cannot read"):
+        datasets.read_crops(str(broken), 2, 8000, 8000, np.random.default_rng(0))
+
+
+def test_long_file_crop_reads_only_the_crop(tmp_path, monkeypatch):
+    path = str(tmp_path / "long.flac")
+    sample_rate = 22050
+    sf.write(path, np.full(600 * sample_rate, 0.1, dtype=np.float32), sample_rate, subtype="PCM_16")
+    frames_read = []
+
+    class CountingSoundFile(sf.SoundFile):
+        def read(self, frames=-1, *args, **kwargs):
+            frames_read.append(frames)
+            return super().read(frames, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.sf, "SoundFile", CountingSoundFile)
+    crops = datasets.read_crops(path, 2, 59535, sample_rate, np.random.default_rng(0))
+    assert crops.shape == (2, 59535)
+    assert len(frames_read) == 2 and all(0 < f <= 59535 + 1 for f in frames_read)  # never the whole 10 minutes
+
+
+@pytest.mark.parametrize("labeled_fraction, labeled_per_batch", [(1.0, 0.5), (0.25, 0.25), (0.1, 0.75), (1.0, 0.0),
+                                                                (0.5, 1.0)])
+def test_sampler_proportions(labeled_fraction, labeled_per_batch):
+    labeled = np.zeros(200, dtype=bool)
+    labeled[:80] = True
+    labeled_rows, unlabeled_rows = datasets.split_pools(labeled, np.arange(200), labeled_fraction, seed=3)
+    assert len(labeled_rows) == round(80 * labeled_fraction)
+    assert set(labeled_rows) | set(unlabeled_rows) == set(range(200))
+    sampler = datasets.MixedBatchSampler(labeled_rows, unlabeled_rows, 16, labeled_per_batch, seed=1)
+    iterator = iter(sampler)
+    counts = []
+    for _ in range(100):
+        batch = next(iterator)
+        assert len(batch) == 16
+        labeled_draws = [row for row, _, pool, is_labeled in batch if is_labeled]
+        assert set(labeled_draws) <= set(labeled_rows.tolist())
+        counts.append(len(labeled_draws))
+    assert set(counts) == {round(16 * labeled_per_batch)}
+
+
+def test_sampler_cycles_small_pool_and_resumes_exactly():
+    sampler = datasets.MixedBatchSampler(np.arange(5), np.arange(5, 105), 8, 0.5, seed=0)
+    stream = [sampler.batch(step) for step in range(20)]
+    seen = [row for batch in stream[:5] for row, _, pool, _ in batch if pool == 1]
+    assert sorted(seen) == sorted(list(range(5)) * 4)  # every labeled row once per pass
+    resumed = iter(datasets.MixedBatchSampler(np.arange(5), np.arange(5, 105), 8, 0.5, seed=0, start_step=12))
+    assert [next(resumed) for _ in range(8)] == stream[12:]
+
+
+def test_ranks_take_disjoint_shares_of_the_global_batch():
+    args = (np.arange(30), np.arange(30, 130), 12, 0.5)
+    whole = datasets.MixedBatchSampler(*args, seed=4).batch(7)
+    shares = [datasets.MixedBatchSampler(*args, seed=4, rank=r, world_size=3).batch(7) for r in range(3)]
+    assert sorted(d for share in shares for d in share) == sorted(whole)
+    assert all(sum(d[3] for d in share) == 2 for share in shares)
+
+
+def test_dataset_replaces_bad_files_and_counts_them(tmp_path):
+    good = write_tone(str(tmp_path / "good.wav"), 2, 8000)
+    bad = str(tmp_path / "bad.wav")
+    open(bad, "wb").close()
+    column = datasets.LabelColumn(columns=["label"], task="multiclass", classes=["a"],
+                                  values=np.array([0, 0]), labeled=np.array([True, True]))
+    dataset = datasets.ClipDataset([good, bad], [column], {1: np.array([0, 1]), 0: np.array([0, 1])},
+                                   2, 4000, 8000)
+    item = dataset[(1, 5, 1, True)]
+    assert item["audio"].shape == (2, 4000) and item["clip"] == 0
+    assert item["failed"] >= 1 and bad in item["failed_paths"]
+    assert item["labeled"] == [True]
+    only_bad = datasets.ClipDataset([bad], [], {0: np.array([0])}, 2, 4000, 8000)
+    with pytest.raises(datasets.AudioError, match="failed to load"):
+        only_bad[(0, 1, 0, False)]
+
+
+def test_class_similarity_file_errors(tmp_path):
+    manifest = pd.DataFrame({"path": ["a", "b"], "split": ["train", "train"], "genre": ["rock", "jazz"],
+                             "source": ["m.csv"] * 2, "source_row": [2, 3]})
+    good = tmp_path / "good.csv"
+    pd.DataFrame([[1.0, 0.4], [0.4, 1.0]], index=["jazz", "rock"], columns=["jazz", "rock"]).to_csv(good)
+    column = datasets.parse_labels(manifest, "genre", "multiclass", similarity=str(good))
+    torch.testing.assert_close(column.similarity, torch.tensor([[1.0, 0.4], [0.4, 1.0]]))
+    outside = tmp_path / "outside.csv"
+    pd.DataFrame([[1.0, 1.4], [0.4, 1.0]], index=["jazz", "rock"], columns=["jazz", "rock"]).to_csv(outside)
+    with pytest.raises(datasets.ManifestError, match=r"\('jazz', 'rock'\) = 1.4"):
+        datasets.parse_labels(manifest, "genre", "multiclass", similarity=str(outside))
+    extra = tmp_path / "extra.csv"
+    names = ["jazz", "rock", "pop"]
+    pd.DataFrame(np.eye(3), index=names, columns=names).to_csv(extra)
+    with pytest.raises(datasets.ManifestError, match="absent from column 'genre': \\['pop'\\]"):
+        datasets.parse_labels(manifest, "genre", "multiclass", similarity=str(extra))
+    not_square = tmp_path / "rect.csv"
+    pd.DataFrame([[1.0, 0.4]], index=["jazz"], columns=["jazz", "rock"]).to_csv(not_square)
+    with pytest.raises(datasets.ManifestError, match="square"):
+        datasets.parse_labels(manifest, "genre", "multiclass", similarity=str(not_square))
