@@ -44,22 +44,30 @@ GIANTSTEPS_ARTIST_BUCKETS = (100, 16)
 # EmoMusic development songs: val when SHA-1(normalized artist) mod 10 >= 8 (JukeMIR, MARBLE).
 EMOMUSIC_ARTIST_BUCKETS = (8, 2)
 
-# Label columns each manifest carries, with the --task to read them as.
+# Label columns each manifest carries: (--label-column, --task, --label-kind) for probe.py
+# and train.py; the kind tells datasets.py to read the cell as a key, a pitch or a pitch class.
 LABELS = {
-    "magnatagatune": [("tags", "multilabel")],
-    "magnatagatune-all": [("tags", "multilabel")],
-    "mtg-jamendo-top50": [("tags", "multilabel")],
-    "mtg-jamendo-genre": [("tags", "multilabel")],
-    "mtg-jamendo-instrument": [("tags", "multilabel")],
-    "mtg-jamendo-moodtheme": [("tags", "multilabel")],
-    "gtzan": [("genre", "multiclass")],
-    "nsynth": [("pitch", "multiclass"), ("pitch_class", "multiclass"), ("instrument_family", "multiclass")],
-    "giantsteps-key": [("key", "multiclass")],
-    "vocalset-singer": [("singer", "multiclass"), ("technique", "multiclass")],
-    "vocalset-technique": [("technique", "multiclass"), ("singer", "multiclass")],
-    "emomusic": [("arousal,valence", "regression"), ("arousal", "regression"), ("valence", "regression")],
-    "medleydb": [("instrument", "multiclass")],
+    "magnatagatune": [("tags", "multilabel", "generic")],
+    "magnatagatune-all": [("tags", "multilabel", "generic")],
+    "mtg-jamendo-top50": [("tags", "multilabel", "generic")],
+    "mtg-jamendo-genre": [("tags", "multilabel", "generic")],
+    "mtg-jamendo-instrument": [("tags", "multilabel", "generic")],
+    "mtg-jamendo-moodtheme": [("tags", "multilabel", "generic")],
+    "gtzan": [("genre", "multiclass", "generic")],
+    "nsynth": [("pitch", "multiclass", "pitch"), ("pitch_class", "multiclass", "pitch_class"),
+               ("instrument_family", "multiclass", "generic")],
+    "giantsteps-key": [("key", "multiclass", "key")],
+    "vocalset-singer": [("singer", "multiclass", "generic"), ("technique", "multiclass", "generic")],
+    "vocalset-technique": [("technique", "multiclass", "generic"), ("singer", "multiclass", "generic")],
+    "emomusic": [("arousal,valence", "regression", "generic"), ("arousal", "regression", "generic"),
+                 ("valence", "regression", "generic")],
+    "medleydb": [("instrument", "multiclass", "generic")],
 }
+
+
+def _label_flags(column, task, kind):
+    flags = f"--label-column {column} --task {task}"
+    return flags + (f" --label-kind {kind}" if kind != "generic" else "")
 
 
 # ---------------------------------------------------------------- small readers
@@ -119,8 +127,8 @@ def _hash_split(keys, test_fraction, val_fraction):
 
     keys: strings that identify the items (paths relative to the data root, so the split
     does not depend on where the data lives). Items are ordered by the SHA-1 of their key;
-    the first round(test_fraction * n) go to test, the next round(val_fraction * n) to val,
-    the rest to train.
+    the first test_fraction * n (rounded half up) go to test, the next val_fraction * n to
+    val, the rest to train.
     """
     ordered = sorted(keys, key=lambda key: (_sha1_int(key), key))
     num_test = int(test_fraction * len(ordered) + 0.5)
@@ -786,9 +794,9 @@ def build_manifest(name, root):
 
 def build_parser():
     """The command line: a data set name, where its files are, where to write."""
-    epilog = "label columns (--label-column, --task) per data set:\n" + "\n".join(
-        f"  {name:24s} " + ", ".join(f"{column} ({task})" for column, task in columns)
-        for name, columns in LABELS.items())
+    epilog = "label columns per data set (flags for probe.py and train.py):\n" + "\n".join(
+        f"  {name:24s} " + ("\n" + " " * 27).join(_label_flags(*label) for label in labels)
+        for name, labels in LABELS.items())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
@@ -818,8 +826,8 @@ def main(argv=None):
     counts = manifest["split"].value_counts()
     print(f"{args.name}: wrote {len(manifest)} rows to {out} ("
           + ", ".join(f"{split} {counts.get(split, 0)}" for split in SPLITS) + ")")
-    for column, task in LABELS[args.name]:
-        print(f"  --label-column {column} --task {task}")
+    for label in LABELS[args.name]:
+        print(f"  {_label_flags(*label)}")
     return 0
 
 
