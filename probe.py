@@ -16,6 +16,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -30,13 +31,21 @@ def build_parser():
     data = parser.add_argument_group("data")
     data.add_argument("--csv", default=None, help="manifest with a split column (default: the synthetic set)")
     data.add_argument("--synthetic-dir", default=".cache/synthetic", help="folder of the built-in synthetic set")
-    data.add_argument("--label-column", default="label", help="label column(s); comma-separated for regression")
-    data.add_argument("--task", default="multiclass", choices=datasets.TASKS, help="how the label is read")
-    data.add_argument("--label-kind", default="generic", choices=datasets.LABEL_KINDS, help="what the label means")
+    data.add_argument("--label-column", action="append", default=[],
+                      help="label column(s) to probe, repeatable (one probe each); comma-separated columns "
+                           "form one regression target (default: label)")
+    data.add_argument("--task", action="append", default=[], choices=datasets.TASKS,
+                      help="how each label is read (one value, or one per --label-column; default multiclass)")
+    data.add_argument("--label-kind", action="append", default=[], choices=datasets.LABEL_KINDS,
+                      help="what each label means (one value, or one per --label-column; default generic)")
+    data.add_argument("--tasks", default=None,
+                      help="CSV of probes to run (columns csv, label_column, task, optional label_kind and name); "
+                           "replaces --csv/--label-column")
     data.add_argument("--max-clips", type=int, default=16, help="consecutive clips kept per file (evenly spread)")
     model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", required=True,
-                       help="checkpoint file, run folder (latest checkpoint), or 'random' for a random-init encoder")
+    model.add_argument("--checkpoint", action="append", required=True,
+                       help="checkpoint file, run folder (latest checkpoint), or 'random' for a random-init "
+                            "encoder; repeatable (one table row each)")
     model.add_argument("--layer", default="encoder", choices=("encoder", "projection"),
                        help="embeddings from the encoder output or the projection head")
     model.add_argument("--encoder", default="samplecnn", choices=sorted(models.ENCODERS), help="random only")
@@ -152,13 +161,13 @@ MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "roc_auc", "regression": 
 
 # ---------------------------------------------------------------- embeddings
 
-def load_encoder(args, device):
+def load_encoder(checkpoint, args, device):
     """The frozen model and its settings (from the checkpoint, or the flags for 'random').
 
     Returns (model, settings) with model a train.ContrastiveModel in eval mode and
     settings holding encoder, width, sample_rate, clip_samples and a cache key.
     """
-    if args.checkpoint == "random":
+    if checkpoint == "random":
         settings = {"encoder": args.encoder, "width": args.width, "sample_rate": args.sample_rate,
                     "clip_samples": int(round(args.clip_seconds * args.sample_rate)),
                     "hidden_dim": 512, "projection_dim": 128}
@@ -166,7 +175,7 @@ def load_encoder(args, device):
         key = f"random-{settings}-{args.seed}"
         state = None
     else:
-        path = args.checkpoint
+        path = checkpoint
         if os.path.isdir(path):
             found = utils.list_checkpoints(path)
             if not found:
@@ -296,23 +305,49 @@ def fit_head(args, task, train_set, val_set, out_dim):
     return head.eval(), best, epoch
 
 
-def run_probe(args):
-    """Extract embeddings, fit the head, evaluate; returns the results dict."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def probe_list(args):
+    """The probes to run: dicts with csv, label_column, task, label_kind and name."""
+    if args.tasks:
+        table = pd.read_csv(args.tasks, dtype=str, keep_default_na=False)
+        missing = {"csv", "label_column", "task"} - set(table.columns)
+        if missing:
+            raise SystemExit(f"{args.tasks}: missing column(s) {sorted(missing)}")
+        folder = os.path.dirname(os.path.abspath(args.tasks))
+        probes = []
+        for row, entry in table.iterrows():
+            if entry["task"] not in datasets.TASKS:
+                raise SystemExit(f"{args.tasks}, line {row + 2}, column 'task': {entry['task']!r} is not one of "
+                                 f"{datasets.TASKS}")
+            csv = entry["csv"] if os.path.isabs(entry["csv"]) else os.path.join(folder, entry["csv"])
+            probes.append({"csv": csv, "label_column": entry["label_column"], "task": entry["task"],
+                           "label_kind": entry.get("label_kind", "") or "generic",
+                           "name": entry.get("name", "") or f"{os.path.basename(csv)}:{entry['label_column']}"})
+        return probes
+    columns = args.label_column or ["label"]
+    tasks = train.broadcast(args.task or ["multiclass"], len(columns), "task")
+    kinds = train.broadcast(args.label_kind or ["generic"], len(columns), "label-kind")
     csv = args.csv or datasets.make_synthetic_set(args.synthetic_dir)
+    return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c}
+            for c, t, k in zip(columns, tasks, kinds)]
+
+
+def run_probe(args, checkpoint, probe):
+    """Extract embeddings, fit the head, evaluate one probe; returns the results dict."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    csv, task = probe["csv"], probe["task"]
     manifest = datasets.read_manifest(csv)
-    column = datasets.parse_labels(manifest, args.label_column, args.task, args.label_kind)
+    column = datasets.parse_labels(manifest, probe["label_column"], task, probe["label_kind"])
     labeled = manifest.index[column.labeled].to_numpy()
     split = manifest["split"].to_numpy()
     for name in ("train", "val", "test"):
         if not (split[labeled] == name).any():
             raise SystemExit(f"{csv}: no labeled {name} rows for column {column.name!r}")
-    if args.task == "multiclass":
+    if task == "multiclass":
         seen = set(column.values[labeled[split[labeled] == "train"]].tolist())
         unseen = sorted({column.classes[c] for c in column.values[labeled]} - {column.classes[c] for c in seen})
         if unseen:
             raise SystemExit(f"{csv}: classes {unseen} of column {column.name!r} have no train rows")
-    model, settings = load_encoder(args, device)
+    model, settings = load_encoder(checkpoint, args, device)
     rows = manifest.iloc[labeled].reset_index(drop=True)
     embeddings, owners, failed = cached_embeddings(model, rows, settings, args, device)
     for message in failed:
@@ -322,7 +357,7 @@ def run_probe(args):
     mean, std = embeddings[is_train].mean(0), embeddings[is_train].std(0) + 1e-6
     x_all = torch.from_numpy((embeddings - mean) / std)
     values = column.values[labeled]
-    label_dtype = torch.long if args.task == "multiclass" else torch.float32
+    label_dtype = torch.long if task == "multiclass" else torch.float32
     y_all = torch.as_tensor(values, dtype=label_dtype)
 
     def track_set(name):
@@ -330,28 +365,47 @@ def run_probe(args):
         tracks = np.unique(owners[mask])
         return x_all[mask], owners[mask], tracks, y_all[tracks]
 
-    out_dim = len(column.classes) if args.task != "regression" else len(column.columns)
+    out_dim = len(column.classes) if task != "regression" else len(column.columns)
     train_set = (x_all[is_train], y_all[owners[is_train]])
-    head, best_val, epochs = fit_head(args, args.task, train_set, track_set("val"), out_dim)
+    head, best_val, epochs = fit_head(args, task, train_set, track_set("val"), out_dim)
     test = track_set("test")
-    result = {"checkpoint": args.checkpoint, "csv": csv, "label_column": column.name, "task": args.task,
-              "head": args.head, "layer": args.layer, "val": {MAIN_METRIC[args.task]: best_val}, "epochs": epochs,
-              "test": metrics(args.task, track_outputs(head, *test[:3]), test[3], column),
+    result = {"checkpoint": checkpoint, "probe": probe["name"], "csv": csv, "label_column": column.name,
+              "task": task, "head": args.head, "layer": args.layer, "val": {MAIN_METRIC[task]: best_val},
+              "epochs": epochs, "test": metrics(task, track_outputs(head, *test[:3]), test[3], column),
               "tracks": {name: int((split[labeled] == name).sum()) for name in ("train", "val", "test")},
               "skipped_files": len(failed)}
     return result
 
 
+def summary_table(results):
+    """Markdown table: one row per checkpoint, one column per probe (main test metric)."""
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in results))
+    probes = list(dict.fromkeys(r["probe"] for r in results))
+    cells = {(r["checkpoint"], r["probe"]): r for r in results}
+    header = [f"{p} ({MAIN_METRIC[next(r['task'] for r in results if r['probe'] == p)]})" for p in probes]
+    lines = ["| checkpoint | " + " | ".join(header) + " |", "|---" * (len(probes) + 1) + "|"]
+    for checkpoint in checkpoints:
+        values = []
+        for p in probes:
+            r = cells.get((checkpoint, p))
+            values.append(f"{r['test'][MAIN_METRIC[r['task']]]:.3f}" if r else "-")
+        lines.append(f"| {checkpoint} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    result = run_probe(args)
-    text = json.dumps(result, indent=2)
-    print(text)
+    results = [run_probe(args, checkpoint, probe) for checkpoint in args.checkpoint for probe in probe_list(args)]
+    print(json.dumps(results, indent=2))
+    table = summary_table(results)
+    print(table)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+            json.dump(results, f, indent=2)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(table + "\n")
+    return results
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ def main(argv=None):
         utils.barrier()
 
     # ---- training loop
-    failed_files, clips_seen, tick = 0, 0, time.time()
+    failed_files, clips_seen, tick, history = 0, 0, time.time(), []
     progress = tqdm(total=args.steps, initial=step, disable=not is_main, desc="train")
     while step < args.steps:
         batch = next(loader)
@@ -368,8 +368,9 @@ def main(argv=None):
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
-            log_scalars(writer, stats, args, step, scheduler.get_last_lr()[0], failed_files,
-                        clips_seen / (time.time() - tick), progress)
+            total = log_scalars(writer, stats, args, step, scheduler.get_last_lr()[0], failed_files,
+                                clips_seen / (time.time() - tick), progress)
+            history.append((step, total))
             clips_seen, tick = 0, time.time()
         if writer and args.image_every and step % args.image_every == 0:
             log_images(writer, stats, step)
@@ -384,17 +385,20 @@ def main(argv=None):
     if writer:
         writer.close()
     utils.cleanup_process()
-    return args.out
+    return {"out": args.out, "losses": history, "failed_files": failed_files}
 
 
 @torch.no_grad()
 def log_scalars(writer, stats, args, step, lr, failed_files, clips_per_second, progress):
-    """Scalars of the last step: losses restricted to each target part, density, speed."""
+    """Scalars of the last step: losses restricted to each target part, density, speed.
+
+    Returns the global-batch loss of the step (every process gets it).
+    """
     z_all, target = stats["z_all"], stats["target"]
     total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
     failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=z_all.device)).item())
     if writer is None:
-        return
+        return total
     writer.add_scalar("loss/total", total, step)
     for name in ("views_part", "labels_part"):
         if stats[name].sum() > 0:
@@ -406,6 +410,7 @@ def log_scalars(writer, stats, args, step, lr, failed_files, clips_per_second, p
     writer.add_scalar("speed/clips_per_s", clips_per_second, step)
     writer.add_scalar("data/failed_files", failed, step)
     progress.set_postfix(loss=f"{total:.3f}", failed=failed)
+    return total
 
 
 @torch.no_grad()
