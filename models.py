@@ -14,7 +14,7 @@ Encoders (all 512-d at full width):
 - `melcnn`: log-mel spectrogram and a short-chunk ResNet, the spectrogram baseline.
 
 `width` multiplies every channel count (0.25 trains at about 1 s per step on a 2-core
-CPU); the embedding size is `embed_width(512, width)`. `set_activation_checkpointing`
+CPU); the embedding size is `scaled_channels(512, width)`. `set_activation_checkpointing`
 trades compute for memory without changing gradients.
 
 Size table (parameters, multiply-accumulates per clip, embedding size):
@@ -38,7 +38,7 @@ MIN_CHANNELS = 8  # narrowest layer any width may produce
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def embed_width(channels: int, width: float) -> int:
+def scaled_channels(channels: int, width: float) -> int:
     """Scale a full-width channel count by `width`.
 
     Args:
@@ -98,6 +98,10 @@ def apply_block(block: nn.Module, *inputs: torch.Tensor, is_checkpointed: bool) 
     """
     if not (is_checkpointed and torch.is_grad_enabled()):
         return block(*inputs)
+    if torch.compiler.is_compiling():
+        # compiled graphs recompute the functional forward only and apply the buffer
+        # updates once, so no restoring is needed (and dynamo rejects a context_fn)
+        return checkpoint(block, *inputs, use_reentrant=False)
     return checkpoint(
         block,
         *inputs,
@@ -259,11 +263,11 @@ def samplecnn(num_samples: int, sample_rate: int, width: float = 1.0) -> SampleC
         sample_rate: unused (SampleCNN's receptive field is set in samples).
         width: channel multiplier.
     Returns:
-        SampleCNN with `embed_dim` = embed_width(512, width).
+        SampleCNN with `embed_dim` = scaled_channels(512, width).
     """
     depth = sample_cnn_depth(num_samples)
-    channels = [embed_width(c, width) for c in sample_cnn_channels(depth, 256, EMBED_DIM)]
-    return SampleCNN(num_samples, channels, embed_width(128, width), embed_width(EMBED_DIM, width))
+    channels = [scaled_channels(c, width) for c in sample_cnn_channels(depth, 256, EMBED_DIM)]
+    return SampleCNN(num_samples, channels, scaled_channels(128, width), scaled_channels(EMBED_DIM, width))
 
 
 def samplecnn_xl(num_samples: int, sample_rate: int, width: float = 1.0) -> SampleCNN:
@@ -277,11 +281,11 @@ def samplecnn_xl(num_samples: int, sample_rate: int, width: float = 1.0) -> Samp
         sample_rate: unused.
         width: channel multiplier.
     Returns:
-        SampleCNN with `embed_dim` = embed_width(512, width).
+        SampleCNN with `embed_dim` = scaled_channels(512, width).
     """
     depth = sample_cnn_depth(num_samples)
-    channels = [embed_width(c, width) for c in sample_cnn_channels(depth, 1024, 2048)]
-    return SampleCNN(num_samples, channels, embed_width(128, width), embed_width(EMBED_DIM, width))
+    channels = [scaled_channels(c, width) for c in sample_cnn_channels(depth, 1024, 2048)]
+    return SampleCNN(num_samples, channels, scaled_channels(128, width), scaled_channels(EMBED_DIM, width))
 
 
 # ---------------------------------------------------------------- TUNe+
@@ -445,10 +449,10 @@ def tuneplus(num_samples: int, sample_rate: int, width: float = 1.0) -> TUNePlus
         sample_rate: unused.
         width: channel multiplier.
     Returns:
-        TUNePlus with `embed_dim` = embed_width(512, width).
+        TUNePlus with `embed_dim` = scaled_channels(512, width).
     """
-    levels = [embed_width(11 * 2**k, width) for k in range(5)]
-    return TUNePlus(num_samples, levels, embed_width(11 * 32, width), embed_width(EMBED_DIM, width))
+    levels = [scaled_channels(11 * 2**k, width) for k in range(5)]
+    return TUNePlus(num_samples, levels, scaled_channels(11 * 32, width), scaled_channels(EMBED_DIM, width))
 
 
 # ---------------------------------------------------------------- log-mel CNN
@@ -594,11 +598,11 @@ def melcnn(num_samples: int, sample_rate: int, width: float = 1.0) -> MelCNN:
         sample_rate: audio sample rate in Hz (sets the mel front end).
         width: channel multiplier.
     Returns:
-        MelCNN with `embed_dim` = embed_width(512, width).
+        MelCNN with `embed_dim` = scaled_channels(512, width).
     """
     depth = mel_cnn_depth(num_samples, sample_rate)
-    channels = [embed_width(c, width) for c in sample_cnn_channels(depth, 256, EMBED_DIM)]
-    return MelCNN(num_samples, sample_rate, embed_width(128, width), channels)
+    channels = [scaled_channels(c, width) for c in sample_cnn_channels(depth, 256, EMBED_DIM)]
+    return MelCNN(num_samples, sample_rate, scaled_channels(128, width), channels)
 
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
