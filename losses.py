@@ -128,14 +128,15 @@ def row_losses(z, target, temperature=0.1, anchors=None):
     Returns (losses `[A]`, has_positive `[A]` bool); losses are 0 where an anchor has
     no positive (zero off-diagonal target sum), and such rows must be left out.
     """
-    z = F.normalize(z.float(), dim=1)
+    # At least float32 (bf16 projections under autocast), float64 kept for exact tests.
+    z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
     if anchors is None:
         anchors = torch.arange(len(z), device=z.device)
     logits = z[anchors] @ z.T / temperature  # [A, N]
     is_self = torch.zeros_like(logits, dtype=torch.bool)
     is_self[torch.arange(len(anchors), device=z.device), anchors] = True
     log_prob = F.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=1)
-    target = target.float().masked_fill(is_self, 0.0)
+    target = target.to(logits.dtype).masked_fill(is_self, 0.0)
     # 0 * -inf is NaN: zero the excluded self terms before weighting.
     weighted = (target * log_prob.masked_fill(is_self, 0.0)).sum(1)
     positives = target.sum(1)

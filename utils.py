@@ -7,7 +7,6 @@ import re
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_functional
 
 
 def setup_process():
@@ -36,15 +35,38 @@ def cleanup_process():
         dist.destroy_process_group()
 
 
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns, to each process, the gradient of its own slice.
+
+    Every process's loss depends on every slice, so the gradient that reaches slice r
+    is the sum over processes of d(loss_p)/d(slice r): an all-reduce of the incoming
+    gradient, of which process r keeps its own rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = len(grad) // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * n:(rank + 1) * n]
+
+
 def gather_with_grad(x):
     """Concatenate `x` `[n, ...]` from every process in rank order -> `[world * n, ...]`.
 
-    Gradients flow back: the backward pass sums, over processes, the gradient of each
-    process's loss with respect to this process's slice. Alone, returns x unchanged.
+    Gradients flow back through the gather (see GatherWithGrad). Every process must
+    pass the same n. Alone, returns x unchanged.
     """
     if not dist.is_initialized():
         return x
-    return torch.cat(dist_functional.all_gather(x), dim=0)
+    return GatherWithGrad.apply(x)
 
 
 def gather(x):

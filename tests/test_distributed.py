@@ -1,0 +1,68 @@
+"""Two gloo processes holding half a batch each equal one process holding all of it."""
+import argparse
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import losses
+import train
+
+CLIPS, VIEWS, SAMPLES = 8, 2, 64
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_batch():
+    generator = torch.Generator().manual_seed(1)
+    views = torch.randn(CLIPS * VIEWS, SAMPLES, generator=generator, dtype=torch.float64)
+    clip_ids = torch.arange(CLIPS).repeat_interleave(VIEWS)
+    classes = torch.tensor([0, 1, 0, 2, 1, 1, 0, 2]).repeat_interleave(VIEWS)
+    labeled = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0], dtype=torch.bool).repeat_interleave(VIEWS)
+    tags = (torch.rand(CLIPS, 5, generator=generator) < 0.4).double().repeat_interleave(VIEWS, 0)
+    return views, clip_ids, classes, labeled, tags
+
+
+def worker(rank, world_size, port, out):
+    """Compute the loss and gradients on this process's contiguous share of the batch."""
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    # No batch norm: its statistics depend on the per-process batch by design (see --sync-bn).
+    model = torch.nn.Sequential(torch.nn.Linear(SAMPLES, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).double()
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    views, clip_ids, classes, labeled, tags = global_batch()
+    share = slice(rank * len(views) // world_size, (rank + 1) * len(views) // world_size)
+    columns = [(classes[share], labeled[share], losses.TargetSpec("multiclass")),
+               (tags[share], labeled[share], losses.TargetSpec("multilabel", threshold=None))]
+    args = argparse.Namespace(temperature=0.1, world_size=world_size)
+    loss, stats = train.contrastive_step(model, views[share], clip_ids[share], columns, args, rank)
+    loss.backward()
+    total = stats["loss_sum"].clone()
+    if world_size > 1:
+        dist.all_reduce(total)
+    parameters = model.module.parameters() if world_size > 1 else model.parameters()
+    if rank == 0:
+        torch.save({"loss": total / stats["count"], "grads": [p.grad.clone() for p in parameters]}, out)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    single, double = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    worker(0, 1, None, single)
+    mp.spawn(worker, args=(2, free_port(), double), nprocs=2, join=True)
+    one, two = torch.load(single), torch.load(double)
+    torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-10, atol=0)
+    assert len(one["grads"]) == len(two["grads"]) == 4
+    for a, b in zip(one["grads"], two["grads"]):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
