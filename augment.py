@@ -5,13 +5,15 @@ tensors (so tests can call it with known values), paired with a sampler that dra
 parameters. `build_chain(names, severity)` turns a list of transform names into a `Chain`
 that, for each example of a batch, decides whether to augment it at all (probability
 min(1, 0.8·s)), then whether to apply each transform (its own probability), draws the
-parameters per example and applies the transform to the chosen examples together.
+parameters per example and applies the transform to all chosen examples at once. A final
+peak guard scales down any example whose peak exceeds 1.
 
 Severity s scales every range and probability in one place only: `SEVERITY_TABLE` below.
 s = 0 is no augmentation, s = 1 the paper's normal strength (METHOD.md), up to 2.5 the
-strongest. The six transforms of the paper's chain use the paper's values; for the nine
+strongest. The six transforms of the paper's chain use the paper's values. For the nine
 extra transforms of the robustness study, the strong end of each range at s = 1 is the
-study's setting and every transform applies with probability min(1, s).
+study's setting, ranges widen with s, and each applies with probability min(1, s) (the
+study applies them with p = 1).
 
 Usage:
     chain = build_chain(parse_augment("gain,noise,pitch"), severity=1.0, sample_rate=22050)
@@ -22,20 +24,18 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------
 # The severity table: transform name -> function of s giving its probability `p` and the
 # (low, high) range of each parameter. This is the only place where severity acts.
+# Frequencies in Hz, times in ms unless named otherwise.
 # ---------------------------------------------------------------------------------------
 SEVERITY_TABLE = {
-    # METHOD.md, the paper's chain.
+    # The paper's chain (METHOD.md).
     "gain": lambda s: {"p": min(0.7, 0.4 * s), "gain_db": (-15 * s, 5 * s)},
     "polarity": lambda s: {"p": min(0.8, 0.6 * s)},
-    "noise": lambda s: {
-        "p": min(0.8, 0.6 * s),
-        "snr_db": (3 / s, 30 / s),
-        "decay": (-2 * s, 2 * s),
-    },
+    "noise": lambda s: {"p": min(0.8, 0.6 * s), "snr_db": (3 / s, 30 / s), "decay": (-2 * s, 2 * s)},
     "filter": lambda s: {
         "p": min(0.6, 0.3 * s),
         "band_centre_hz": (200.0, 4000.0),
@@ -51,30 +51,48 @@ SEVERITY_TABLE = {
         "repeats": max(1, round(2 * s)),
         "attenuation": min(1.0, 0.5 * s),
     },
+    # The robustness study's extra transforms (study setting = strong end at s = 1).
+    "stretch": lambda s: {"p": min(1.0, s), "rate": (0.7**s, 1.3**s)},
+    "splice": lambda s: {"p": min(1.0, s), "gaps": (1, max(1, round(6 * s))), "gap_ms": (min(10.0, 100 * s), 100 * s)},
+    "reverb": lambda s: {"p": min(1.0, s), "rt60_s": (0.4 * s, 2.0 * s), "wet": (0.5 * min(1.0, s), min(1.0, s))},
+    "chorus": lambda s: {
+        "p": min(1.0, s),
+        "rate_hz": (min(1.0, 5 * s), 5 * s),
+        "depth": (0.5 * min(1.0, s), min(1.0, s)),
+        "mix": (0.5 * min(1.0, s), min(1.0, s)),
+    },
+    "distortion": lambda s: {"p": min(1.0, s), "drive_db": (3 * s, 9 * s)},
+    "compress": lambda s: {
+        "p": min(1.0, s),
+        "threshold_db": (-30 * s, -10 * s),
+        "ratio": (1 + 2 * s, 1 + 4 * s),
+        "attack_ms": 5.0,
+        "release_ms": 50.0,
+    },
+    "reverse": lambda s: {"p": min(1.0, s)},
+    "bitcrush": lambda s: {"p": min(1.0, s), "bits": (max(2, round(12 - 8 * s)), max(2, round(16 - 8 * s)))},
+    "codec": lambda s: {"p": min(1.0, s), "cutoff_hz": (4000 / s, 8000 / s), "snr_db": (6 / s, 18 / s)},
 }
 
-TRANSFORM_NAMES = (
-    "gain",
-    "polarity",
-    "noise",
-    "filter",
-    "pitch",
-    "delay",
-)
+TRANSFORM_NAMES = tuple(SEVERITY_TABLE)
 DEFAULT_AUGMENT = ("gain", "polarity", "noise", "filter", "pitch", "delay")
 
 # Which kinds of label a transform changes: a chain applied to labeled clips must not
 # contain a transform that changes the label being supervised (METHOD.md, last note).
 LABEL_CHANGES = {name: set() for name in TRANSFORM_NAMES}
 LABEL_CHANGES["pitch"] = {"pitch", "pitch_class", "key"}
+LABEL_CHANGES["stretch"] = {"tempo"}
 
 CHAIN_PROBABILITY_SLOPE = 0.8  # the whole chain applies with probability min(1, 0.8·s)
 
-# Short-time Fourier transform used by pitch shift: 46 ms frames at 22.05 kHz resolve
-# 21.5 Hz bins, fine enough for the phase vocoder to track partials of low notes.
-STFT_SIZE = 1024
-STFT_HOP = 256
-PITCH_STEP = 0.25  # semitones; pitch shifts are quantized so examples can be grouped
+# WSOLA time scaling (pitch shift and time stretch): 46 ms grains at 22.05 kHz overlapping
+# by half; each grain may move up to 256 samples (one period of an 86 Hz tone) to line up
+# with its predecessor; the search runs on a 2x decimated signal (4x lost too much
+# alignment at 3 kHz in tests) and is refined by parabolic interpolation.
+WSOLA_GRAIN = 1024
+WSOLA_SEARCH = 256
+WSOLA_DECIMATION = 2
+PITCH_STEP = 0.25  # semitones; shifts are quantized so that examples can be resampled in groups
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,74 +164,118 @@ def rms(x):
 
 @lru_cache(maxsize=None)
 def hann_window(size, device):
-    """Cached periodic Hann window `[size]` for the STFT on `device`."""
+    """Cached periodic Hann window `[size]` on `device`."""
     return torch.hann_window(size, device=device)
 
 
-def stft(x):
-    """Complex STFT `[B, T]` -> `[B, F, N]` with F = STFT_SIZE // 2 + 1 bins."""
-    return torch.stft(x, STFT_SIZE, STFT_HOP, window=hann_window(STFT_SIZE, x.device), return_complex=True)
-
-
-def istft(spec, length):
-    """Inverse of `stft`: `[B, F, N]` complex -> `[B, length]`."""
-    window = hann_window(STFT_SIZE, spec.device)
-    return torch.istft(spec, STFT_SIZE, STFT_HOP, window=window, length=length)
-
-
-def phase_vocoder(spec, rate, frames):
-    """Time-scale a spectrogram by a per-example rate, keeping its frequencies.
-
-    Output frame m reads input position m·rate (linear interpolation of magnitudes); its
-    phase accumulates the measured phase advance of the input frames it reads, so each
-    partial keeps its frequency. Positions past the input's end are silent.
+def shifted(x, shift, max_shift):
+    """Delay each row by its own number of samples, zeros entering from the left.
 
     Args:
-        spec: `[B, F, N]` complex STFT.
-        rate: `[B]` input frames consumed per output frame (> 1 shortens).
-        frames: number of output frames M.
+        x: `[B, T]`; shift: `[B]` int64 in [0, max_shift].
     Returns:
-        `[B, F, M]` complex STFT.
+        `[B, T]` with out[b, t] = x[b, t - shift[b]] (0 where t < shift[b]).
     """
-    n_frames = spec.shape[-1]
-    bins = spec.shape[1]
-    position = torch.arange(frames, device=spec.device) * rate[:, None]  # [B, M]
-    left = position.floor().long().clamp(max=n_frames - 1)
-    alpha = (position - left).unsqueeze(1)  # [B, 1, M]
-    magnitude = torch.nn.functional.pad(spec.abs(), (0, 1))  # [B, F, N + 1]; the extra frame is silence
-    phase = spec.angle()  # [B, F, N]
-    expected = 2 * math.pi * STFT_HOP * torch.arange(bins, device=spec.device) / STFT_SIZE  # [F]
-    advance = phase[..., 1:] - phase[..., :-1] - expected[:, None]
-    advance = torch.remainder(advance + math.pi, 2 * math.pi) - math.pi  # deviation, wrapped to [-pi, pi)
-    advance = torch.nn.functional.pad(advance, (0, 1))  # [B, F, N]; no deviation after the last frame
-    index = left.unsqueeze(1).expand(-1, bins, -1)  # [B, F, M]
-    out_magnitude = (1 - alpha) * magnitude.gather(2, index) + alpha * magnitude.gather(2, index + 1)
-    out_magnitude = out_magnitude * (position <= n_frames - 1).unsqueeze(1)
-    # Sum wrapped deviations, add the expected advance in closed form: the running phase
-    # stays small, so float32 keeps its precision over long clips.
-    step = advance.gather(2, index)  # [B, F, M]
-    out_phase = phase[..., :1] + torch.cumsum(step, -1) - step
-    # The expected advance of bin f after m frames, reduced modulo 2*pi in exact integer
-    # arithmetic (the unreduced value reaches 1e5 radians, beyond float32's precision).
-    turns = (STFT_HOP * torch.arange(bins, device=spec.device)[:, None] * torch.arange(frames, device=spec.device)) % STFT_SIZE  # [F, M]
-    out_phase = out_phase + (2 * math.pi / STFT_SIZE) * turns
-    return torch.polar(out_magnitude, out_phase)
+    length = x.shape[-1]
+    windows = F.pad(x, (max_shift, 0)).unfold(1, length, 1)  # [B, max_shift + 1, T], a view
+    rows = torch.arange(x.shape[0], device=x.device)
+    return windows[rows, max_shift - shift]  # copies one contiguous row per example
 
 
-def fft_resample(x, length):
-    """Band-limited resampling of each row to `length` samples by truncating or
-    zero-padding its spectrum (exact for periodic signals): `[B, L]` -> `[B, length]`."""
-    spectrum = torch.fft.rfft(x)  # [B, L // 2 + 1]
+def moving_average(x, size):
+    """Centred moving average over `size` samples along the last axis: `[B, N]` -> `[B, N]`.
+
+    A cumulative sum makes it O(N) whatever the size (pooling would cost O(N·size)).
+    """
+    padded = F.pad(x, (size // 2 + 1, size - size // 2 - 1), mode="replicate")  # [B, N + size]
+    total = torch.cumsum(padded, -1)
+    return (total[:, size:] - total[:, :-size]) / size
+
+
+def time_scale(x, rate, length):
+    """Change tempo without changing pitch, by WSOLA (waveform-similarity overlap-add).
+
+    Output grain k (Hann window, 50% overlap) is read from the input near position
+    k·hop·rate; within ±WSOLA_SEARCH samples it takes the position whose first half best
+    matches the natural continuation of grain k-1, so overlapping grains add in phase.
+    The search for all examples runs at once, one grain at a time (each grain depends on
+    the previous choice), with an FFT cross-correlation on a decimated copy of the input.
+    Input past its end reads as silence.
+
+    Args:
+        x: `[B, L]` input.
+        rate: `[B]` input samples consumed per output sample (> 1 faster, < 1 slower).
+        length: output length T.
+    Returns:
+        `[B, T]`.
+    """
+    batch, input_length = x.shape
+    device = x.device
+    grain, search, q = WSOLA_GRAIN, WSOLA_SEARCH, WSOLA_DECIMATION
+    hop = overlap = grain // 2
+    grains = math.ceil(length / hop) + 2
+    # Ideal (unshifted) read positions, on the decimation grid, in padded coordinates.
+    base = q * torch.round(torch.arange(grains, device=device) * hop * rate[:, None] / q).long()  # [B, G]
+    left = grain // 2 + search
+    padded_length = q * math.ceil((int(base.max()) + 2 * search + grain + q) / q)
+    padded = F.pad(x, (left, max(0, padded_length - left - input_length)))[:, :padded_length]  # [B, P]
+    decimated = padded.view(batch, -1, q).mean(-1)  # [B, P / q]
+    # Candidate regions do not depend on earlier choices: transform them all at once.
+    region = (2 * search + overlap) // q
+    reference = overlap // q
+    size = 1 << (region + reference).bit_length()
+    offsets = torch.arange(region, device=device)
+    regions = decimated.gather(1, (base // q)[:, :, None].add(offsets).flatten(1))  # [B, G * region]
+    region_spectra = torch.fft.rfft(regions.view(batch, grains, region), n=size)  # [B, G, size // 2 + 1]
+    lags = 2 * search // q + 1
+    # A tiny preference for the unshifted position decides ties, e.g. in silence.
+    tie_break = -1e-6 * (torch.arange(lags, device=device) - search // q).abs()  # [lags]
+    neighbours = torch.tensor([-1, 0, 1], device=device)
+    overlap_offsets = torch.arange(overlap, device=device)
+    starts = torch.empty(batch, grains, dtype=torch.long, device=device)
+    starts[:, 0] = base[:, 0] + search
+    for k in range(1, grains):
+        continuation = padded.gather(1, starts[:, k - 1 : k] + hop + overlap_offsets)  # [B, overlap]
+        continuation = continuation.view(batch, reference, q).mean(-1)  # [B, overlap / q]
+        spectrum = torch.fft.rfft(continuation, n=size).conj() * region_spectra[:, k]
+        correlation = torch.fft.irfft(spectrum, n=size)[:, :lags]  # [B, lags]
+        correlation = correlation + tie_break * (continuation.pow(2).sum(-1, keepdim=True) + 1e-20)
+        coarse = correlation[:, 1:-1].argmax(-1, keepdim=True) + 1  # [B, 1]
+        around = correlation.gather(1, coarse + neighbours)  # [B, 3]
+        curvature = (around[:, 0] - 2 * around[:, 1] + around[:, 2]).clamp(max=-1e-30)
+        vertex = (0.5 * (around[:, 0] - around[:, 2]) / curvature).clamp(-0.5, 0.5)
+        starts[:, k] = base[:, k] + torch.round(q * (coarse[:, 0] + vertex)).long()
+    rows = torch.arange(batch, device=device)[:, None]
+    frames = padded.unfold(1, grain, 1)[rows, starts] * hann_window(grain, device)  # [B, G, grain]
+    # Overlap-add at 50%: each output block of `hop` samples is the second half of one
+    # grain plus the first half of the next (periodic Hann halves sum to one).
+    blocks = F.pad(frames[:, :, :hop], (0, 0, 0, 1)) + F.pad(frames[:, :, hop:], (0, 0, 1, 0))  # [B, G + 1, hop]
+    out = blocks.reshape(batch, -1)  # [B, (G + 1) * hop]
+    return out[:, grain // 2 : grain // 2 + length]
+
+
+def fft_resample(spectrum, input_length, length):
+    """Band-limited resampling by truncating or zero-padding a spectrum.
+
+    Args:
+        spectrum: `[B, input_length // 2 + 1]` rfft of the input.
+        input_length: length of the input signal.
+        length: output length.
+    Returns:
+        `[B, length]` signal.
+    """
     bins = length // 2 + 1
     if spectrum.shape[-1] >= bins:
         spectrum = spectrum[:, :bins]
     else:
-        spectrum = torch.nn.functional.pad(spectrum, (0, bins - spectrum.shape[-1]))
-    return torch.fft.irfft(spectrum, n=length) * (length / x.shape[-1])
+        spectrum = F.pad(spectrum, (0, bins - spectrum.shape[-1]))
+    return torch.fft.irfft(spectrum, n=length) * (length / input_length)
 
 
 # ---------------------------------------------------------------------------------------
-# The transforms. Each takes x `[B, T]` float32 and `[B]` parameter tensors, returns `[B, T]`.
+# The transforms. Each takes x `[B, T]` float32 and per-example parameters `[B]` (or a
+# python number shared by the batch), and returns `[B, T]`. Each `sample_*` function
+# draws the parameters for n examples from a SEVERITY_TABLE setting.
 # ---------------------------------------------------------------------------------------
 def gain(x, gain_db):
     """Scale each example by `gain_db` `[B]` decibels."""
@@ -239,16 +301,17 @@ def noise(x, snr_db, decay, white):
     The noise power spectrum falls as 1/f^decay: decay -2 violet, -1 blue, 0 white,
     1 pink, 2 brown. The noise is shaped from `white` in the frequency domain (one inverse
     FFT for the batch), then scaled so that rms(x) / rms(noise) = 10^(snr_db / 20).
+    Silence stays silent.
 
     Args:
         x: `[B, T]` audio; snr_db, decay: `[B]`.
         white: `[B, T // 2 + 1, 2]` standard normal (real and imaginary parts).
     """
     length = x.shape[-1]
-    frequency = torch.arange(1, white.shape[1], device=x.device, dtype=x.dtype)  # [F - 1], bin index
-    shape = torch.exp(-0.5 * decay[:, None] * torch.log(frequency))  # [B, F - 1] amplitude ~ f^(-decay/2)
-    spectrum = torch.view_as_complex(white[:, 1:].contiguous()) * shape
-    spectrum = torch.nn.functional.pad(spectrum, (1, 0))  # [B, F]; no DC
+    frequency = torch.arange(1, white.shape[1], device=x.device, dtype=x.dtype)  # [F - 1] bin index
+    shape = torch.exp(-0.5 * decay[:, None] * torch.log(frequency))  # [B, F - 1], amplitude ~ f^(-decay/2)
+    spectrum = torch.view_as_complex(white[:, 1:].contiguous()) * shape  # [B, F - 1]
+    spectrum = F.pad(spectrum, (1, 0))  # [B, F]; no DC
     colored = torch.fft.irfft(spectrum, n=length)  # [B, T]
     scale = rms(x) / (rms(colored) * torch.pow(10.0, snr_db / 20)).clamp(min=1e-12)
     return x + colored * scale[:, None]
@@ -267,17 +330,16 @@ FILTER_ORDER = 4  # Butterworth order: 24 dB per octave beyond a low- or high-pa
 
 
 def filter_response(kind, frequency_hz, bandwidth, bins, sample_rate):
-    """Butterworth magnitude responses evaluated on a frequency grid.
+    """Butterworth magnitude responses on a grid of `bins` frequencies from 0 to sr / 2.
 
-    Band-pass and band-stop use the analog band transform of a low-pass prototype:
-    u = (f² - f0²) / (f·B), so the -3 dB edges sit where |f² - f0²| = f·B with
-    B = bandwidth · f0.
+    Low/high-pass: |H| = 1 / sqrt(1 + u^(2n)) with u = f / f_c or f_c / f. Band-pass and
+    band-stop use the analog band transform u = (f² - f0²) / (f·B) (or its inverse), so
+    the -3 dB edges sit where |f² - f0²| = f·B, with B = bandwidth · f0.
 
     Args:
         kind: `[B]` int64 index into FILTER_KINDS.
-        frequency_hz: `[B]` centre (band) or cutoff (high/low-pass) frequency.
+        frequency_hz: `[B]` centre (band filters) or cutoff (high/low-pass).
         bandwidth: `[B]` bandwidth as a fraction of the centre (band filters only).
-        bins: number of frequency bins from 0 to sample_rate / 2.
     Returns:
         `[B, bins]` magnitudes in [0, 1].
     """
@@ -293,17 +355,17 @@ def filter_response(kind, frequency_hz, bandwidth, bins, sample_rate):
 def band_filter(x, kind, frequency_hz, bandwidth, sample_rate):
     """One of band-pass, band-stop, high-pass or low-pass per example.
 
-    Applied as a zero-phase mask on the FFT of the zero-padded clip. Why FFT masks rather
-    than biquads: one FFT pair filters the whole batch whatever kind and cutoff each example
-    has, the magnitude response is exact (biquad cascades need per-example coefficient
-    design and a sequential recursion over time, slow on GPUs), and the padding keeps the
+    Applied as a zero-phase magnitude mask on the FFT of the zero-padded clip rather than
+    as biquads: one FFT pair filters the whole batch whatever kind and frequency each
+    example has, the response is exactly the designed one, and nothing runs sequentially
+    over time (a biquad is a recursion, slow on GPUs). The padding (>= 250 ms) keeps the
     filter's ringing from wrapping around the clip.
 
     Args:
         x: `[B, T]`; kind, frequency_hz, bandwidth: `[B]` (see `filter_response`).
     """
     length = x.shape[-1]
-    size = fast_length(length + sample_rate // 4)  # >= 250 ms of padding absorbs the ringing
+    size = fast_length(length + sample_rate // 4)
     spectrum = torch.fft.rfft(x, n=size)  # [B, size // 2 + 1]
     response = filter_response(kind, frequency_hz, bandwidth, spectrum.shape[-1], sample_rate)
     return torch.fft.irfft(spectrum * response, n=size)[:, :length]
@@ -311,15 +373,14 @@ def band_filter(x, kind, frequency_hz, bandwidth, sample_rate):
 
 def sample_filter(n, length, setting, draw, sample_rate):
     kind = draw.integers(0, len(FILTER_KINDS) - 1, n)
-    nyquist = sample_rate / 2
-    centre = draw.log_uniform(*setting["band_centre_hz"], n).clamp(max=0.9 * nyquist)
+    top = 0.9 * sample_rate / 2
+    centre = draw.log_uniform(*setting["band_centre_hz"], n).clamp(max=top)
     high_low, high_high = setting["high_pass_hz"]
-    high_pass = draw.log_uniform(high_low, min(high_high, 0.9 * nyquist), n)
-    low_pass = draw.log_uniform(*setting["low_pass_hz"], n).clamp(max=0.9 * nyquist)
-    frequency = torch.where(kind < 2, centre, torch.where(kind == 2, high_pass, low_pass))
+    high_pass = draw.log_uniform(min(high_low, top), min(high_high, top), n)
+    low_pass = draw.log_uniform(*setting["low_pass_hz"], n).clamp(max=top)
     return {
         "kind": kind,
-        "frequency_hz": frequency,
+        "frequency_hz": torch.where(kind < 2, centre, torch.where(kind == 2, high_pass, low_pass)),
         "bandwidth": draw.uniform(*setting["band_fraction"], n),
         "sample_rate": sample_rate,
     }
@@ -328,30 +389,30 @@ def sample_filter(n, length, setting, draw, sample_rate):
 def pitch(x, semitones):
     """Shift pitch by `semitones` `[B]`, keeping tempo and length.
 
-    A phase vocoder first stretches every example in time by its ratio r = 2^(k/12)
-    (one batched pass, pitch kept), then each stretched example is resampled back to the
-    original length, which multiplies its frequencies by r. Resampling is done by
-    spectrum truncation or zero-padding on the FFT (exact band-limited resampling, no
-    filter kernel to build), on groups of examples sharing the same shift: the shift is
-    quantized to PITCH_STEP semitones so that groups form.
+    Each example is first resampled to T / r samples, r = 2^(k/12), which multiplies its
+    frequencies by r; WSOLA (`time_scale`) then restores the length T without touching
+    pitch, all examples in one pass. Resampling truncates or zero-pads the spectrum (exact
+    band-limited resampling for any pair of lengths, no filter kernel to build or cache):
+    one forward FFT for the batch, then one inverse FFT per group of examples sharing a
+    shift, quantized to PITCH_STEP semitones so that such groups form.
     """
-    length = x.shape[-1]
-    steps = torch.round(semitones / PITCH_STEP)  # [B] quantized shift
-    ratio = torch.pow(2.0, steps * PITCH_STEP / 12)  # [B]
-    spec = stft(x)  # [B, F, N]
-    stretched_frames = int(math.ceil(spec.shape[-1] * float(ratio.max())))
-    stretched = phase_vocoder(spec, 1 / ratio, stretched_frames)  # [B, F, M]
-    max_length = int(round(length * float(ratio.max())))
-    stretched = istft(stretched, max_length)  # [B, L_max]
-    out = torch.empty_like(x)
-    # One group per distinct quantized shift; the host sync from .tolist() is deliberate.
-    for step in torch.unique(steps).tolist():
+    batch, length = x.shape
+    steps = torch.round(semitones / PITCH_STEP).long()  # [B]
+    # One group per distinct shift; .tolist() syncs with the device once.
+    step_values = [step for step in torch.unique(steps).tolist() if step != 0]
+    if not step_values:
+        return x.clone()
+    lengths = {step: round(length * 2 ** (-step * PITCH_STEP / 12)) for step in step_values}
+    spectrum = torch.fft.rfft(x)  # [B, T // 2 + 1]
+    resampled = x.new_zeros(batch, max(lengths.values()))  # [B, L_max]; rows with no shift stay unused
+    rate = x.new_ones(batch)
+    for step in step_values:
         members = torch.nonzero(steps == step).squeeze(1)
-        if step == 0:
-            out[members] = x[members]
-            continue
-        stretched_length = int(round(length * 2 ** (step * PITCH_STEP / 12)))
-        out[members] = fft_resample(stretched[members, :stretched_length], length)
+        resampled[members, : lengths[step]] = fft_resample(spectrum[members], length, lengths[step])
+        rate[members] = lengths[step] / length
+    shifted_index = torch.nonzero(steps != 0).squeeze(1)
+    out = x.clone()  # examples whose shift rounds to 0 stay as they are
+    out[shifted_index] = time_scale(resampled[shifted_index], rate[shifted_index], length)
     return out
 
 
@@ -364,14 +425,13 @@ def delay(x, lag, volume, repeats, attenuation):
 
     Args:
         x: `[B, T]`; lag: `[B]` int64 delay in samples (>= 1).
-        volume, attenuation: `[B]` floats; repeats: python int, echoes per example.
+        volume, attenuation: `[B]`; repeats: python int, echoes per example.
     """
     length = x.shape[-1]
-    time = torch.arange(length, device=x.device)
+    max_shift = min(length, repeats * int(lag.max()))
     out = x.clone()
     for i in range(1, repeats + 1):
-        source = time[None, :] - i * lag[:, None]  # [B, T]
-        echo = x.gather(1, source.clamp(min=0)) * (source >= 0)
+        echo = shifted(x, (i * lag).clamp(max=max_shift), max_shift)  # [B, T]
         out = out + (volume * attenuation.pow(i - 1))[:, None] * echo
     return out
 
@@ -386,6 +446,239 @@ def sample_delay(n, length, setting, draw, sample_rate):
     }
 
 
+def stretch(x, rate):
+    """Change tempo by `rate` `[B]` (> 1 faster), keeping pitch and length.
+
+    WSOLA (`time_scale`); a faster example ends in silence, a slower one is cut at T.
+    """
+    return time_scale(x, rate, x.shape[-1])
+
+
+def sample_stretch(n, length, setting, draw, sample_rate):
+    return {"rate": draw.log_uniform(*setting["rate"], n)}
+
+
+def splice(x, gap_start, gap_length, fade):
+    """Splice-out: remove several short segments and join the rest, silence at the end.
+
+    Before joining, the audio fades out linearly over `fade` samples up to each gap and in
+    after it, so that the joins do not click.
+
+    Args:
+        x: `[B, T]`; gap_start, gap_length: `[B, G]` int64 samples (length 0 = no gap).
+        fade: python int, fade length in samples.
+    """
+    batch, length = x.shape
+    # Mark gap starts with +1 and ends with -1; a running sum > 0 means "inside a gap".
+    marks = torch.zeros(batch, length + 1, device=x.device)
+    gap_end = (gap_start + gap_length).clamp(max=length)
+    marks.scatter_add_(1, gap_start.clamp(max=length), torch.ones_like(gap_start, dtype=marks.dtype))
+    marks.scatter_add_(1, gap_end, -torch.ones_like(gap_end, dtype=marks.dtype))
+    is_kept = torch.cumsum(marks, -1)[:, :length] <= 0  # [B, T]
+    # Fade envelope: 0 in and within `fade` samples of a gap, rising linearly away from it.
+    is_near_gap = F.max_pool1d((~is_kept).float()[:, None], 2 * fade + 1, 1, fade)[:, 0] > 0  # [B, T]
+    envelope = moving_average((~is_near_gap).float(), 2 * fade + 1).clamp(0, 1) * is_kept  # [B, T]
+    # Each kept sample moves to its rank among kept samples; removed ones go to a spare column.
+    target = torch.where(is_kept, torch.cumsum(is_kept, -1) - 1, length)  # [B, T]
+    out = torch.zeros(batch, length + 1, device=x.device)
+    out.scatter_(1, target, x * envelope)
+    return out[:, :length]
+
+
+def sample_splice(n, length, setting, draw, sample_rate):
+    low, high = setting["gaps"]
+    count = draw.integers(low, high, n)  # [n]
+    gap_ms = torch.stack([draw.uniform(*setting["gap_ms"], n) for _ in range(high)], 1)  # [n, G]
+    gap_length = (gap_ms * sample_rate / 1000).round().long()
+    gap_length = gap_length * (torch.arange(high, device=draw.device) < count[:, None])  # unused gaps get length 0
+    starts = torch.stack([draw.uniform(0, 1, n) for _ in range(high)], 1)  # [n, G]
+    return {
+        "gap_start": (starts * length).long().clamp(max=length - 1),
+        "gap_length": gap_length,
+        "fade": max(1, round(0.005 * sample_rate)),
+    }
+
+
+def reverb(x, impulse, wet):
+    """Convolution reverb: y = x + wet · (x * impulse), full dry signal kept.
+
+    Args:
+        x: `[B, T]`; impulse: `[B, L]` impulse responses (see `sample_reverb`);
+        wet: `[B]` level of the reverberated signal.
+    """
+    length = x.shape[-1]
+    size = fast_length(length + impulse.shape[-1])
+    reverberated = torch.fft.irfft(torch.fft.rfft(x, n=size) * torch.fft.rfft(impulse, n=size), n=size)
+    return x + wet[:, None] * reverberated[:, :length]
+
+
+def sample_reverb(n, length, setting, draw, sample_rate):
+    """Synthetic room: Gaussian noise decaying by 60 dB over RT60 seconds, with a high
+    band that dies out faster (air and wall absorption), unit energy."""
+    rt60 = draw.uniform(*setting["rt60_s"], n)  # [n] seconds
+    impulse_length = max(1, min(length, round(setting["rt60_s"][1] * sample_rate)))
+    t = torch.arange(impulse_length, device=draw.device) / sample_rate
+    envelope = torch.exp(-6.91 * t / rt60[:, None])  # [n, L]; exp(-6.91) = -60 dB
+    white = draw.normal((n, impulse_length))
+    smooth = F.avg_pool1d(white[:, None], 3, 1, 1, count_include_pad=False)[:, 0]  # low band of the noise
+    envelope_high = torch.exp(-2 * 6.91 * t / rt60[:, None])  # high band decays twice as fast
+    impulse = smooth * envelope + (white - smooth) * envelope_high
+    impulse = impulse / impulse.pow(2).sum(-1, keepdim=True).sqrt().clamp(min=1e-12)
+    return {"impulse": impulse, "wet": draw.uniform(*setting["wet"], n)}
+
+
+CHORUS_CENTRE_MS = 7.0  # delay around which the chorus voice moves
+CHORUS_DEPTH_MS = 5.0  # largest excursion, at depth 1
+
+
+def chorus(x, rate_hz, depth, mix, phase, sample_rate):
+    """Chorus: a second voice read through a delay swinging sinusoidally around 7 ms.
+
+    y = (1 - mix/2)·x + (mix/2)·x(t - d(t)), d(t) = 7 ms + depth · 5 ms · sin(2π·rate·t + phase),
+    with linear interpolation between samples.
+
+    Args:
+        x: `[B, T]`; rate_hz, depth (0..1), mix (0..1), phase (radians): `[B]`.
+    """
+    batch, length = x.shape
+    t = torch.arange(length, device=x.device)
+    swing = torch.sin(2 * math.pi * rate_hz[:, None] * t / sample_rate + phase[:, None])  # [B, T]
+    delay_samples = (CHORUS_CENTRE_MS + CHORUS_DEPTH_MS * depth[:, None] * swing) * sample_rate / 1000
+    position = (t - delay_samples).clamp(min=0)  # [B, T]
+    before = position.floor().long()
+    fraction = position - before
+    after = (before + 1).clamp(max=length - 1)
+    voice = (1 - fraction) * x.gather(1, before) + fraction * x.gather(1, after)
+    return (1 - mix / 2)[:, None] * x + (mix / 2)[:, None] * voice
+
+
+def sample_chorus(n, length, setting, draw, sample_rate):
+    return {
+        "rate_hz": draw.uniform(*setting["rate_hz"], n),
+        "depth": draw.uniform(*setting["depth"], n),
+        "mix": draw.uniform(*setting["mix"], n),
+        "phase": draw.uniform(0, 2 * math.pi, n),
+        "sample_rate": sample_rate,
+    }
+
+
+def distortion(x, drive_db):
+    """Soft clipping: y = tanh(10^(drive_db / 20) · x), `drive_db` `[B]`."""
+    return torch.tanh(x * torch.pow(10.0, drive_db / 20)[:, None])
+
+
+def sample_distortion(n, length, setting, draw, sample_rate):
+    return {"drive_db": draw.uniform(*setting["drive_db"], n)}
+
+
+COMPRESS_FRAME = 64  # samples per level measurement (2.9 ms at 22.05 kHz)
+
+
+def compress(x, threshold_db, ratio, attack_ms, release_ms, sample_rate):
+    """Downward dynamic-range compression, without make-up gain.
+
+    The level is the RMS over `attack_ms`, measured every COMPRESS_FRAME samples; above
+    the threshold the gain falls by (level - threshold)·(1 - 1/ratio) dB. The gain holds
+    its deepest reduction for `release_ms` and is then smoothed over `release_ms`, so it
+    drops within the attack time and recovers within about twice the release time.
+    Working on frames keeps every step a cheap batched pooling.
+
+    Args:
+        x: `[B, T]`; threshold_db, ratio: `[B]`; attack_ms, release_ms: python floats.
+    """
+    batch, length = x.shape
+    frames = math.ceil(length / COMPRESS_FRAME)
+    power = F.pad(x, (0, frames * COMPRESS_FRAME - length)).pow(2).view(batch, frames, COMPRESS_FRAME).mean(-1)
+    frame_ms = 1000 * COMPRESS_FRAME / sample_rate
+    attack = max(1, round(attack_ms / frame_ms))
+    release = max(1, round(release_ms / frame_ms))
+    level_db = 10 * torch.log10(moving_average(power, attack) + 1e-10)  # [B, frames]
+    gain_db = ((threshold_db[:, None] - level_db) * (1 - 1 / ratio[:, None])).clamp(max=0)
+    gain_db = -F.max_pool1d(-gain_db[:, None], 2 * release + 1, 1, release)[:, 0]  # hold
+    gain_db = moving_average(gain_db, 2 * release + 1)  # [B, frames]
+    gain_per_sample = F.interpolate(gain_db[:, None], size=length, mode="linear", align_corners=False)[:, 0]
+    return x * torch.pow(10.0, gain_per_sample / 20)
+
+
+def sample_compress(n, length, setting, draw, sample_rate):
+    return {
+        "threshold_db": draw.uniform(*setting["threshold_db"], n),
+        "ratio": draw.uniform(*setting["ratio"], n),
+        "attack_ms": setting["attack_ms"],
+        "release_ms": setting["release_ms"],
+        "sample_rate": sample_rate,
+    }
+
+
+def reverse(x):
+    """Play each example backwards."""
+    return x.flip(-1)
+
+
+def sample_reverse(n, length, setting, draw, sample_rate):
+    return {}
+
+
+def bitcrush(x, bits):
+    """Quantize to `bits` `[B]` int64 bits: at most 2^bits levels, spaced 2^(1 - bits) in [-1, 1)."""
+    levels = torch.pow(2.0, bits.to(x.dtype) - 1)[:, None]  # [B, 1] levels per unit
+    return (x * levels).round().clamp(-levels, levels - 1) / levels
+
+
+def sample_bitcrush(n, length, setting, draw, sample_rate):
+    return {"bits": draw.integers(*setting["bits"], n)}
+
+
+CODEC_FRAME = 1152  # samples per frame, as in MP3 (two 576-line granules)
+CODEC_BANDS = 32  # equal-width sub-bands, as MP3's polyphase filter bank
+
+
+def codec(x, cutoff_hz, snr_db, sample_rate):
+    """Lossy-codec simulation: band-limiting plus sub-band quantization in an STFT domain.
+
+    Simulated, not a real MP3 round trip: this runs batched on the batch's device inside
+    the training loop and is deterministic, while an encode/decode through soundfile
+    (libsndfile's LAME) would need a per-clip loop on CPU with file I/O and depends on how
+    the installed libsndfile was built. What it keeps of an MP3 coder at its lowest
+    quality: the encoder's low-pass (everything above `cutoff_hz` is removed) and coarse
+    quantization of each of 32 sub-bands per frame, with a step set so that quantization
+    noise sits `snr_db` below that band's energy; coefficients below half a step vanish,
+    giving the holes and "birdies" typical of low bit rates.
+
+    Args:
+        x: `[B, T]`; cutoff_hz, snr_db: `[B]`.
+    """
+    batch, length = x.shape
+    hop = CODEC_FRAME // 2
+    window = hann_window(CODEC_FRAME, x.device)
+    spec = torch.stft(x, CODEC_FRAME, hop, window=window, return_complex=True)  # [B, F, N]
+    bins = spec.shape[1]
+    frequency = torch.linspace(0, sample_rate / 2, bins, device=x.device)
+    spec = spec * (frequency[None, :] <= cutoff_hz[:, None])[:, :, None]
+    parts = torch.view_as_real(spec)  # [B, F, N, 2]
+    band_of_bin = torch.div(torch.arange(bins, device=x.device) * CODEC_BANDS, bins, rounding_mode="floor")  # [F]
+    energy = parts.pow(2).sum(-1)  # [B, F, N]
+    band_energy = torch.zeros(batch, CODEC_BANDS, energy.shape[-1], device=x.device)
+    band_energy.index_add_(1, band_of_bin, energy)
+    band_size = torch.bincount(band_of_bin, minlength=CODEC_BANDS).to(x.dtype)  # [CODEC_BANDS]
+    # Uniform quantization with step s adds noise of power s²/12 per real value.
+    mean_power = band_energy / (2 * band_size[None, :, None])  # [B, bands, N] per real value
+    step = torch.sqrt(12 * mean_power * torch.pow(10.0, -snr_db / 10)[:, None, None])
+    step = step.index_select(1, band_of_bin).clamp(min=1e-12)[..., None]  # [B, F, N, 1]
+    quantized = torch.round(parts / step) * step
+    return torch.istft(torch.view_as_complex(quantized.contiguous()), CODEC_FRAME, hop, window=window, length=length)
+
+
+def sample_codec(n, length, setting, draw, sample_rate):
+    low, high = setting["cutoff_hz"]
+    top = sample_rate / 2
+    return {
+        "cutoff_hz": draw.uniform(min(low, top), min(high, top), n),
+        "snr_db": draw.uniform(*setting["snr_db"], n),
+        "sample_rate": sample_rate,
+    }
+
+
 # name -> (transform, sampler). A sampler takes (n, T, setting, draw, sample_rate) and
 # returns the transform's keyword arguments for n examples.
 TRANSFORMS = {
@@ -395,6 +688,15 @@ TRANSFORMS = {
     "filter": (band_filter, sample_filter),
     "pitch": (pitch, sample_pitch),
     "delay": (delay, sample_delay),
+    "stretch": (stretch, sample_stretch),
+    "splice": (splice, sample_splice),
+    "reverb": (reverb, sample_reverb),
+    "chorus": (chorus, sample_chorus),
+    "distortion": (distortion, sample_distortion),
+    "compress": (compress, sample_compress),
+    "reverse": (reverse, sample_reverse),
+    "bitcrush": (bitcrush, sample_bitcrush),
+    "codec": (codec, sample_codec),
 }
 
 
@@ -428,7 +730,9 @@ class Chain:
     Attributes:
         names: transform names in application order.
         severity: s, scales ranges and probabilities through SEVERITY_TABLE.
-        sample_rate: Hz, for transforms with parameters in Hz or milliseconds.
+        sample_rate: Hz, for parameters given in Hz or milliseconds.
+        probability: chance that an example is augmented at all, min(1, 0.8·s).
+        settings: name -> that transform's row of SEVERITY_TABLE at s (its "p" included).
     """
 
     def __init__(self, names, severity=1.0, sample_rate=22050):
@@ -440,6 +744,7 @@ class Chain:
         self.names = list(names)
         self.severity = float(severity)
         self.sample_rate = int(sample_rate)
+        self.probability = min(1.0, CHAIN_PROBABILITY_SLOPE * self.severity)
         self.settings = {name: SEVERITY_TABLE[name](self.severity) for name in self.names} if severity > 0 else {}
 
     def __repr__(self):
@@ -461,7 +766,7 @@ class Chain:
         batch, length = x.shape
         draw = Draw(generator, x.device)
         out = x.to(torch.float32, copy=True)  # transforms compute in float32 whatever the input
-        is_augmented = draw.chance(min(1.0, CHAIN_PROBABILITY_SLOPE * self.severity), batch)  # [B]
+        is_augmented = draw.chance(self.probability, batch)  # [B]
         for name in self.names:
             setting = self.settings[name]
             is_chosen = is_augmented & draw.chance(setting["p"], batch)  # [B]
