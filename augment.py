@@ -439,7 +439,8 @@ def delay(x, lag, volume, repeats, attenuation):
 def sample_delay(n, length, setting, draw, sample_rate):
     delay_ms = draw.uniform(*setting["delay_ms"], n)
     return {
-        "lag": (delay_ms * sample_rate / 1000).round().long().clamp(min=1),
+        # On clips shorter than twice the delay, the echo is brought within the clip's first half.
+        "lag": (delay_ms * sample_rate / 1000).round().long().clamp(min=1, max=max(1, length // 2)),
         "volume": torch.full((n,), setting["volume"], device=draw.device),
         "repeats": setting["repeats"],
         "attenuation": torch.full((n,), setting["attenuation"], device=draw.device),
