@@ -1,0 +1,352 @@
+"""probe.py: metrics against hand-computed values, and every option on a tiny synthetic set."""
+import glob
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import datasets
+import probe
+import train
+import utils
+
+MODEL = ["--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000"]
+FAST = ["--max-epochs", "3", "--patience", "3", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    # 40 files: 28 train, 6 val, 6 test; timbre cycles through 4 classes (7 train tracks each).
+    folder = tmp_path_factory.mktemp("synthetic")
+    return datasets.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_set, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    train.main(MODEL + ["--train-csv", tiny_set, "--out", out, "--steps", "3", "--batch-size", "8", "--workers", "0",
+                        "--log-every", "1", "--val-every", "0", "--save-every", "3", "--augment", "none"])
+    return utils.list_checkpoints(out)[-1]
+
+
+def run_probe(tiny_set, tmp_path, *extra, checkpoint="random"):
+    argv = ["--checkpoint", checkpoint, *MODEL, *FAST, "--csv", tiny_set, "--cache-dir", str(tmp_path / "cache"),
+            *extra]
+    return probe.main(argv)
+
+
+# ---------------------------------------------------------------- metrics by hand
+
+def test_roc_auc_and_average_precision_match_hand_computed_values():
+    # Positives 0.35, 0.8 against negatives 0.1, 0.4: 3 of 4 pairs ordered right.
+    assert probe.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # Tie: positive 0.5 vs negative 0.5 counts one half -> (0.5 + 1 + 1 + 1) / 4.
+    assert probe.roc_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)
+    assert np.isnan(probe.roc_auc([0.1, 0.2], [1, 1]))
+    # Ranked 1 0 1 0: precision 1/1 at the first positive, 2/3 at the second.
+    assert probe.average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx((1 + 2 / 3) / 2)
+    # Tie group {0.5 positive, 0.5 negative} after a negative: precision 1/3 at the group's end,
+    # then 2/4 at the last positive (the same as the step-wise recall x precision sum).
+    assert probe.average_precision([0.9, 0.5, 0.5, 0.1], [0, 1, 0, 1]) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert np.isnan(probe.average_precision([0.3, 0.4], [0, 0]))
+    # Macro over tags: tag 0 as above (0.75 / 0.8333), tag 1 perfect, tag 2 has no positive (left out).
+    scores = torch.logit(torch.tensor([[0.1, 0.9, 0.5], [0.4, 0.8, 0.5], [0.35, 0.2, 0.5], [0.8, 0.1, 0.5]]))
+    tags = torch.tensor([[0, 1, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0]], dtype=torch.float32)
+    result = probe.metrics("multilabel", scores, tags)
+    assert result["roc_auc"] == pytest.approx((0.75 + 1) / 2)
+    assert result["pr_auc"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+
+
+def test_accuracy_f1_r2_and_confusion_match_hand_computed_values():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 1, 0, 2])
+    logits = torch.nn.functional.one_hot(predicted, 4).float()
+    # Class 0: tp 1, 2 predicted, 2 actual -> F1 1/2; class 1: tp 2, 3 predicted, 2 actual -> 4/5;
+    # class 2: tp 1, 1 predicted, 2 actual -> 2/3; class 3: never seen, left out.
+    result = probe.metrics("multiclass", logits, labels)
+    assert result == {"accuracy": pytest.approx(4 / 6), "macro_f1": pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)}
+    counts = probe.confusion_matrix(predicted.numpy(), labels.numpy(), 3)
+    assert counts.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # Targets 1, 2, 4 (mean 7/3, SST 14/3) predicted 1, 2, 3 (SSE 1): R2 = 1 - 3/14.
+    # Second output predicted perfectly: R2 = 1.
+    targets = torch.tensor([[1.0, 0.0], [2.0, 5.0], [4.0, 1.0]])
+    predictions = torch.tensor([[1.0, 0.0], [2.0, 5.0], [3.0, 1.0]])
+    result = probe.metrics("regression", predictions, targets)
+    assert result["r2_per_output"] == pytest.approx([11 / 14, 1.0])
+    assert result["r2"] == pytest.approx((11 / 14 + 1) / 2)
+
+
+def test_mirex_key_score_matches_hand_computed_values():
+    key = {name: index for index, name in enumerate(datasets.KEY_NAMES)}
+    cases = [("C major", "C major", 1.0), ("C major", "G major", 0.5), ("C major", "F major", 0.0),
+             ("C major", "A minor", 0.3), ("C major", "C minor", 0.2), ("C major", "C# major", 0.0),
+             ("A minor", "E minor", 0.5), ("A minor", "C major", 0.3), ("A minor", "A major", 0.2),
+             ("A minor", "D minor", 0.0), ("B major", "F# major", 0.5), ("C major", "E minor", 0.0)]
+    for reference, estimate, expected in cases:
+        assert probe.mirex_key_score([key[estimate]], [key[reference]]) == pytest.approx(expected), (reference,
+                                                                                                  estimate)
+    labels = [key[r] for r, _, _ in cases]
+    estimates = [key[e] for _, e, _ in cases]
+    assert probe.mirex_key_score(estimates, labels) == pytest.approx(sum(v for _, _, v in cases) / len(cases))
+    logits = torch.nn.functional.one_hot(torch.tensor(estimates), 24).float()
+    column = datasets.LabelColumn(columns=["key"], task="multiclass", kind="key", classes=list(datasets.KEY_NAMES))
+    result = probe.metrics("multiclass", logits, torch.tensor(labels), column)
+    assert result["mirex"] == pytest.approx(sum(v for _, _, v in cases) / len(cases))
+    assert result["accuracy"] == pytest.approx(1 / len(cases))
+
+
+def test_mean_and_std_over_seeds():
+    mean, std = probe.mean_and_std([{"a": 1.0, "b": [0.0, 2.0]}, {"a": 3.0, "b": [2.0, 2.0]}])
+    assert mean == {"a": 2.0, "b": [1.0, 2.0]}
+    assert std["a"] == pytest.approx(np.sqrt(2)) and std["b"] == pytest.approx([np.sqrt(2), 0.0])
+    assert probe.mean_and_std([{"a": 0.5}])[1] == {"a": 0.0}
+
+
+# ---------------------------------------------------------------- prototypes
+
+def test_prototypes_are_perfect_on_separable_embeddings():
+    rng = np.random.default_rng(0)
+    # Multiclass: class c points along axis c, on top of a shared offset, with noise.
+    classes = rng.integers(0, 3, size=60)
+    x = 3 * np.eye(5)[classes] + 1.0 + 0.3 * rng.standard_normal((60, 5))
+    prototypes = probe.class_prototypes(x[:30], classes[:30], "multiclass", 4)
+    assert prototypes.shape == (4, 5) and torch.all(prototypes[3] == 0)  # no example of class 3
+    assert torch.allclose(prototypes[:3].norm(dim=1), torch.ones(3))
+    scores = probe.prototype_scores(prototypes, x[30:])
+    assert probe.accuracy(scores, torch.as_tensor(classes[30:])) == 1.0
+    # Multilabel: axis 2t is on when tag t is present, axis 2t + 1 when it is absent. Train on every
+    # combination of 3 tags, so a tag's positive and negative means differ only on its own two axes:
+    # the score is positive exactly for the clips that carry the tag.
+    combinations = np.array([[(k >> t) & 1 for t in range(3)] for k in range(8)] * 4, dtype=np.float32)
+    test_tags = (rng.random((40, 3)) < 0.5).astype(np.float32)
+
+    def features(tags):
+        return np.stack([tags, 1 - tags], 2).reshape(len(tags), 6) + 0.05 * rng.standard_normal((len(tags), 6))
+
+    prototypes = probe.class_prototypes(features(combinations), combinations, "multilabel", 3)
+    assert prototypes.shape == (2, 3, 6)
+    scores = probe.prototype_scores(prototypes, features(test_tags))
+    assert torch.equal(scores > 0, torch.as_tensor(test_tags) > 0)
+    result = probe.metrics("multilabel", scores, torch.as_tensor(test_tags))
+    assert result["roc_auc"] == 1.0 and result["pr_auc"] == 1.0
+
+
+def test_prototypes_option_runs_without_a_head(tiny_set, tmp_path):
+    results = run_probe(tiny_set, tmp_path, "--prototypes", "--layer", "projection", "--label-column", "timbre",
+                        "--label-column", "tags", "--task", "multiclass", "--task", "multilabel")
+    assert [r["head"] for r in results] == ["prototypes", "prototypes"]
+    assert [r["epochs"] for r in results] == [[0], [0]]
+    assert 0 <= results[0]["test"]["accuracy"] <= 1 and 0 <= results[1]["test"]["roc_auc"] <= 1
+    with pytest.raises(SystemExit, match="--prototypes needs class labels"):
+        run_probe(tiny_set, tmp_path, "--prototypes", "--label-column", "brightness", "--task", "regression")
+
+
+# ---------------------------------------------------------------- few labels
+
+def test_label_subset_is_stratified_per_class():
+    tracks = np.arange(100, 116)
+    labels = np.array([0] * 10 + [1] * 5 + [2])
+    chosen = probe.label_subset(tracks, labels, "multiclass", 0.2, seed=0)
+    chosen_labels = labels[np.searchsorted(tracks, chosen)]
+    # round(0.2 * 10) = 2, round(0.2 * 5) = 1, and the single class-2 track is kept (at least one).
+    assert np.bincount(chosen_labels).tolist() == [2, 1, 1]
+    assert set(chosen) <= set(tracks) and list(chosen) == sorted(chosen)
+    assert np.array_equal(chosen, probe.label_subset(tracks, labels, "multiclass", 0.2, seed=0))
+    draws = {tuple(probe.label_subset(tracks, labels, "multiclass", 0.2, seed=s)) for s in range(5)}
+    assert len(draws) > 1
+    assert len(probe.label_subset(tracks, labels, "multilabel", 0.25, seed=0)) == 4
+    assert np.array_equal(probe.label_subset(tracks, labels, "multiclass", 1.0, seed=3), tracks)
+
+
+def test_label_fraction_with_seeds_reports_mean_and_std(tiny_set, tmp_path):
+    results = run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--label-fraction", "0.3",
+                        "--label-fraction", "1", "--seeds", "3", "--head", "linear", "--out", str(tmp_path / "r.json"))
+    few, full = results
+    # 7 train tracks per timbre: round(0.3 * 7) = 2 per class.
+    assert few["label_fraction"] == 0.3 and few["tracks"]["train"] == 8 and full["tracks"]["train"] == 28
+    assert few["seeds"] == [0, 1, 2] and len(few["runs"]) == 3
+    accuracies = [run["test"]["clean"]["accuracy"] for run in few["runs"]]
+    assert few["test"]["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert few["test_std"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1))
+    table = (tmp_path / "r.md").read_text()
+    assert "timbre @0.3 (accuracy)" in table and "±" in table
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def test_finetune_changes_the_encoder_and_frozen_probing_does_not(tiny_set, checkpoint, tmp_path, monkeypatch):
+    loaded = []
+    load_encoder = probe.load_encoder
+
+    def keep_loaded(*args):
+        model, settings = load_encoder(*args)
+        loaded.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model, settings
+
+    crops = []
+    read_crops = datasets.read_crops
+
+    def count_crops(*args):
+        crops.append(args[0])
+        return read_crops(*args)
+
+    monkeypatch.setattr(probe, "load_encoder", keep_loaded)
+    monkeypatch.setattr(datasets, "read_crops", count_crops)
+    run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=checkpoint)
+    model, before = loaded[-1]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"frozen probing changed {name}"
+    assert not crops
+    results = run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--finetune", "--finetune-lr", "1e-3",
+                        "--max-epochs", "2", "--workers", "0", checkpoint=checkpoint)
+    model, before = loaded[-1]
+    changed = [n for n, v in model.encoder.state_dict().items() if not torch.equal(v, before[f"encoder.{n}"])]
+    assert any(n.endswith("weight") for n in changed), "fine-tuning left the encoder weights unchanged"
+    # Two epochs of one crop per train track, read from the audio, not from the cache.
+    assert len(crops) == 2 * 28
+    assert results[0]["finetune"] and results[0]["tracks"]["test"] == 6
+
+
+# ---------------------------------------------------------------- robustness
+
+def test_corruption_at_severity_zero_equals_clean_and_noise_changes_embeddings(tiny_set, tmp_path, capsys):
+    clean = run_probe(tiny_set, tmp_path, "--label-column", "timbre")[0]
+    swept = run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--corrupt", "noise", "--severity", "2",
+                      "--severity-sweep", "0,2")[0]
+    assert swept["sweep"]["0"] == clean["test"]
+    assert swept["test"] == swept["sweep"]["2"] and swept["corrupt"] == {"names": ["noise"], "severity": 2.0}
+    printed = capsys.readouterr().out
+    assert "| checkpoint | probe (noise) | s=0 | s=2 |" in printed
+    # The cache holds the clean set plus the test files at each severity (keys include the corruption).
+    assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 3
+    model, settings = probe.load_encoder("random", probe.finish_args(probe.build_parser().parse_args(
+        ["--checkpoint", "random", *MODEL])), torch.device("cpu"))
+    paths = list(pd.read_csv(tiny_set)["path"].map(lambda p: os.path.join(os.path.dirname(tiny_set), p))[17:20])
+
+    def embeddings(severity):
+        corruption = {"names": ["noise"], "severity": severity, "seed": 0}
+        return probe.embed_files(model, paths, settings, "encoder", torch.device("cpu"), 16, corruption)[0]
+
+    plain = probe.embed_files(model, paths, settings, "encoder", torch.device("cpu"), 16)[0]
+    assert np.array_equal(embeddings(0.0), plain)
+    noisy = embeddings(2.0)
+    assert np.array_equal(noisy, embeddings(2.0)), "the corruption is not fixed by its seed"
+    assert np.linalg.norm(noisy - plain) > 0.05 * np.linalg.norm(plain)
+
+
+def test_severity_sweep_needs_a_corruption(tiny_set, tmp_path):
+    with pytest.raises(SystemExit, match="needs --corrupt"):
+        run_probe(tiny_set, tmp_path, "--severity-sweep", "0,1")
+    with pytest.raises(SystemExit, match="unknown augmentation"):
+        run_probe(tiny_set, tmp_path, "--corrupt", "thunder")
+
+
+# ---------------------------------------------------------------- plots
+
+def test_plot_writes_projector_and_confusion_matrix(tiny_set, tmp_path):
+    plots = tmp_path / "plots"
+    result = run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--plot", "--plot-dir", str(plots))[0]
+    folder = result["plot_dir"]
+    assert os.path.dirname(folder) == str(plots)
+    assert os.path.isfile(os.path.join(folder, "projector_config.pbtxt"))
+    tensors = np.loadtxt(glob.glob(os.path.join(folder, "*", "test", "tensors.tsv"))[0], delimiter="\t")
+    assert tensors.shape[0] == 6
+    metadata = pd.read_csv(glob.glob(os.path.join(folder, "*", "test", "metadata.tsv"))[0], sep="\t")
+    assert list(metadata.columns) == ["label", "predicted"]
+    manifest = pd.read_csv(tiny_set)
+    test_timbres = manifest.loc[manifest["split"] == "test", "timbre"]
+    assert sorted(metadata["label"]) == sorted(test_timbres)
+    events = glob.glob(os.path.join(folder, "events.out.tfevents.*"))
+    assert events and any(b"confusion_matrix" in open(e, "rb").read() for e in events)
+    # Confusion counts: rows are the test tracks of each true class, columns their predictions.
+    counts = pd.read_csv(os.path.join(folder, "confusion_matrix.csv"), index_col=0)
+    assert counts.to_numpy().tolist() == result["runs"][0]["confusion_matrix"]
+    assert counts.sum(axis=1).to_dict() == test_timbres.value_counts().reindex(counts.index, fill_value=0).to_dict()
+    expected = pd.crosstab(metadata["label"], metadata["predicted"]).reindex(
+        index=counts.index, columns=counts.columns, fill_value=0)
+    assert np.array_equal(counts.to_numpy(), expected.to_numpy())
+    assert np.trace(counts.to_numpy()) / 6 == pytest.approx(result["test"]["accuracy"])
+
+
+def test_confusion_image_shades_row_rates():
+    image = probe.confusion_image(np.array([[3, 1], [0, 0]]), cell=4)
+    assert image.shape == (3, 8, 8)
+    assert torch.allclose(image[:, 1, 1], torch.tensor([1 - 0.75 * 0.97, 1 - 0.75 * 0.81, 1 - 0.75 * 0.58]))
+    assert torch.allclose(image[:, 1, 5], torch.tensor([1 - 0.25 * 0.97, 1 - 0.25 * 0.81, 1 - 0.25 * 0.58]))
+    assert torch.all(image[:, 4:, :] == 1)  # an empty row stays white
+
+
+# ---------------------------------------------------------------- tasks file and summary
+
+def test_tasks_file_writes_the_summary_as_markdown_csv_and_json(tiny_set, checkpoint, tmp_path):
+    tasks = tmp_path / "tasks.csv"
+    pd.DataFrame({"csv": [tiny_set, tiny_set], "label_column": ["timbre", "tags"], "task": ["multiclass", "multilabel"],
+                  "name": ["timbre", "tags"]}).to_csv(tasks, index=False)
+    out = tmp_path / "table.json"
+    results = probe.main(["--checkpoint", "random", "--checkpoint", checkpoint, *MODEL, *FAST, "--tasks", str(tasks),
+                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert [(r["checkpoint"], r["probe"]) for r in results] == [("random", "timbre"), ("random", "tags"),
+                                                                (checkpoint, "timbre"), (checkpoint, "tags")]
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert list(table.columns) == ["checkpoint", "timbre", "tags"] and list(table["checkpoint"]) == ["random",
+                                                                                                    checkpoint]
+    assert table.loc[1, "tags"] == pytest.approx(results[3]["test"]["roc_auc"])
+    summary = json.loads((tmp_path / "table.summary.json").read_text())
+    assert [(r["checkpoint"], r["column"], r["metric"]) for r in summary["table"]] == [
+        ("random", "timbre", "accuracy"), ("random", "tags", "roc_auc"), (checkpoint, "timbre", "accuracy"),
+        (checkpoint, "tags", "roc_auc")]
+    assert summary["table"][0]["mean"] == pytest.approx(results[0]["test"]["accuracy"])
+    markdown = (tmp_path / "table.md").read_text().splitlines()
+    assert markdown[0] == "| checkpoint | timbre (accuracy) | tags (roc_auc) |" and len(markdown) == 4
+    assert json.loads(out.read_text())[2]["test"] == results[2]["test"]
+    tasks.write_text("csv,label_column,task\nmanifest.csv,timbre,classification\n")
+    with pytest.raises(SystemExit, match=r"tasks.csv, line 2, column 'task'"):
+        probe.main(["--checkpoint", "random", *MODEL, "--tasks", str(tasks)])
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_test_classes_unseen_in_train_are_refused(tiny_set, tmp_path):
+    manifest = pd.read_csv(tiny_set)
+    manifest["path"] = [os.path.join(os.path.dirname(tiny_set), p) for p in manifest["path"]]
+    manifest.loc[manifest.index[manifest["split"] == "test"][0], "timbre"] = "theremin"
+    csv = tmp_path / "unseen.csv"
+    manifest.to_csv(csv, index=False)
+    with pytest.raises(SystemExit, match=r"classes \['theremin'\] of column 'timbre' appear in val or test"):
+        run_probe(str(csv), tmp_path, "--label-column", "timbre")
+
+
+def test_labels_that_do_not_fit_the_task_name_file_line_and_column(tiny_set, tmp_path):
+    with pytest.raises(datasets.ManifestError, match=r"manifest.csv, line 2, column 'timbre': 'pluck' is not a number"):
+        run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--task", "regression")
+    with pytest.raises(datasets.ManifestError, match=r"manifest.csv, line 2, column 'timbre': cannot read a key"):
+        run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--label-kind", "key")
+
+
+def test_cache_from_another_checkpoint_is_never_reused(tiny_set, checkpoint, tmp_path, capsys):
+    path = str(tmp_path / "model.pt")
+    state = utils.load_checkpoint(checkpoint)
+    utils.write_atomic(state, path)
+    first = run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=path)[0]
+    assert "extracting 40 files" in capsys.readouterr().out
+    # Another checkpoint under the same file name: new weights, same path.
+    for value in state["model"].values():
+        if value.is_floating_point():
+            value.add_(0.05 * torch.randn_like(value))
+    utils.write_atomic(state, path)
+    run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=path)
+    printed = capsys.readouterr().out
+    assert "extracting 40 files" in printed and "1 entry of other checkpoints" in printed
+    entries = sorted(glob.glob(str(tmp_path / "cache" / "*.npy")))
+    assert len(entries) == 2
+    first_embeddings, second_embeddings = (np.load(e) for e in entries)
+    assert first_embeddings.shape == second_embeddings.shape
+    assert not np.allclose(first_embeddings, second_embeddings)
+    owners = {json.load(open(e[:-4] + ".json"))["checkpoint"] for e in entries}
+    assert len(owners) == 2
+    run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=path)
+    assert "reusing" in capsys.readouterr().out
+    assert first["tracks"] == {"train": 28, "val": 6, "test": 6}
