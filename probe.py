@@ -40,6 +40,7 @@ import utils
 
 
 def build_parser():
+    """The command-line flags, in groups: data, model, head, robustness, run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--csv", default=None, help="manifest with a split column (default: the synthetic set)")
@@ -487,29 +488,32 @@ def track_outputs(predictor, x, owners, tracks):
     return track_embeddings(predictor(torch.as_tensor(x)).cpu(), owners, tracks)
 
 
-def fit_head(args, task, train_set, val_set, out_dim, seed, mean, std):
+def fit_head(args, task, train_set, val_set, out_dim, seed, mean, std, device):
     """Train a head on frozen clip embeddings, Adam with early stopping on val.
 
     train_set: (x `[M, E]` raw embeddings, y `[M, ...]`) clip-level; val_set: (x,
     owners, tracks, y_tracks). The head standardizes its input with mean, std `[E]`.
-    Returns (best head, best val main metric, epochs run).
+    Training runs on `device` (the embeddings are moved there once).
+    Returns (best head on CPU, best val main metric, epochs run).
     """
-    x, y = train_set
+    x, y = train_set[0].to(device), train_set[1].to(device)
+    val_x = val_set[0].to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = torch.nn.Sequential(Standardize(mean, std), make_head(args.head, x.shape[1], out_dim))
+        head = torch.nn.Sequential(Standardize(mean, std), make_head(args.head, x.shape[1], out_dim)).to(device)
     order = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     best, best_state, waited, epoch = -float("inf"), None, 0, 0
     for epoch in range(1, args.max_epochs + 1):
         head.train()
         for batch in torch.randperm(len(x), generator=order).split(args.batch_size):
+            batch = batch.to(device)
             loss = head_loss(task, head(x[batch]), y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         head.eval()
-        score = metrics(task, track_outputs(head, *val_set[:3]), val_set[3])[MAIN_METRIC[task]]
+        score = metrics(task, track_outputs(head, val_x, *val_set[1:3]), val_set[3])[MAIN_METRIC[task]]
         if best_state is None or score > best:
             best, best_state, waited = score, copy.deepcopy(head.state_dict()), 0
         else:
@@ -517,7 +521,7 @@ def fit_head(args, task, train_set, val_set, out_dim, seed, mean, std):
             if waited >= args.patience:
                 break
     head.load_state_dict(best_state)
-    return head.eval(), best, epoch
+    return head.cpu().eval(), best, epoch
 
 
 def collate_crops(items):
@@ -732,6 +736,18 @@ def read_labels(args, probe):
     return manifest.iloc[labeled].reset_index(drop=True), column, split
 
 
+def test_conditions(args):
+    """The test audio each probe is scored on: {name: corruption or None}, main one first.
+
+    Without --corrupt: {"clean": None}. With it: --severity first (the reported "test"),
+    then each --severity-sweep value, named by severity ("0", "1.5").
+    """
+    severities = ([args.severity] if args.corrupt_names else []) + args.severities
+    conditions = {f"{s:g}": {"names": args.corrupt_names, "severity": s, "seed": args.corrupt_seed}
+                  for s in severities}
+    return conditions or {"clean": None}
+
+
 def run_probe(args, model, settings, checkpoint, probe, device, initial_state=None):
     """Evaluate one (checkpoint, probe): one results dict per label fraction.
 
@@ -766,13 +782,7 @@ def run_probe(args, model, settings, checkpoint, probe, device, initial_state=No
     train_tracks = np.flatnonzero(split == "train")
     test_rows = np.flatnonzero(split == "test")
 
-    # ---- test conditions: clean or --corrupt at --severity first, then the sweep
-    corruptions = {}
-    main_severity = [args.severity] if args.corrupt_names else []
-    for severity in main_severity + args.severities:
-        corruptions[f"{severity:g}"] = {"names": args.corrupt_names, "severity": severity, "seed": args.corrupt_seed}
-    if not corruptions:
-        corruptions["clean"] = None
+    corruptions = test_conditions(args)
     main_condition = next(iter(corruptions))
 
     def test_embeddings(corruption, cache):
@@ -808,14 +818,15 @@ def run_probe(args, model, settings, checkpoint, probe, device, initial_state=No
                     predictor, epochs = (lambda x, p=prototypes: prototype_scores(p, x)), 0
                     best_val = metrics(task, track_outputs(predictor, *val_set[:3]), val_set[3])[MAIN_METRIC[task]]
                 else:
-                    predictor, best_val, epochs = fit_head(args, task, (x_all[is_chosen], y_tracks[owners[is_chosen]]),
-                                                           val_set, out_dim, seed, mean, std)
+                    train_set = (x_all[is_chosen], y_tracks[owners[is_chosen]])
+                    predictor, best_val, epochs = fit_head(args, task, train_set, val_set, out_dim, seed, mean, std,
+                                                           device)
                 tests = frozen_tests
             run = {"seed": seed, "train_tracks": len(chosen), "val": {MAIN_METRIC[task]: best_val}, "epochs": epochs,
                    "replaced_crops": replaced, "test": {}}
             for condition, (x, test_owners) in tests.items():
                 tracks = np.unique(test_owners)
-                outputs = track_outputs(predictor, x, test_owners, tracks)
+                outputs = track_outputs(predictor, x, test_owners, tracks)  # [tracks, C]
                 run["test"][condition] = metrics(task, outputs, y_tracks[tracks], column)
                 if condition == main_condition and task == "multiclass":
                     run["confusion_matrix"] = confusion_matrix(outputs.argmax(1).numpy(), y_tracks[tracks].numpy(),
@@ -823,7 +834,8 @@ def run_probe(args, model, settings, checkpoint, probe, device, initial_state=No
                 if condition == main_condition and plotted is None:
                     plotted = (track_embeddings(x, test_owners, tracks), tracks, outputs)
             runs.append(run)
-        results.append(summarize_runs(args, checkpoint, probe, column, split, fraction, runs, main_condition, len(failed)))
+        results.append(summarize_runs(args, checkpoint, probe, column, split, fraction, runs, main_condition,
+                                      len(failed)))
         if args.plot:
             plot_run(args, results[-1], rows, column, plotted)
     return results
@@ -883,26 +895,42 @@ def cell_text(mean, std, seeds):
     return f"{mean:.3f}" if seeds == 1 else f"{mean:.3f} ± {std:.3f}"
 
 
+def table_metrics(result):
+    """The test metrics a result shows in the summary, as the paper's table reports them.
+
+    multiclass: accuracy (and mirex for keys); multilabel: roc_auc and pr_auc;
+    regression: r2, and r2 of each output when there are several (e.g. "r2 arousal").
+    Returns a list of (metric name, mean, std).
+    """
+    test, spread = result["test"], result["test_std"]
+    names = {"multiclass": ["accuracy", "mirex"], "multilabel": ["roc_auc", "pr_auc"], "regression": ["r2"]}
+    cells = [(name, test[name], spread[name]) for name in names[result["task"]] if name in test]
+    if result["task"] == "regression" and len(test["r2_per_output"]) > 1:
+        outputs = result["label_column"].split(",")
+        cells += [(f"r2 {name}", m, s) for name, m, s in zip(outputs, test["r2_per_output"], spread["r2_per_output"])]
+    return cells
+
+
 def summary_records(results):
-    """One flat record per result (main test metric, mean and std over seeds)."""
+    """One flat record per (result, table metric), with mean and std over seeds."""
     records = []
     for r in results:
-        metric = MAIN_METRIC[r["task"]]
-        records.append({"checkpoint": r["checkpoint"], "probe": r["probe"], "column": column_name(r, results),
-                        "task": r["task"], "label_fraction": r["label_fraction"], "seeds": len(r["seeds"]),
-                        "metric": metric, "mean": r["test"][metric], "std": r["test_std"][metric],
-                        "corrupt": r["corrupt"]})
+        for metric, mean, std in table_metrics(r):
+            column = column_name(r, results)
+            records.append({"checkpoint": r["checkpoint"], "probe": r["probe"], "column": column,
+                            "header": f"{column} ({metric})", "task": r["task"], "label_fraction": r["label_fraction"],
+                            "seeds": len(r["seeds"]), "metric": metric, "mean": mean, "std": std,
+                            "corrupt": r["corrupt"]})
     return records
 
 
 def summary_table(results):
-    """Markdown table: one row per checkpoint, one column per probe (main test metric)."""
+    """Markdown table: one row per checkpoint, one column per (probe, metric) on test."""
     records = summary_records(results)
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in records))
-    columns = list(dict.fromkeys(r["column"] for r in records))
-    cells = {(r["checkpoint"], r["column"]): r for r in records}
-    header = [f"{c} ({next(r['metric'] for r in records if r['column'] == c)})" for c in columns]
-    lines = ["| checkpoint | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
+    columns = list(dict.fromkeys(r["header"] for r in records))
+    cells = {(r["checkpoint"], r["header"]): r for r in records}
+    lines = ["| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for checkpoint in checkpoints:
         values = []
         for c in columns:
@@ -918,9 +946,9 @@ def summary_frame(results):
     frame = {}
     for r in records:
         row = frame.setdefault(r["checkpoint"], {"checkpoint": r["checkpoint"]})
-        row[r["column"]] = r["mean"]
+        row[r["header"]] = r["mean"]
         if r["seeds"] > 1:
-            row[f"{r['column']} std"] = r["std"]
+            row[f"{r['header']} std"] = r["std"]
     return pd.DataFrame(list(frame.values()))
 
 

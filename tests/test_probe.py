@@ -290,17 +290,20 @@ def test_tasks_file_writes_the_summary_as_markdown_csv_and_json(tiny_set, checkp
                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert [(r["checkpoint"], r["probe"]) for r in results] == [("random", "timbre"), ("random", "tags"),
                                                                 (checkpoint, "timbre"), (checkpoint, "tags")]
+    # The paper's table shape: one row per checkpoint; tagging shows ROC-AUC and PR-AUC.
     table = pd.read_csv(tmp_path / "table.csv")
-    assert list(table.columns) == ["checkpoint", "timbre", "tags"] and list(table["checkpoint"]) == ["random",
-                                                                                                    checkpoint]
-    assert table.loc[1, "tags"] == pytest.approx(results[3]["test"]["roc_auc"])
+    assert list(table.columns) == ["checkpoint", "timbre (accuracy)", "tags (roc_auc)", "tags (pr_auc)"]
+    assert list(table["checkpoint"]) == ["random", checkpoint]
+    assert table.loc[1, "tags (pr_auc)"] == pytest.approx(results[3]["test"]["pr_auc"])
+    assert table.loc[0, "timbre (accuracy)"] == pytest.approx(results[0]["test"]["accuracy"])
     summary = json.loads((tmp_path / "table.summary.json").read_text())
     assert [(r["checkpoint"], r["column"], r["metric"]) for r in summary["table"]] == [
-        ("random", "timbre", "accuracy"), ("random", "tags", "roc_auc"), (checkpoint, "timbre", "accuracy"),
-        (checkpoint, "tags", "roc_auc")]
-    assert summary["table"][0]["mean"] == pytest.approx(results[0]["test"]["accuracy"])
+        ("random", "timbre", "accuracy"), ("random", "tags", "roc_auc"), ("random", "tags", "pr_auc"),
+        (checkpoint, "timbre", "accuracy"), (checkpoint, "tags", "roc_auc"), (checkpoint, "tags", "pr_auc")]
+    assert summary["table"][4]["mean"] == pytest.approx(results[3]["test"]["roc_auc"])
     markdown = (tmp_path / "table.md").read_text().splitlines()
-    assert markdown[0] == "| checkpoint | timbre (accuracy) | tags (roc_auc) |" and len(markdown) == 4
+    assert markdown[0] == "| checkpoint | timbre (accuracy) | tags (roc_auc) | tags (pr_auc) |" and len(markdown) == 4
+    assert markdown[3].startswith(f"| {checkpoint} | {results[2]['test']['accuracy']:.3f} |")
     assert json.loads(out.read_text())[2]["test"] == results[2]["test"]
     tasks.write_text("csv,label_column,task\nmanifest.csv,timbre,classification\n")
     with pytest.raises(SystemExit, match=r"tasks.csv, line 2, column 'task'"):
@@ -350,3 +353,22 @@ def test_cache_from_another_checkpoint_is_never_reused(tiny_set, checkpoint, tmp
     run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=path)
     assert "reusing" in capsys.readouterr().out
     assert first["tracks"] == {"train": 28, "val": 6, "test": 6}
+
+
+def test_key_and_multi_output_regression_probes_report_the_papers_metrics(tiny_set, tmp_path):
+    manifest = pd.read_csv(tiny_set)
+    manifest["path"] = [os.path.join(os.path.dirname(tiny_set), p) for p in manifest["path"]]
+    manifest["key"] = [("C major", "A minor", "G major")[i % 3] for i in range(len(manifest))]
+    csv = tmp_path / "keys.csv"
+    manifest.to_csv(csv, index=False)
+    results = run_probe(str(csv), tmp_path, "--label-column", "key", "--label-kind", "key", "--label-column",
+                        "brightness,pitch", "--task", "multiclass", "--task", "regression", "--label-kind", "generic",
+                        "--out", str(tmp_path / "r.json"))
+    key, regression = results
+    assert 0 <= key["test"]["mirex"] <= 1 and key["test"]["mirex"] >= key["test"]["accuracy"]
+    assert len(regression["test"]["r2_per_output"]) == 2
+    assert regression["test"]["r2"] == pytest.approx(np.mean(regression["test"]["r2_per_output"]))
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert list(table.columns) == ["checkpoint", "key (accuracy)", "key (mirex)", "brightness,pitch (r2)",
+                                   "brightness,pitch (r2 brightness)", "brightness,pitch (r2 pitch)"]
+    assert table.loc[0, "brightness,pitch (r2 pitch)"] == pytest.approx(regression["test"]["r2_per_output"][1])
