@@ -20,6 +20,7 @@ Usage:
     views = chain(views, generator)          # [B, T] -> [B, T], same dtype and device
 """
 
+import bisect
 import math
 from functools import lru_cache
 
@@ -85,13 +86,11 @@ LABEL_CHANGES["stretch"] = {"tempo"}
 
 CHAIN_PROBABILITY_SLOPE = 0.8  # the whole chain applies with probability min(1, 0.8·s)
 
-# WSOLA time scaling (pitch shift and time stretch): 46 ms grains at 22.05 kHz overlapping
-# by half; each grain may move up to 256 samples (one period of an 86 Hz tone) to line up
-# with its predecessor; the search runs on a 2x decimated signal (4x lost too much
-# alignment at 3 kHz in tests) and is refined by parabolic interpolation.
-WSOLA_GRAIN = 1024
+# WSOLA time scaling (pitch shift and time stretch): 93 ms grains at 22.05 kHz overlapping
+# by half (long grains mean few sequential alignment steps); each grain may move up to
+# 256 samples (one period of an 86 Hz tone) to line up with its predecessor.
+WSOLA_GRAIN = 2048
 WSOLA_SEARCH = 256
-WSOLA_DECIMATION = 2
 PITCH_STEP = 0.25  # semitones; shifts are quantized so that examples can be resampled in groups
 
 
@@ -197,9 +196,11 @@ def time_scale(x, rate, length):
 
     Output grain k (Hann window, 50% overlap) is read from the input near position
     k·hop·rate; within ±WSOLA_SEARCH samples it takes the position whose first half best
-    matches the natural continuation of grain k-1, so overlapping grains add in phase.
-    The search for all examples runs at once, one grain at a time (each grain depends on
-    the previous choice), with an FFT cross-correlation on a decimated copy of the input.
+    matches the natural continuation of grain k-1 (largest cross-correlation), so
+    overlapping grains add in phase. The search runs for all examples at once, one grain
+    at a time (each grain depends on the previous choice), as an FFT cross-correlation
+    against candidate regions transformed all together beforehand; the loop body is a
+    handful of operations because its cost is per operation, not per sample.
     Input past its end reads as silence.
 
     Args:
@@ -211,47 +212,43 @@ def time_scale(x, rate, length):
     """
     batch, input_length = x.shape
     device = x.device
-    grain, search, q = WSOLA_GRAIN, WSOLA_SEARCH, WSOLA_DECIMATION
+    grain, search = WSOLA_GRAIN, WSOLA_SEARCH
     hop = overlap = grain // 2
-    grains = math.ceil(length / hop) + 2
-    # Ideal (unshifted) read positions, on the decimation grid, in padded coordinates.
-    base = q * torch.round(torch.arange(grains, device=device) * hop * rate[:, None] / q).long()  # [B, G]
-    left = grain // 2 + search
-    padded_length = q * math.ceil((int(base.max()) + 2 * search + grain + q) / q)
-    padded = F.pad(x, (left, max(0, padded_length - left - input_length)))[:, :padded_length]  # [B, P]
-    decimated = padded.view(batch, -1, q).mean(-1)  # [B, P / q]
-    # Candidate regions do not depend on earlier choices: transform them all at once.
-    region = (2 * search + overlap) // q
-    reference = overlap // q
-    size = 1 << (region + reference).bit_length()
-    offsets = torch.arange(region, device=device)
-    regions = decimated.gather(1, (base // q)[:, :, None].add(offsets).flatten(1))  # [B, G * region]
-    region_spectra = torch.fft.rfft(regions.view(batch, grains, region), n=size)  # [B, G, size // 2 + 1]
-    lags = 2 * search // q + 1
-    # A tiny preference for the unshifted position decides ties, e.g. in silence.
-    tie_break = -1e-6 * (torch.arange(lags, device=device) - search // q).abs()  # [lags]
-    neighbours = torch.tensor([-1, 0, 1], device=device)
-    overlap_offsets = torch.arange(overlap, device=device)
+    grains = math.ceil(length / hop) + 1
+    base = torch.round(torch.arange(grains, device=device) * hop * rate[:, None]).long()  # [B, G] ideal reads
+    left = grain // 2 + search  # padding so that grain 0 is centred on sample 0
+    padded_length = int(base.max()) + 2 * search + grain
+    padded = F.pad(x, (left, max(0, padded_length - left - input_length)))  # [B, >= P]
+    rows = torch.arange(batch, device=device)[:, None]
+    # Candidate regions (all shifts of grain k's first half) do not depend on earlier
+    # choices: gather and transform them all at once, grain-major so that the loop
+    # below reads contiguous rows.
+    region = 2 * search + overlap
+    regions = padded.unfold(1, region, 1)[rows, base]  # [B, G, region]
+    region_spectra = torch.fft.rfft(regions.transpose(0, 1), dim=-1)  # [G, B, region // 2 + 1]
+    lags = 2 * search + 1
+    # A tiny preference for the unshifted read decides ties, e.g. in silence.
+    tie_break = -1e-12 * (torch.arange(lags, device=device) - search).abs()  # [lags]
+    # The continuation is read backwards so that correlating becomes a circular
+    # convolution of size `region`: index j + overlap - 1 holds
+    # sum_i continuation[i] * region[i + j], with no wrap-around for j in [0, lags).
+    reversed_offsets = torch.arange(hop + overlap - 1, hop - 1, -1, device=device)
     starts = torch.empty(batch, grains, dtype=torch.long, device=device)
     starts[:, 0] = base[:, 0] + search
     for k in range(1, grains):
-        continuation = padded.gather(1, starts[:, k - 1 : k] + hop + overlap_offsets)  # [B, overlap]
-        continuation = continuation.view(batch, reference, q).mean(-1)  # [B, overlap / q]
-        spectrum = torch.fft.rfft(continuation, n=size).conj() * region_spectra[:, k]
-        correlation = torch.fft.irfft(spectrum, n=size)[:, :lags]  # [B, lags]
-        correlation = correlation + tie_break * (continuation.pow(2).sum(-1, keepdim=True) + 1e-20)
-        coarse = correlation[:, 1:-1].argmax(-1, keepdim=True) + 1  # [B, 1]
-        around = correlation.gather(1, coarse + neighbours)  # [B, 3]
-        curvature = (around[:, 0] - 2 * around[:, 1] + around[:, 2]).clamp(max=-1e-30)
-        vertex = (0.5 * (around[:, 0] - around[:, 2]) / curvature).clamp(-0.5, 0.5)
-        starts[:, k] = base[:, k] + torch.round(q * (coarse[:, 0] + vertex)).long()
-    rows = torch.arange(batch, device=device)[:, None]
-    frames = padded.unfold(1, grain, 1)[rows, starts] * hann_window(grain, device)  # [B, G, grain]
-    # Overlap-add at 50%: each output block of `hop` samples is the second half of one
-    # grain plus the first half of the next (periodic Hann halves sum to one).
-    blocks = F.pad(frames[:, :, :hop], (0, 0, 0, 1)) + F.pad(frames[:, :, hop:], (0, 0, 1, 0))  # [B, G + 1, hop]
-    out = blocks.reshape(batch, -1)  # [B, (G + 1) * hop]
-    return out[:, grain // 2 : grain // 2 + length]
+        continuation = padded.gather(1, starts[:, k - 1 : k] + reversed_offsets)  # [B, overlap]
+        product = torch.fft.irfft(torch.fft.rfft(continuation, n=region) * region_spectra[k], n=region)  # [B, region]
+        correlation = product[:, overlap - 1 :]  # [B, lags]
+        starts[:, k] = base[:, k] + (correlation + tie_break).argmax(-1)
+    # Overlap-add at 50%: output block j (hop samples) is the rising half of grain j
+    # plus the falling half of grain j - 1 (periodic Hann halves sum to one). Block 0
+    # falls before the first output sample.
+    window = hann_window(grain, device)
+    halves = padded.unfold(1, hop, 1)  # [B, P - hop + 1, hop], a view
+    rising = halves[rows, starts[:, 1:]]  # [B, G - 1, hop]
+    falling = halves[rows, starts[:, :-1] + hop]  # [B, G - 1, hop]
+    blocks = torch.addcmul(rising * window[:hop], falling, window[hop:])  # [B, G - 1, hop]
+    return blocks.reshape(batch, -1)[:, :length]
 
 
 def fft_resample(spectrum, input_length, length):
@@ -386,34 +383,69 @@ def sample_filter(n, length, setting, draw, sample_rate):
     }
 
 
+@lru_cache(maxsize=None)
+def smooth_lengths(limit):
+    """Sorted integers up to `limit` with no prime factor above 11: FFT sizes that
+    pocketfft and cuFFT transform fast (other sizes fall back to much slower algorithms)."""
+    lengths = [1]
+    for prime in (2, 3, 5, 7, 11):
+        lengths = [n * prime**e for n in lengths for e in range(int(math.log(limit, prime)) + 1) if n * prime**e <= limit]
+    return sorted(lengths)
+
+
+@lru_cache(maxsize=None)
+def resampling_sizes(length, step):
+    """FFT sizes (n_in, n_out) for shifting a `length`-sample clip by `step` PITCH_STEPs.
+
+    The clip is zero-padded to n_in and resampled to n_out samples: both are fast FFT
+    sizes, n_in is at most 6% above `length`, and n_out / n_in matches 2^(-step·PITCH_STEP/12)
+    to better than 0.1% (0.02 semitone) for clips of a few thousand samples or more.
+    """
+    ratio = 2 ** (-step * PITCH_STEP / 12)
+    sizes = smooth_lengths(int(2 * length * max(1.0, ratio)) + 64)
+    best = None
+    for n_in in sizes[bisect.bisect_left(sizes, length) :]:
+        if n_in > 1.06 * length and best is not None:
+            break
+        i = bisect.bisect_left(sizes, n_in * ratio)
+        for n_out in sizes[max(0, i - 1) : i + 1]:
+            error = abs(n_out / (n_in * ratio) - 1)
+            if best is None or error < best[0]:
+                best = (error, n_in, n_out)
+    return best[1], best[2]
+
+
 def pitch(x, semitones):
     """Shift pitch by `semitones` `[B]`, keeping tempo and length.
 
-    Each example is first resampled to T / r samples, r = 2^(k/12), which multiplies its
+    Each example is first resampled by 1 / r, r = 2^(k/12), which multiplies its
     frequencies by r; WSOLA (`time_scale`) then restores the length T without touching
-    pitch, all examples in one pass. Resampling truncates or zero-pads the spectrum (exact
-    band-limited resampling for any pair of lengths, no filter kernel to build or cache):
-    one forward FFT for the batch, then one inverse FFT per group of examples sharing a
-    shift, quantized to PITCH_STEP semitones so that such groups form.
+    pitch, all examples in one pass. Resampling truncates or zero-pads the spectrum of the
+    zero-padded clip (exact band-limited resampling, no filter kernel to build or cache),
+    one FFT pair per group of examples sharing a shift: shifts are quantized to
+    PITCH_STEP semitones so that groups form, and examples are sorted by shift so that
+    each group is a contiguous slice. The FFT sizes come from `resampling_sizes`.
     """
     batch, length = x.shape
     steps = torch.round(semitones / PITCH_STEP).long()  # [B]
-    # One group per distinct shift; .tolist() syncs with the device once.
-    step_values = [step for step in torch.unique(steps).tolist() if step != 0]
-    if not step_values:
-        return x.clone()
-    lengths = {step: round(length * 2 ** (-step * PITCH_STEP / 12)) for step in step_values}
-    spectrum = torch.fft.rfft(x)  # [B, T // 2 + 1]
-    resampled = x.new_zeros(batch, max(lengths.values()))  # [B, L_max]; rows with no shift stay unused
-    rate = x.new_ones(batch)
-    for step in step_values:
-        members = torch.nonzero(steps == step).squeeze(1)
-        resampled[members, : lengths[step]] = fft_resample(spectrum[members], length, lengths[step])
-        rate[members] = lengths[step] / length
-    shifted_index = torch.nonzero(steps != 0).squeeze(1)
-    out = x.clone()  # examples whose shift rounds to 0 stay as they are
-    out[shifted_index] = time_scale(resampled[shifted_index], rate[shifted_index], length)
-    return out
+    order = torch.argsort(steps)
+    values, counts = torch.unique_consecutive(steps[order], return_counts=True)
+    values, counts = values.tolist(), counts.tolist()  # syncs with the device once
+    sizes = [resampling_sizes(length, value) for value in values]
+    kept = [math.ceil(length * n_out / n_in) for n_in, n_out in sizes]  # resampled clip, without the padding
+    x_sorted = x[order]  # [B, T], sorted by shift
+    resampled = x.new_zeros(batch, max(kept))  # [B, L_max]
+    first = 0
+    for count, (n_in, n_out), n_kept in zip(counts, sizes, kept):
+        group = slice(first, first + count)
+        spectrum = torch.fft.rfft(x_sorted[group], n=n_in)  # [count, n_in // 2 + 1]
+        resampled[group, :n_kept] = fft_resample(spectrum, n_in, n_out)[:, :n_kept]
+        first += count
+    rate = torch.tensor([n_out / n_in for n_in, n_out in sizes], device=x.device)
+    rate = rate.repeat_interleave(torch.tensor(counts, device=x.device))  # [B]
+    out = torch.empty_like(x)
+    out[order] = time_scale(resampled, rate, length)
+    return torch.where(steps[:, None] == 0, x, out)  # a shift that rounds to 0 leaves the example as it is
 
 
 def sample_pitch(n, length, setting, draw, sample_rate):
