@@ -54,8 +54,8 @@ def build_parser():
                       help="what each label means (one value, or one per --label-column; default generic); "
                            "key adds the MIREX key score")
     data.add_argument("--tasks", default=None,
-                      help="CSV of probes to run (columns csv, label_column, task, optional label_kind and name); "
-                           "replaces --csv/--label-column")
+                      help="CSV of probes to run (columns csv, label_column, task; optional label_kind, name and "
+                           "patience); replaces --csv/--label-column")
     data.add_argument("--max-clips", type=int, default=16, help="consecutive clips kept per file (evenly spread)")
     data.add_argument("--label-fraction", action="append", default=[],
                       help="share of the labeled train tracks the probe learns from, in (0, 1]; repeatable or "
@@ -681,7 +681,11 @@ def safe_name(text):
 # ---------------------------------------------------------------- one probe
 
 def probe_list(args):
-    """The probes to run: dicts with csv, label_column, task, label_kind and name."""
+    """The probes to run: dicts with csv, label_column, task, label_kind, name and patience.
+
+    From --tasks, relative csv paths are read from the tasks file's folder and an empty
+    patience cell means --patience; otherwise one probe per --label-column.
+    """
     if args.tasks:
         table = pd.read_csv(args.tasks, dtype=str, keep_default_na=False)
         missing = {"csv", "label_column", "task"} - set(table.columns)
@@ -693,16 +697,20 @@ def probe_list(args):
             if entry["task"] not in datasets.TASKS:
                 raise SystemExit(f"{args.tasks}, line {row + 2}, column 'task': {entry['task']!r} is not one of "
                                  f"{datasets.TASKS}")
+            patience = entry.get("patience", "").strip() or str(args.patience)
+            if not patience.isdigit():
+                raise SystemExit(f"{args.tasks}, line {row + 2}, column 'patience': {patience!r} is not a "
+                                 f"whole number of epochs")
             csv = entry["csv"] if os.path.isabs(entry["csv"]) else os.path.join(folder, entry["csv"])
             probes.append({"csv": csv, "label_column": entry["label_column"], "task": entry["task"],
-                           "label_kind": entry.get("label_kind", "") or "generic",
+                           "label_kind": entry.get("label_kind", "") or "generic", "patience": int(patience),
                            "name": entry.get("name", "") or f"{os.path.basename(csv)}:{entry['label_column']}"})
         return probes
     columns = args.label_column or ["label"]
     tasks = train.broadcast(args.task or ["multiclass"], len(columns), "task")
     kinds = train.broadcast(args.label_kind or ["generic"], len(columns), "label-kind")
     csv = args.csv or datasets.make_synthetic_set(args.synthetic_dir)
-    return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c}
+    return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c, "patience": args.patience}
             for c, t, k in zip(columns, tasks, kinds)]
 
 
@@ -757,6 +765,7 @@ def run_probe(args, model, settings, checkpoint, probe, device, initial_state=No
     each --severity-sweep value.
     """
     task = probe["task"]
+    args = argparse.Namespace(**{**vars(args), "patience": probe["patience"]})
     rows, column, split = read_labels(args, probe)
     paths = list(rows["path"])
     label_dtype = torch.long if task == "multiclass" else torch.float32
@@ -848,7 +857,7 @@ def summarize_runs(args, checkpoint, probe, column, split, fraction, runs, main_
     val, _ = mean_and_std([r["val"] for r in runs])
     result = {"checkpoint": checkpoint, "probe": probe["name"], "csv": probe["csv"], "label_column": column.name,
               "task": task, "head": "prototypes" if args.prototypes else args.head, "layer": args.layer,
-              "finetune": args.finetune, "label_fraction": fraction, "seeds": [r["seed"] for r in runs],
+              "finetune": args.finetune, "patience": args.patience, "label_fraction": fraction, "seeds": [r["seed"] for r in runs],
               "val": val, "epochs": [r["epochs"] for r in runs], "test": test, "test_std": test_std,
               "corrupt": None if main_condition == "clean" else {"names": args.corrupt_names,
                                                                   "severity": args.severity},

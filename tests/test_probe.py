@@ -284,12 +284,13 @@ def test_confusion_image_shades_row_rates():
 def test_tasks_file_writes_the_summary_as_markdown_csv_and_json(tiny_set, checkpoint, tmp_path):
     tasks = tmp_path / "tasks.csv"
     pd.DataFrame({"csv": [tiny_set, tiny_set], "label_column": ["timbre", "tags"], "task": ["multiclass", "multilabel"],
-                  "name": ["timbre", "tags"]}).to_csv(tasks, index=False)
+                  "name": ["timbre", "tags"], "patience": ["1", ""]}).to_csv(tasks, index=False)
     out = tmp_path / "table.json"
     results = probe.main(["--checkpoint", "random", "--checkpoint", checkpoint, *MODEL, *FAST, "--tasks", str(tasks),
                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert [(r["checkpoint"], r["probe"]) for r in results] == [("random", "timbre"), ("random", "tags"),
                                                                 (checkpoint, "timbre"), (checkpoint, "tags")]
+    assert [r["patience"] for r in results] == [1, 3, 1, 3]  # the tasks file's cell, else --patience
     # The paper's table shape: one row per checkpoint; tagging shows ROC-AUC and PR-AUC.
     table = pd.read_csv(tmp_path / "table.csv")
     assert list(table.columns) == ["checkpoint", "timbre (accuracy)", "tags (roc_auc)", "tags (pr_auc)"]
