@@ -56,14 +56,15 @@ def build_parser():
     data.add_argument("--tasks", default=None,
                       help="CSV of probes to run (columns csv, label_column, task; optional label_kind, name and "
                            "patience); replaces --csv/--label-column")
-    data.add_argument("--max-clips", type=int, default=16, help="consecutive clips kept per file (evenly spread)")
+    data.add_argument("--max-clips", type=int, default=16,
+                      help="consecutive clips kept per file, evenly spread (default %(default)s)")
     data.add_argument("--label-fraction", action="append", default=[],
                       help="share of the labeled train tracks the probe learns from, in (0, 1]; repeatable or "
                            "comma-separated (one result each); stratified per class for multiclass, a plain "
                            "random subset for multilabel and regression (default 1)")
     data.add_argument("--seeds", type=int, default=1,
                       help="runs per label fraction, seeds --seed … --seed+N-1 (subset and head); "
-                           "results report mean ± sample std")
+                           "results report mean ± sample std (default %(default)s)")
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", action="append", required=True,
                        help="checkpoint file, run folder (latest checkpoint), or 'random' for a random-init "
@@ -71,9 +72,12 @@ def build_parser():
     model.add_argument("--layer", default="encoder", choices=("encoder", "projection"),
                        help="embeddings from the encoder output h or the projection head z")
     model.add_argument("--encoder", default="samplecnn", choices=sorted(models.ENCODERS), help="random only")
-    model.add_argument("--width", type=float, default=1.0, help="random only: channel-width multiplier")
-    model.add_argument("--clip-seconds", type=float, default=2.7, help="random only: clip length in seconds")
-    model.add_argument("--sample-rate", type=int, default=22050, help="random only: sample rate in Hz")
+    model.add_argument("--width", type=float, default=1.0,
+                       help="random only: channel-width multiplier (default %(default)s)")
+    model.add_argument("--clip-seconds", type=float, default=2.7,
+                       help="random only: clip length in seconds (default %(default)s)")
+    model.add_argument("--sample-rate", type=int, default=22050,
+                       help="random only: sample rate in Hz (default %(default)s)")
     head = parser.add_argument_group("head")
     head.add_argument("--head", default="mlp", choices=("linear", "mlp"), help="probe head (MLP: 512 hidden, ReLU)")
     head.add_argument("--prototypes", action="store_true",
@@ -82,23 +86,30 @@ def build_parser():
     head.add_argument("--finetune", action="store_true",
                       help="train the encoder (and the projection head for --layer projection) with the probe "
                            "head, on one random crop per train track and epoch read from the audio")
-    head.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate of the probe head")
-    head.add_argument("--finetune-lr", type=float, default=1e-5, help="--finetune: Adam learning rate of the encoder")
-    head.add_argument("--weight-decay", type=float, default=1e-6, help="Adam weight decay")
-    head.add_argument("--batch-size", type=int, default=64, help="clips per head step")
-    head.add_argument("--max-epochs", type=int, default=200, help="head training epochs at most")
-    head.add_argument("--patience", type=int, default=15, help="epochs without val improvement before stopping")
+    head.add_argument("--lr", type=float, default=3e-4,
+                      help="Adam learning rate of the probe head (default %(default)s)")
+    head.add_argument("--finetune-lr", type=float, default=1e-5,
+                      help="--finetune: Adam learning rate of the encoder (default %(default)s)")
+    head.add_argument("--weight-decay", type=float, default=1e-6, help="Adam weight decay (default %(default)s)")
+    head.add_argument("--batch-size", type=int, default=64,
+                      help="clips per step (crops with --finetune) (default %(default)s)")
+    head.add_argument("--max-epochs", type=int, default=200, help="training epochs at most (default %(default)s)")
+    head.add_argument("--patience", type=int, default=15,
+                      help="epochs without val improvement before stopping (default %(default)s; the paper: "
+                           "15, and 50 for small sets)")
     robust = parser.add_argument_group("robustness")
     robust.add_argument("--corrupt", default="none",
                         help="transforms of augment.py applied to the test audio, comma-separated (e.g. "
                              "noise,reverb), 'default' for the paper's pretraining chain, or none")
     robust.add_argument("--severity", type=float, default=1.0,
-                        help="strength of --corrupt, s: 0 none, 1 the paper's chain strength, up to 2.5")
+                        help="strength of --corrupt, s: 0 none, 1 the paper's chain strength, up to 2.5 (default "
+                             "%(default)s)")
     robust.add_argument("--severity-sweep", default=None,
                         help="comma-separated severities (e.g. 0,1,2) each evaluated with the same probe; a "
                              "table of the main metric per severity is printed (needs --corrupt)")
     robust.add_argument("--corrupt-seed", type=int, default=0,
-                        help="seed of the corruption draws, fixed so every checkpoint hears the same audio")
+                        help="seed of the corruption draws, fixed so every checkpoint hears the same audio (default "
+                             "%(default)s)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=None,
                      help="JSON results file; the summary goes next to it as .md, .csv and .summary.json "
@@ -109,9 +120,11 @@ def build_parser():
     run.add_argument("--plot-dir", default=None,
                      help="TensorBoard folder for --plot (default: next to --out as NAME-plots, else "
                           "runs/probe-plots)")
-    run.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache folder ('none' disables)")
-    run.add_argument("--workers", type=int, default=2, help="--finetune: data-loading processes")
-    run.add_argument("--seed", type=int, default=0, help="seed for the head, the label subset and the random encoder")
+    run.add_argument("--cache-dir", default=".cache/embeddings",
+                     help="embedding cache folder, 'none' disables (default %(default)s)")
+    run.add_argument("--workers", type=int, default=2, help="--finetune: data-loading processes (default %(default)s)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed for the head, the label subset and the random encoder (default %(default)s)")
     return parser
 
 
@@ -857,8 +870,9 @@ def summarize_runs(args, checkpoint, probe, column, split, fraction, runs, main_
     val, _ = mean_and_std([r["val"] for r in runs])
     result = {"checkpoint": checkpoint, "probe": probe["name"], "csv": probe["csv"], "label_column": column.name,
               "task": task, "head": "prototypes" if args.prototypes else args.head, "layer": args.layer,
-              "finetune": args.finetune, "patience": args.patience, "label_fraction": fraction, "seeds": [r["seed"] for r in runs],
-              "val": val, "epochs": [r["epochs"] for r in runs], "test": test, "test_std": test_std,
+              "finetune": args.finetune, "patience": args.patience, "label_fraction": fraction,
+              "seeds": [r["seed"] for r in runs], "val": val, "epochs": [r["epochs"] for r in runs], "test": test,
+              "test_std": test_std,
               "corrupt": None if main_condition == "clean" else {"names": args.corrupt_names,
                                                                   "severity": args.severity},
               "tracks": {"train": runs[0]["train_tracks"], "val": int((split == "val").sum()),
