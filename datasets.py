@@ -444,6 +444,84 @@ def read_clips(path, clip_samples, sample_rate, max_clips=None):
     return clips
 
 
+# ---------------------------------------------------------------- checking files
+
+CHECK_COLUMNS = ("path", "status", "problems", "seconds", "sample_rate", "channels")
+
+
+def check_file(path, min_seconds, sample_rate, block_seconds=30.0):
+    """Open one audio file completely and report what is wrong with it.
+
+    min_seconds: shortest usable length (half a crop: shorter files cannot be padded).
+    sample_rate: the training rate; other rates are noted (they are resampled).
+    Returns a dict with CHECK_COLUMNS: status "ok" (usable, maybe with notes), or "bad"
+    (unreadable, empty, too short, NaN/Inf samples: excluded from training); problems
+    is a ";"-joined list such as "silent" or "sample rate 8000 Hz (resampled)".
+    The file is decoded block by block, so memory stays small for long files.
+    """
+    report = {"path": path, "status": "ok", "problems": "", "seconds": 0.0, "sample_rate": 0, "channels": 0}
+    problems, bad = [], False
+    try:
+        with sf.SoundFile(path) as f:
+            report.update(sample_rate=f.samplerate, channels=f.channels)
+            frames, peak, finite = 0, 0.0, True
+            block = max(1, int(block_seconds * f.samplerate))
+            while True:
+                data = f.read(block, dtype="float32", always_2d=True)
+                if not len(data):
+                    break
+                frames += len(data)
+                if not np.isfinite(data).all():
+                    finite = False
+                    data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+                peak = max(peak, float(np.abs(data).max()))
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        report.update(status="bad", problems=f"unreadable ({str(error).splitlines()[0][:120]})")
+        return report
+    report["seconds"] = frames / report["sample_rate"] if report["sample_rate"] else 0.0
+    if frames == 0:
+        problems, bad = problems + ["empty"], True
+    elif report["seconds"] < min_seconds:
+        problems, bad = problems + [f"too short ({report['seconds']:.2f} s < {min_seconds:.2f} s)"], True
+    if not finite:
+        problems, bad = problems + ["NaN/Inf samples"], True
+    if frames and peak == 0.0:
+        problems.append("silent")
+    if report["channels"] > 2:
+        problems.append(f"{report['channels']} channels (mixed to mono)")
+    if report["sample_rate"] and report["sample_rate"] != sample_rate:
+        problems.append(f"sample rate {report['sample_rate']} Hz (resampled to {sample_rate} Hz)")
+    report.update(status="bad" if bad else "ok", problems=";".join(problems))
+    return report
+
+
+def _check_task(task):
+    return check_file(*task)
+
+
+def check_files(paths, min_seconds, sample_rate, workers=2, progress=None):
+    """check_file over many paths in `workers` processes -> DataFrame with CHECK_COLUMNS.
+
+    progress: optional callable taking the number of files done, for a progress bar.
+    """
+    tasks = [(p, min_seconds, sample_rate) for p in paths]
+    if workers > 1 and len(tasks) > 1:
+        context = torch.multiprocessing.get_context("spawn")
+        with context.Pool(workers) as pool:
+            reports = []
+            for report in pool.imap(_check_task, tasks, chunksize=8):
+                reports.append(report)
+                if progress:
+                    progress(1)
+    else:
+        reports = []
+        for task in tasks:
+            reports.append(_check_task(task))
+            if progress:
+                progress(1)
+    return pd.DataFrame(reports, columns=list(CHECK_COLUMNS))
+
+
 # ---------------------------------------------------------------- datasets and sampling
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -455,12 +533,15 @@ class ClipDataset(torch.utils.data.Dataset):
     and counted in the item's `failed` field, so the batch keeps its size and mix.
 
     paths: per-row file paths; columns: LabelColumns; pools: {pool id: row array}.
-    augment: optional callable `[V, T] -> [V, T]` applied here (augmentation in workers).
+    augment: optional {"labeled": chain, "unlabeled": chain} of callables `[V, T] -> [V, T]`
+        applied here (augmentation in the data workers), chosen by the draw's labeled flag.
+    status_dir: optional folder where each worker process writes the path it is reading,
+        so that a worker killed by a crashing decoder can be reported with its file.
     Items are dicts: audio `[V, clip_samples]`, clip (row), labels (one tensor per
     column), labeled (one bool per column), failed (int), failed_paths (";"-joined).
     """
 
-    def __init__(self, paths, columns, pools, num_views, clip_samples, sample_rate, augment=None):
+    def __init__(self, paths, columns, pools, num_views, clip_samples, sample_rate, augment=None, status_dir=None):
         self.paths = list(paths)
         self.columns = columns
         self.pools = pools
@@ -468,6 +549,13 @@ class ClipDataset(torch.utils.data.Dataset):
         self.clip_samples = clip_samples
         self.sample_rate = sample_rate
         self.augment = augment
+        self.status_dir = status_dir
+
+    def _note_reading(self, path):
+        if self.status_dir is not None:
+            os.makedirs(self.status_dir, exist_ok=True)
+            with open(os.path.join(self.status_dir, f"worker-{os.getpid()}.txt"), "w") as f:
+                f.write(path)
 
     def __len__(self):
         return len(self.paths)
@@ -478,6 +566,7 @@ class ClipDataset(torch.utils.data.Dataset):
         failed = []
         for attempt in range(MAX_REPLACEMENTS + 1):
             try:
+                self._note_reading(self.paths[row])
                 audio = read_crops(self.paths[row], self.num_views, self.clip_samples, self.sample_rate, rng)
                 break
             except AudioError:
@@ -487,7 +576,8 @@ class ClipDataset(torch.utils.data.Dataset):
             raise AudioError(f"{MAX_REPLACEMENTS + 1} files in a row failed to load, last {failed[-1]}; "
                              f"run `python train.py --check-data` on the manifest")
         if self.augment is not None:
-            audio = self.augment(audio, torch.Generator().manual_seed(seed))
+            chain = self.augment["labeled" if is_labeled else "unlabeled"]
+            audio = chain(audio, torch.Generator().manual_seed(seed % 2**63))
         labels = [torch.as_tensor(c.values[row]) for c in self.columns]
         labeled = [bool(is_labeled and c.labeled[row]) for c in self.columns]
         return {"audio": audio, "clip": row, "labels": labels, "labeled": labeled,

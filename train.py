@@ -13,9 +13,13 @@ import argparse
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -86,6 +90,13 @@ def build_parser():
     optim.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
     optim.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                        help="autocast precision (auto: bf16 on GPU, fp32 on CPU)")
+    optim.add_argument("--grad-accum", type=int, default=1,
+                       help="batches per optimizer step; each is its own contrastive batch (negatives do not "
+                            "cross batches), so this does not enlarge the negative set")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    optim.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes (GPU)")
+    optim.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute encoder activations in backward: less memory, more compute")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/semisupcon", help="folder for checkpoints, logs and args.json")
     run.add_argument("--seed", type=int, default=0, help="base seed (each process adds its rank)")
@@ -96,7 +107,13 @@ def build_parser():
     run.add_argument("--val-every", type=int, default=500, help="steps between validation losses (0: off)")
     run.add_argument("--val-batches", type=int, default=10, help="batches per validation (at most the val split)")
     run.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
-    run.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    run.add_argument("--keep", type=int, default=3, help="latest checkpoints kept (plus best.pt, by val loss)")
+    run.add_argument("--check-data", action="store_true", help="only check every audio file, report, and exit")
+    run.add_argument("--skip-check", action="store_true", help="skip the audio check before training")
+    run.add_argument("--max-bad-fraction", type=float, default=0.01,
+                     help="refuse to train if more than this share of files is bad")
+    run.add_argument("--max-bad-steps", type=int, default=5,
+                     help="stop after this many consecutive steps with non-finite loss or gradients")
     return parser
 
 
@@ -122,7 +139,7 @@ def broadcast(values, count, name):
 
 
 def load_data(args, is_main):
-    """Read the manifests and label columns; returns (manifest, columns, targets specs)."""
+    """Read the manifests and label columns; returns (manifest, columns, target specs)."""
     if not args.train_csv:
         args.train_csv = [datasets.make_synthetic_set(args.synthetic_dir)] if is_main else []
         utils.barrier()
@@ -130,6 +147,11 @@ def load_data(args, is_main):
     manifest = datasets.read_manifest(args.train_csv)
     if not args.label_column and "label" in manifest.columns:
         args.label_column = ["label"]
+    return (manifest, *parse_columns(manifest, args))
+
+
+def parse_columns(manifest, args):
+    """LabelColumns and their losses.TargetSpecs from the label flags."""
     count = len(args.label_column)
     tasks = broadcast(args.task or ["multiclass"], count, "task")
     kinds = broadcast(args.label_kind or ["generic"], count, "label-kind")
@@ -142,7 +164,7 @@ def load_data(args, is_main):
         specs.append(losses.TargetSpec(task=task, threshold=threshold, kernel=args.target_kernel,
                                        sigma=args.target_sigma, radius=args.target_radius,
                                        similarity=column.similarity))
-    return manifest, columns, specs
+    return columns, specs
 
 
 def warn_label_changes(args, columns):
@@ -244,6 +266,96 @@ def make_loader(dataset, batches, args, device):
         persistent_workers=workers > 0 and not isinstance(batches, list), prefetch_factor=4 if workers else None)
 
 
+def check_out_folder(folder, needed_bytes):
+    """Fail now, not hours later, if `folder` cannot take checkpoints (unwritable or full)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe_path = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe_path, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe_path)
+    except OSError as error:
+        raise SystemExit(f"--out {folder} is not writable: {error}") from None
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise SystemExit(f"--out {folder} has {free / 2**20:.0f} MiB free; the checkpoints need about "
+                         f"{needed_bytes / 2**20:.0f} MiB")
+
+
+def check_data(manifest, args, is_main):
+    """Open every file once (cached in --out), drop unusable ones, refuse a broken data set.
+
+    Returns the manifest without the bad rows. Writes data-check.csv (every file) and
+    bad-files.csv (the excluded ones) to --out.
+    """
+    report_path = os.path.join(args.out, "data-check.csv")
+    if is_main:
+        stats = [(p, os.path.getsize(p) if os.path.exists(p) else -1,
+                  os.path.getmtime(p) if os.path.exists(p) else -1) for p in manifest["path"]]
+        previous = pd.read_csv(report_path, keep_default_na=False) if os.path.isfile(report_path) else None
+        # The verdict depends on the crop length and rate too: a changed flag re-checks.
+        key = [f"{p}|{size}|{mtime}|{args.clip_seconds}|{args.sample_rate}" for p, size, mtime in stats]
+        if previous is not None and "key" in previous.columns and list(previous["key"]) == key:
+            report = previous
+        else:
+            print(f"checking {len(manifest)} audio files (--skip-check to skip; cached in {report_path})")
+            with tqdm(total=len(manifest), desc="check") as bar:
+                report = datasets.check_files(list(manifest["path"]), args.clip_seconds / 2, args.sample_rate,
+                                              max(1, args.workers), bar.update)
+            report["key"] = key
+            report.to_csv(report_path, index=False)
+        bad = report[report["status"] == "bad"]
+        bad.to_csv(os.path.join(args.out, "bad-files.csv"), index=False)
+        notes = report[(report["status"] == "ok") & (report["problems"] != "")]
+        print(f"data check: {len(report)} files, {len(bad)} excluded as bad, {len(notes)} with notes "
+              f"(see {report_path})")
+        for _, row in bad.head(5).iterrows():
+            print(f"  bad: {row['path']}: {row['problems']}")
+    utils.barrier()
+    report = pd.read_csv(report_path, keep_default_na=False)
+    is_bad = (report["status"] == "bad").to_numpy()
+    if is_bad.mean() > args.max_bad_fraction:
+        raise SystemExit(f"{is_bad.sum()} of {len(is_bad)} files are bad ({is_bad.mean():.1%} > "
+                         f"--max-bad-fraction {args.max_bad_fraction:.1%}); see {args.out}/bad-files.csv")
+    return manifest[~is_bad].reset_index(drop=True)
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit 0; twice: exit now."""
+
+    def __init__(self):
+        self.requested = False
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self.handle)
+
+    def handle(self, number, frame):
+        if self.requested:
+            print(f"second signal {signal.Signals(number).name}: exiting now", flush=True)
+            os._exit(1)
+        self.requested = True
+        print(f"signal {signal.Signals(number).name}: saving after this step", flush=True)
+
+    def any_process(self, device):
+        """True if any process got a signal (all processes must stop at the same step)."""
+        flag = torch.tensor(float(self.requested), device=device)
+        return bool(utils.all_reduce_sum(flag).item() > 0)
+
+
+def worker_paths(status_dir, error):
+    """The files that DataLoader workers named in `error` were reading when they died."""
+    pids = re.findall(r"\d+", str(error).split("pid")[-1]) if "pid" in str(error) else []
+    found = []
+    for pid in pids:
+        path = os.path.join(status_dir, f"worker-{pid}.txt")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found.append(f.read().strip())
+    return found
+
+
 def main(argv=None):
     # ---- arguments and process
     args = build_parser().parse_args(argv)
@@ -256,11 +368,20 @@ def main(argv=None):
     args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
     args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
+    if args.sync_bn and device.type != "cuda":
+        raise SystemExit("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU kernel)")
     utils.seed_everything(args.seed + rank)
-    os.makedirs(args.out, exist_ok=True)
+    if is_main:
+        check_out_folder(args.out, 64 << 20)
+    utils.barrier()
 
     # ---- data
     manifest, columns, specs = load_data(args, is_main)
+    if args.check_data or not args.skip_check:
+        manifest = check_data(manifest, args, is_main)
+        if args.check_data:
+            return {"out": args.out, "files": len(manifest)}
+        columns, specs = parse_columns(manifest, args)
     has_labels = any(c.labeled.any() for c in columns)
     if args.labeled_per_batch is None:
         args.labeled_per_batch = 0.5 if has_labels else 0.0
@@ -283,15 +404,20 @@ def main(argv=None):
     chains["labeled"] = chains["unlabeled"] if args.augment_labeled == args.augment else \
         augment.build_chain(augment.parse_augment(args.augment_labeled), args.severity, args.sample_rate)
     identity = augment.build_chain([], 0.0, args.sample_rate)
-    device_chains = chains if args.augment_on == "device" else {"labeled": identity, "unlabeled": identity}
-    pools = {1: labeled_rows, 0: unlabeled_rows}
-    # Augmenting in workers cannot tell labeled from unlabeled clips per item cheaply; it uses --augment.
-    dataset = datasets.ClipDataset(manifest["path"], columns, pools, args.views, args.clip_samples,
-                                   args.sample_rate, None if args.augment_on == "device" else chains["unlabeled"])
+    on_device = args.augment_on == "device"
+    device_chains = chains if on_device else {"labeled": identity, "unlabeled": identity}
+    status_dir = os.path.join(args.out, "workers", str(rank))
+    dataset = datasets.ClipDataset(manifest["path"], columns, {1: labeled_rows, 0: unlabeled_rows}, args.views,
+                                   args.clip_samples, args.sample_rate, None if on_device else chains,
+                                   status_dir if args.workers else None)
 
     # ---- model and optimizer
     model = ContrastiveModel(models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width),
-                             args.hidden_dim, args.projection_dim).to(device)
+                             args.hidden_dim, args.projection_dim)
+    models.set_activation_checkpointing(model.encoder, args.activation_checkpointing)
+    if args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args, step))
     scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
@@ -315,12 +441,15 @@ def main(argv=None):
         if is_main:
             print(f"resumed from {resume_path} at step {step}")
     bare_model = model
+    if args.compile:
+        model = torch.compile(model)
     if world_size > 1:
         # DDP broadcasts rank 0's weights at construction and averages gradients after backward.
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
+    # One sampler step per micro-batch: --grad-accum k reads k batches per optimizer step.
     sampler = datasets.MixedBatchSampler(labeled_rows, unlabeled_rows, args.batch_size, args.labeled_per_batch,
-                                         args.seed, rank, world_size, start_step=step)
+                                         args.seed, rank, world_size, start_step=step * args.grad_accum)
     loader = iter(make_loader(dataset, sampler, args, device))
     val_rows = np.flatnonzero(manifest["split"].to_numpy() == "val")
     val_batches = datasets.fixed_batches(val_rows, any_labeled, args.batch_size, args.seed, rank, world_size)
@@ -329,67 +458,102 @@ def main(argv=None):
     writer = SummaryWriter(args.out) if is_main else None
     if is_main:
         with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump({k: v for k, v in vars(args).items() if k != "autocast_dtype"}, f, indent=2)
+            json.dump(saved_args(args), f, indent=2)
         print(f"{args.encoder}: {utils.count_parameters(bare_model.encoder):,} parameters; "
               f"{world_size} process(es) on {device}; out {args.out}")
 
-    def save(step):
+    def save(step, is_best=False):
         rngs, generators = utils.gather_objects(utils.rng_states()), utils.gather_objects(generator.get_state())
         if is_main:
             state = {"model": bare_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                     "args": {k: v for k, v in vars(args).items() if k != "autocast_dtype"},
-                     "rng": rngs, "generator": generators, "best_val": best_val,
+                     "args": saved_args(args), "rng": rngs, "generator": generators, "best_val": best_val,
                      "labels": [c.describe() for c in columns]}
-            utils.save_checkpoint(state, args.out, step, args.keep)
+            if is_best:
+                utils.write_atomic(state, os.path.join(args.out, "best.pt"))
+            else:
+                utils.save_checkpoint(state, args.out, step, args.keep)
         utils.barrier()
 
     # ---- training loop
-    failed_files, clips_seen, tick, history = 0, 0, time.time(), []
+    stop = StopSignal()
+    failed_files, clips_seen, bad_steps, skipped_steps, tick, history = 0, 0, 0, 0, time.time(), []
     progress = tqdm(total=args.steps, initial=step, disable=not is_main, desc="train")
     while step < args.steps:
-        batch = next(loader)
-        views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n]
-        views = augment_batch(views, labeled, device_chains, generator)
-        columns_batch = batch_columns(batch, specs, args.views, device)
-        with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
-            loss, stats = contrastive_step(model, views, clip_ids, columns_batch, args, rank)
-        scaler.scale(loss).backward()
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(bare_model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
+        for micro_step in range(args.grad_accum):
+            try:
+                batch = next(loader)
+            except RuntimeError as error:
+                if "DataLoader worker" in str(error):
+                    raise SystemExit(f"a data-loading worker died ({error}); it was reading: "
+                                     f"{worker_paths(status_dir, error) or 'unknown'}") from error
+                raise
+            views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n]
+            views = augment_batch(views, labeled, device_chains, generator)
+            columns_batch = batch_columns(batch, specs, args.views, device)
+            with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
+                loss, stats = contrastive_step(model, views, clip_ids, columns_batch, args, rank)
+            # Accumulation averages k separate contrastive batches: negatives never cross micro-batches.
+            scaler.scale(loss / args.grad_accum).backward()
+            failed_files += int(batch["failed"].sum())
+            clips_seen += len(batch["clip"]) * world_size
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(bare_model.parameters(), args.clip_grad or float("inf"))
+        if torch.isfinite(norm) and torch.isfinite(stats["loss_sum"]):
+            scaler.step(optimizer)
+            bad_steps = 0
+        else:
+            # Gradients are identical on every process after DDP, so all skip together.
+            bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        failed_files += int(batch["failed"].sum())
-        clips_seen += len(batch["clip"]) * world_size
         progress.update(1)
 
         if step % args.log_every == 0 or step == args.steps:
             total = log_scalars(writer, stats, args, step, scheduler.get_last_lr()[0], failed_files,
-                                clips_seen / (time.time() - tick), progress)
+                                skipped_steps, clips_seen / (time.time() - tick), progress)
             history.append((step, total))
             clips_seen, tick = 0, time.time()
         if writer and args.image_every and step % args.image_every == 0:
             log_images(writer, stats, step)
         if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
             val_loss = validate(model, val_loader, specs, chains, args, device, rank)
-            best_val = min(best_val, val_loss)
             if writer:
                 writer.add_scalar("val/loss", val_loss, step)
-        if step % args.save_every == 0 or step == args.steps:
+            if val_loss < best_val:
+                best_val = val_loss
+                save(step, is_best=True)
+        if bad_steps >= args.max_bad_steps:
+            # Skipped steps left the weights untouched: this saves the last good weights.
             save(step)
+            raise SystemExit(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped and saved "
+                             f"the last good weights at step {step} in {args.out}. Lower --lr, set --clip-grad, "
+                             f"or check the data.")
+        stopping = stop.any_process(device)
+        if step % args.save_every == 0 or step == args.steps or stopping:
+            save(step)
+        if stopping:
+            if is_main:
+                print(f"stopped by signal at step {step}; resume with the same command (--resume auto) "
+                      f"to continue from {args.out}", flush=True)
+            break
     progress.close()
     if writer:
         writer.close()
     utils.cleanup_process()
-    return {"out": args.out, "losses": history, "failed_files": failed_files}
+    return {"out": args.out, "losses": history, "failed_files": failed_files, "skipped_steps": skipped_steps,
+            "step": step}
+
+
+def saved_args(args):
+    """The arguments as plain JSON-friendly values (for args.json and checkpoints)."""
+    return {k: v for k, v in vars(args).items() if k != "autocast_dtype"}
 
 
 @torch.no_grad()
-def log_scalars(writer, stats, args, step, lr, failed_files, clips_per_second, progress):
+def log_scalars(writer, stats, args, step, lr, failed_files, skipped_steps, clips_per_second, progress):
     """Scalars of the last step: losses restricted to each target part, density, speed.
 
     Returns the global-batch loss of the step (every process gets it).
@@ -409,6 +573,7 @@ def log_scalars(writer, stats, args, step, lr, failed_files, clips_per_second, p
     writer.add_scalar("lr", lr, step)
     writer.add_scalar("speed/clips_per_s", clips_per_second, step)
     writer.add_scalar("data/failed_files", failed, step)
+    writer.add_scalar("train/skipped_steps", skipped_steps, step)
     progress.set_postfix(loss=f"{total:.3f}", failed=failed)
     return total
 

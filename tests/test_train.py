@@ -1,6 +1,11 @@
 """Short end-to-end runs of train.py and probe.py on a tiny synthetic set."""
+import glob
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -13,6 +18,7 @@ import probe
 import train
 import utils
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000", "--batch-size", "8",
         "--workers", "0", "--log-every", "1", "--val-every", "0", "--lr", "1e-3"]
 
@@ -71,20 +77,56 @@ def test_every_supervision_signal_trains(tiny_set, tmp_path, signal):
     assert len(result["losses"]) == 3 and all(np.isfinite([loss for _, loss in result["losses"]]))
 
 
-def test_bad_files_are_skipped_and_counted(tiny_set, tmp_path):
+def manifest_with_bad_files(tiny_set, tmp_path):
+    """4 good train files plus one file of every bad or unusual kind."""
     manifest = pd.read_csv(tiny_set)
     folder = os.path.dirname(tiny_set)
     manifest["path"] = [os.path.join(folder, p) for p in manifest["path"]]
     broken = tmp_path / "broken.wav"
-    broken.write_bytes(b"not audio")
+    broken.write_bytes(b"RIFF....WAVE but not really")
+    empty = str(tmp_path / "empty.wav")
+    sf.write(empty, np.zeros(0, dtype=np.float32), 8000)
     short = str(tmp_path / "short.wav")
-    sf.write(short, np.zeros(100, dtype=np.float32), 8000)
-    extra = pd.DataFrame({"path": [str(broken), short], "split": ["train", "train"]})
+    sf.write(short, np.zeros(100, dtype=np.float32) + 0.1, 8000)
+    nan = str(tmp_path / "nan.wav")
+    sf.write(nan, np.full(16000, np.nan, dtype=np.float32), 8000, subtype="FLOAT")
+    silent = str(tmp_path / "silent.wav")
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 8000)
+    odd = str(tmp_path / "odd.flac")
+    sf.write(odd, 0.1 * np.random.default_rng(0).standard_normal((11025, 3)).astype(np.float32), 11025)
+    extra = pd.DataFrame({"path": [str(broken), empty, short, nan, silent, odd], "split": ["train"] * 6})
     csv = str(tmp_path / "with_bad.csv")
     pd.concat([manifest[manifest["split"] == "train"].head(4), extra]).to_csv(csv, index=False)
-    result = run(tmp_path, "bad", csv, steps=4)
-    assert len(result["losses"]) == 4
+    return csv
+
+
+def test_bad_files_met_in_training_are_skipped_and_counted(tiny_set, tmp_path):
+    csv = manifest_with_bad_files(tiny_set, tmp_path)
+    result = run(tmp_path, "bad", csv, "--skip-check", steps=4)
+    assert len(result["losses"]) == 4 and all(np.isfinite([loss for _, loss in result["losses"]]))
     assert result["failed_files"] > 0
+
+
+def test_data_check_reports_every_kind_and_excludes_bad_files(tiny_set, tmp_path):
+    csv = manifest_with_bad_files(tiny_set, tmp_path)
+    with pytest.raises(SystemExit, match="4 of 10 files are bad"):
+        run(tmp_path, "refused", csv, steps=2)
+    result = run(tmp_path, "checked", csv, "--max-bad-fraction", "0.5", steps=2)
+    assert result["failed_files"] == 0  # the bad files never reach training
+    report = pd.read_csv(os.path.join(result["out"], "data-check.csv"), keep_default_na=False)
+    problems = dict(zip([os.path.basename(p) for p in report["path"]], report["problems"]))
+    status = dict(zip([os.path.basename(p) for p in report["path"]], report["status"]))
+    assert status["broken.wav"] == "bad" and problems["broken.wav"].startswith("unreadable")
+    assert status["empty.wav"] == "bad" and problems["empty.wav"] == "empty"
+    assert status["short.wav"] == "bad" and problems["short.wav"].startswith("too short")
+    assert status["nan.wav"] == "bad" and "NaN/Inf" in problems["nan.wav"]
+    assert status["silent.wav"] == "ok" and problems["silent.wav"] == "silent"
+    assert status["odd.flac"] == "ok" and "3 channels" in problems["odd.flac"] and "11025 Hz (resampled to 8000 Hz)" in problems["odd.flac"]
+    bad = pd.read_csv(os.path.join(result["out"], "bad-files.csv"))
+    assert sorted(os.path.basename(p) for p in bad["path"]) == ["broken.wav", "empty.wav", "nan.wav", "short.wav"]
+    only_check = train.main(TINY + ["--train-csv", csv, "--out", str(tmp_path / "only"), "--check-data",
+                                    "--max-bad-fraction", "0.5"])
+    assert only_check["files"] == 6
 
 
 def test_bad_flags_and_labels_fail_before_training(tiny_set, tmp_path):
@@ -92,3 +134,62 @@ def test_bad_flags_and_labels_fail_before_training(tiny_set, tmp_path):
         run(tmp_path, "flags", tiny_set, "--label-column", "timbre", "--task", "multiclass", "--task", "regression")
     with pytest.raises(datasets.ManifestError, match="not a number"):
         run(tmp_path, "flags", tiny_set, "--label-column", "timbre", "--task", "regression")
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_set, tmp_path, monkeypatch):
+    real_step = train.contrastive_step
+    calls = []
+
+    def poisoned_step(*args, **kwargs):
+        loss, stats = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in (2, 4, 5, 6):
+            loss = loss * float("nan")
+            stats["loss_sum"] = stats["loss_sum"] * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(train, "contrastive_step", poisoned_step)
+    with pytest.raises(SystemExit, match="3 steps in a row"):
+        run(tmp_path, "nan", tiny_set, "--max-bad-steps", "3", "--save-every", "100", steps=10)
+    state = utils.load_checkpoint(utils.list_checkpoints(str(tmp_path / "nan"))[-1])
+    assert state["step"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_saves_and_resume_continues(tiny_set, tmp_path):
+    out = str(tmp_path / "signal")
+    command = [sys.executable, "train.py", *TINY, "--train-csv", tiny_set, "--out", out, "--steps", "100000",
+               "--save-every", "100000", "--skip-check"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(os.path.join(out, "events.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "resume with the same command" in output
+    saved = utils.load_checkpoint(utils.list_checkpoints(out)[-1])
+    assert 0 < saved["step"] < 100000
+    resumed = train.main(TINY + ["--train-csv", tiny_set, "--out", out, "--steps", str(saved["step"] + 2),
+                                 "--skip-check"])
+    assert [s for s, _ in resumed["losses"]] == [saved["step"] + 1, saved["step"] + 2]
+
+
+def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    first = utils.save_checkpoint({k: 0 for k in utils.CHECKPOINT_KEYS} | {"model": {"w": torch.ones(3)}},
+                                  str(tmp_path), 1)
+    writer = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); import utils\n"
+              f"state = {{k: 0 for k in utils.CHECKPOINT_KEYS}}\n"
+              f"state['model'] = {{'w': torch.zeros(50_000_000)}}\n"
+              f"print('writing', flush=True)\n"
+              f"utils.save_checkpoint(state, {str(tmp_path)!r}, 2)\n")
+    process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    deadline = time.time() + 60
+    while not glob.glob(str(tmp_path / "checkpoint-00000002.pt.tmp*")) and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert utils.list_checkpoints(str(tmp_path)) == [first]
+    assert torch.equal(utils.load_checkpoint(first)["model"]["w"], torch.ones(3))
