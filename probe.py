@@ -960,6 +960,9 @@ def summary_table(results):
             r = cells.get((checkpoint, c))
             values.append(cell_text(r["mean"], r["std"], r["seeds"]) if r else "-")
         lines.append(f"| {checkpoint} | " + " | ".join(values) + " |")
+    corrupted = next((r["corrupt"] for r in records if r["corrupt"]), None)
+    if corrupted:
+        lines.append(f"\nTest audio corrupted by {','.join(corrupted['names'])} at severity {corrupted['severity']:g}.")
     return "\n".join(lines)
 
 
@@ -1015,6 +1018,9 @@ def main(argv=None):
     args = finish_args(build_parser().parse_args(argv))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     probes = probe_list(args)
+    # ---- check every probe's manifest and labels before any embedding or training
+    for probe in probes:
+        read_labels(args, probe)
 
     # ---- probes, checkpoint by checkpoint (each encoder loaded once)
     results = []

@@ -220,6 +220,7 @@ def test_corruption_at_severity_zero_equals_clean_and_noise_changes_embeddings(t
     assert swept["test"] == swept["sweep"]["2"] and swept["corrupt"] == {"names": ["noise"], "severity": 2.0}
     printed = capsys.readouterr().out
     assert "| checkpoint | probe (noise) | s=0 | s=2 |" in printed
+    assert "Test audio corrupted by noise at severity 2." in printed
     # The cache holds the clean set plus the test files at each severity (keys include the corruption).
     assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 3
     model, settings = probe.load_encoder("random", probe.finish_args(probe.build_parser().parse_args(
@@ -373,3 +374,10 @@ def test_key_and_multi_output_regression_probes_report_the_papers_metrics(tiny_s
     assert list(table.columns) == ["checkpoint", "key (accuracy)", "key (mirex)", "brightness,pitch (r2)",
                                    "brightness,pitch (r2 brightness)", "brightness,pitch (r2 pitch)"]
     assert table.loc[0, "brightness,pitch (r2 pitch)"] == pytest.approx(regression["test"]["r2_per_output"][1])
+
+
+def test_every_probe_is_checked_before_any_embedding(tiny_set, tmp_path):
+    with pytest.raises(datasets.ManifestError, match="column 'timbre'"):
+        run_probe(tiny_set, tmp_path, "--label-column", "pitch_class", "--label-column", "timbre", "--task",
+                  "multiclass", "--task", "regression")
+    assert not os.path.exists(tmp_path / "cache"), "the first probe ran before the second was checked"
