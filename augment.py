@@ -219,7 +219,8 @@ def time_scale(x, rate, length):
     left = grain // 2 + search  # padding so that grain 0 is centred on sample 0
     padded_length = int(base.max()) + 2 * search + grain
     padded = F.pad(x, (left, max(0, padded_length - left - input_length)))  # [B, >= P]
-    rows = torch.arange(batch, device=device)[:, None]
+    row_index = torch.arange(batch, device=device)
+    rows = row_index[:, None]
     # Candidate regions (all shifts of grain k's first half) do not depend on earlier
     # choices: gather and transform them all at once, grain-major so that the loop
     # below reads contiguous rows.
@@ -229,17 +230,19 @@ def time_scale(x, rate, length):
     lags = 2 * search + 1
     # A tiny preference for the unshifted read decides ties, e.g. in silence.
     tie_break = -1e-12 * (torch.arange(lags, device=device) - search).abs()  # [lags]
-    # The continuation is read backwards so that correlating becomes a circular
-    # convolution of size `region`: index j + overlap - 1 holds
-    # sum_i continuation[i] * region[i + j], with no wrap-around for j in [0, lags).
-    reversed_offsets = torch.arange(hop + overlap - 1, hop - 1, -1, device=device)
-    starts = torch.empty(batch, grains, dtype=torch.long, device=device)
-    starts[:, 0] = base[:, 0] + search
+    # The continuation of grain k-1 is read backwards, from a flipped copy of the input,
+    # so that correlating becomes a circular convolution of size `region`: index
+    # j + overlap - 1 holds sum_i continuation[i] * region[i + j], with no wrap-around
+    # for j in [0, lags). Only [B]-sized index arithmetic happens per step.
+    flipped_windows = padded.flip(-1).unfold(1, overlap, 1)  # [B, P - overlap + 1, overlap]
+    flipped_base = (padded.shape[-1] - hop - overlap - base).T.contiguous()  # [G, B]
+    shifts = torch.empty(grains, batch, dtype=torch.long, device=device)  # [G, B] chosen lag j per grain
+    shifts[0] = search
     for k in range(1, grains):
-        continuation = padded.gather(1, starts[:, k - 1 : k] + reversed_offsets)  # [B, overlap]
+        continuation = flipped_windows[row_index, flipped_base[k - 1] - shifts[k - 1]]  # [B, overlap], reversed
         product = torch.fft.irfft(torch.fft.rfft(continuation, n=region) * region_spectra[k], n=region)  # [B, region]
-        correlation = product[:, overlap - 1 :]  # [B, lags]
-        starts[:, k] = base[:, k] + (correlation + tie_break).argmax(-1)
+        torch.argmax(product[:, overlap - 1 :] + tie_break, dim=-1, out=shifts[k])
+    starts = base + shifts.T  # [B, G] chosen reads
     # Overlap-add at 50%: output block j (hop samples) is the rising half of grain j
     # plus the falling half of grain j - 1 (periodic Hann halves sum to one). Block 0
     # falls before the first output sample.
@@ -305,11 +308,10 @@ def noise(x, snr_db, decay, white):
         white: `[B, T // 2 + 1, 2]` standard normal (real and imaginary parts).
     """
     length = x.shape[-1]
-    frequency = torch.arange(1, white.shape[1], device=x.device, dtype=x.dtype)  # [F - 1] bin index
-    shape = torch.exp(-0.5 * decay[:, None] * torch.log(frequency))  # [B, F - 1], amplitude ~ f^(-decay/2)
-    spectrum = torch.view_as_complex(white[:, 1:].contiguous()) * shape  # [B, F - 1]
-    spectrum = F.pad(spectrum, (1, 0))  # [B, F]; no DC
-    colored = torch.fft.irfft(spectrum, n=length)  # [B, T]
+    log_frequency = torch.arange(white.shape[1], device=x.device, dtype=x.dtype).log()  # [F] log bin index
+    shape = torch.exp(-0.5 * decay[:, None] * log_frequency)  # [B, F], amplitude ~ f^(-decay/2)
+    shape[:, 0] = 0  # no DC
+    colored = torch.fft.irfft(torch.view_as_complex(white) * shape, n=length)  # [B, T]
     scale = rms(x) / (rms(colored) * torch.pow(10.0, snr_db / 20)).clamp(min=1e-12)
     return x + colored * scale[:, None]
 
@@ -753,7 +755,7 @@ def parse_augment(spec):
 
 def peak_guard(x):
     """Scale down only the examples whose peak exceeds 1, so output stays in [-1, 1]."""
-    peak = x.abs().amax(-1, keepdim=True)  # [B, 1]
+    peak = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True)  # [B, 1]
     return x / peak.clamp(min=1.0)
 
 
