@@ -425,8 +425,8 @@ def cached_embeddings(model, paths, settings, args, device, corruption=None):
             return np.load(base + ".npy"), owners, saved["failed"]
         print(f"embedding cache: {base}.json was written for other inputs; rebuilding it")
     others = other_checkpoint_entries(args.cache_dir, index)
-    note = f"; {others} entr{'y' if others == 1 else 'ies'} of other checkpoints for these files left alone" \
-        if others else ""
+    note = (f"; {others} entr{'y' if others == 1 else 'ies'} of other checkpoints for these files left alone"
+            if others else "")
     print(f"embedding cache: extracting {len(paths)} files with checkpoint {settings['key'][:12]} "
           f"({corruption_name(corruption)}) into {base}.npy{note}")
     embeddings, owners, failed = embed_files(model, paths, settings, args.layer, device, args.max_clips, corruption)
