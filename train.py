@@ -94,7 +94,7 @@ def build_parser():
                        help="batches per optimizer step; each is its own contrastive batch (negatives do not "
                             "cross batches), so this does not enlarge the negative set")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
-    optim.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes (GPU)")
+    optim.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over the global batch")
     optim.add_argument("--activation-checkpointing", action="store_true",
                        help="recompute encoder activations in backward: less memory, more compute")
     run = parser.add_argument_group("run")
@@ -368,8 +368,6 @@ def main(argv=None):
     args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
     args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
-    if args.sync_bn and device.type != "cuda":
-        raise SystemExit("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU kernel)")
     utils.seed_everything(args.seed + rank)
     if is_main:
         check_out_folder(args.out, 64 << 20)
@@ -416,7 +414,9 @@ def main(argv=None):
                              args.hidden_dim, args.projection_dim)
     models.set_activation_checkpointing(model.encoder, args.activation_checkpointing)
     if args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # torch's SyncBatchNorm is GPU-only; the project's GlobalBatchNorm covers gloo on CPUs.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else \
+            utils.convert_batch_norm(model)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args, step))

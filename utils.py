@@ -69,6 +69,67 @@ def gather_with_grad(x):
     return GatherWithGrad.apply(x)
 
 
+class AllReduceWithGrad(torch.autograd.Function):
+    """Sum over processes whose backward sums the incoming gradients over processes too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(torch.nn.BatchNorm1d):
+    """Batch norm whose statistics cover the batch of every process, on any device.
+
+    torch's SyncBatchNorm runs on GPUs only; this one all-reduces the per-channel sums
+    (with gradients) through the default process group, so it also works with gloo on
+    CPUs. Alone, it is plain batch norm. Input `[B, C, ...]` of any rank (forward is
+    replaced; BatchNorm1d only lends the parameters and buffers).
+    """
+
+    def forward(self, x):
+        if not self.training:
+            return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                                  self.bias, False, 0.0, self.eps)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
+        sums = torch.stack([x.sum(dims), x.square().sum(dims)])  # [2, C]
+        if dist.is_initialized():
+            sums = AllReduceWithGrad.apply(sums)
+            count = all_reduce_sum(count)
+        mean = sums[0] / count
+        variance = sums[1] / count - mean.square()
+        with torch.no_grad():
+            momentum = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.detach(), momentum)
+            self.running_var.lerp_(variance.detach() * count / (count - 1).clamp(min=1), momentum)
+            self.num_batches_tracked += 1
+        x = (x - mean.view(shape)) * torch.rsqrt(variance.view(shape) + self.eps)
+        return x * self.weight.view(shape) + self.bias.view(shape) if self.affine else x
+
+
+def convert_batch_norm(module):
+    """Replace every BatchNorm1d/2d in `module` by GlobalBatchNorm, keeping weights and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            like = next(t for t in child.state_dict().values() if t.is_floating_point())
+            replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                          child.track_running_stats).to(like)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            convert_batch_norm(child)
+    return module
+
+
 def gather(x):
     """Concatenate `x` `[n, ...]` from every process in rank order, without gradients."""
     if not dist.is_initialized():
