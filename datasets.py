@@ -10,9 +10,13 @@ Manifest contract (one row per audio file):
 
 Audio is read with soundfile by seeking (a 3 s crop of a 10 min MP3 decodes 3 s), mixed
 to mono and resampled with torchaudio. `python datasets.py synth --out DIR` writes the
-built-in synthetic music set that train.py uses when no manifest is given.
+built-in synthetic music set that train.py uses when no manifest is given;
+`python datasets.py cache --train-csv M.csv --out DIR --sample-rate 22050` pre-decodes
+a corpus once (recommended for multi-epoch training on MP3s): then train on DIR/manifest.csv.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
 import re
@@ -376,6 +380,53 @@ def _fit_length(wave, length):
     return torch.nn.functional.pad(wave, (0, length - wave.shape[-1]))
 
 
+CACHE_INFO = "cache.json"
+_CACHE_RATES = {}
+
+
+class CachedAudio:
+    """A pre-decoded file (see write_cache): int16 mono `.npy`, memory-mapped.
+
+    Reads like an sf.SoundFile (samplerate, frames, channels, seek, read) so that crops
+    come from the same code, with no decoding: a crop is a slice of the mapped array.
+    The sample rate is the one recorded in the cache folder's cache.json.
+    """
+
+    def __init__(self, path):
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        if folder not in _CACHE_RATES:
+            with open(os.path.join(folder, CACHE_INFO)) as f:
+                _CACHE_RATES[folder] = json.load(f)["sample_rate"]
+        self.samplerate = _CACHE_RATES[folder]
+        self.data = np.load(path, mmap_mode="r")
+        self.frames, self.channels, self.position = len(self.data), 1, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.data = None
+
+    def seek(self, frame):
+        self.position = frame
+
+    def read(self, frames=-1, dtype="float32", always_2d=True):
+        end = self.frames if frames < 0 else min(self.frames, self.position + frames)
+        out = self.data[self.position:end].astype(np.float32) / 32768.0  # [T]
+        self.position = end
+        return out[:, None]  # [T, 1]
+
+
+def open_audio(path):
+    """An open audio file: CachedAudio for `.npy` cache files, else an sf.SoundFile."""
+    if str(path).endswith(".npy"):
+        try:
+            return CachedAudio(path)
+        except (OSError, ValueError, KeyError) as error:
+            raise AudioError(f"{path}: cannot read cached audio ({error})") from error
+    return sf.SoundFile(path)
+
+
 def read_crops(path, num_views, clip_samples, sample_rate, rng):
     """Read `num_views` random crops of one file, mono, at `sample_rate`.
 
@@ -385,7 +436,7 @@ def read_crops(path, num_views, clip_samples, sample_rate, rng):
     rng: numpy Generator. Returns `[num_views, clip_samples]` float32.
     """
     try:
-        with sf.SoundFile(path) as f:
+        with open_audio(path) as f:
             source_rate, frames = f.samplerate, f.frames
             # One extra source frame absorbs rounding of the resampled length.
             crop = math.ceil(clip_samples * source_rate / sample_rate) + 1
@@ -429,8 +480,11 @@ def read_clips(path, clip_samples, sample_rate, max_clips=None):
     evenly spread over the file). Returns `[K, clip_samples]` float32.
     """
     try:
-        audio, source_rate = sf.read(path, dtype="float32", always_2d=True)
+        with open_audio(path) as f:
+            audio, source_rate = f.read(-1, dtype="float32", always_2d=True), f.samplerate
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        if isinstance(error, AudioError):
+            raise
         raise AudioError(f"{path}: cannot read audio ({error})") from error
     if len(audio) == 0:
         raise AudioError(f"{path}: empty audio")
@@ -462,7 +516,7 @@ def check_file(path, min_seconds, sample_rate, block_seconds=30.0):
     report = {"path": path, "status": "ok", "problems": "", "seconds": 0.0, "sample_rate": 0, "channels": 0}
     problems, bad = [], False
     try:
-        with sf.SoundFile(path) as f:
+        with open_audio(path) as f:
             report.update(sample_rate=f.samplerate, channels=f.channels)
             frames, peak, finite = 0, 0.0, True
             block = max(1, int(block_seconds * f.samplerate))
@@ -666,6 +720,69 @@ def fixed_batches(rows, labeled, batch_size, seed, rank=0, world_size=1):
     return [b[rank::world_size] for b in batches if len(b) >= 2 * world_size]
 
 
+# ---------------------------------------------------------------- pre-decoded cache
+
+def _cache_one(task):
+    """Decode, mix to mono, resample and store one file as int16 .npy; (row, error or None)."""
+    row, source, target, sample_rate = task
+    try:
+        audio, source_rate = sf.read(source, dtype="float32", always_2d=True)
+        if not len(audio):
+            raise AudioError(f"{source}: empty audio")
+        wave = _resample(audio.mean(1, keepdims=True).T, source_rate, sample_rate)[0]  # [T]
+        if not torch.isfinite(wave).all():
+            raise AudioError(f"{source}: audio holds NaN or Inf samples")
+        pcm = (wave.clamp(-1, 32767 / 32768) * 32768).round().to(torch.int16).numpy()
+        np.save(target + ".tmp.npy", pcm)
+        os.replace(target + ".tmp.npy", target)
+        return row, None
+    except (AudioError, sf.LibsndfileError, RuntimeError, OSError) as error:
+        return row, str(error).splitlines()[0]
+
+
+def write_cache(csv_paths, folder, sample_rate, workers=2):
+    """Pre-decode every file of the manifests once, for crops with no decoding at all.
+
+    Each file becomes folder/audio/HASH.npy (int16, mono, at `sample_rate`; int16 keeps
+    the error under 2e-5), and folder/manifest.csv repeats the manifests' rows with `path`
+    pointing at the cache (`source_path` keeps the original). Files already cached are
+    skipped, so an interrupted run continues. Unreadable files are left out and listed.
+    Returns the new manifest's path.
+    """
+    manifest = read_manifest(csv_paths)
+    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
+    info = os.path.join(folder, CACHE_INFO)
+    if os.path.isfile(info):
+        with open(info) as f:
+            cached_rate = json.load(f)["sample_rate"]
+        if cached_rate != sample_rate:
+            raise SystemExit(f"{folder} holds audio at {cached_rate} Hz, not {sample_rate} Hz; use another folder")
+    with open(info, "w") as f:
+        json.dump({"sample_rate": sample_rate}, f)
+    targets = [os.path.join(folder, "audio", hashlib.sha1(p.encode()).hexdigest()[:20] + ".npy")
+               for p in manifest["path"]]
+    tasks = [(row, source, target, sample_rate) for row, (source, target) in enumerate(zip(manifest["path"], targets))
+             if not os.path.isfile(target)]
+    failed = {}
+    if workers > 1 and len(tasks) > 1:
+        with torch.multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = list(pool.imap_unordered(_cache_one, tasks, chunksize=4))
+    else:
+        results = [_cache_one(task) for task in tasks]
+    for row, error in results:
+        if error is not None:
+            failed[row] = error
+    out = manifest.drop(columns=["source", "source_row"]).rename(columns={"path": "source_path"})
+    out.insert(0, "path", [os.path.relpath(t, folder) for t in targets])
+    keep = [row for row in range(len(out)) if row not in failed]
+    out.iloc[keep].to_csv(os.path.join(folder, "manifest.csv"), index=False)
+    print(f"cached {len(tasks) - len(failed)} new files ({len(manifest) - len(tasks)} already there) at "
+          f"{sample_rate} Hz in {folder}; {len(failed)} unreadable left out")
+    for row, error in list(failed.items())[:10]:
+        print(f"  {error}")
+    return os.path.join(folder, "manifest.csv")
+
+
 # ---------------------------------------------------------------- synthetic music
 
 TIMBRES = ("pluck", "organ", "bowed", "bell")
@@ -745,9 +862,16 @@ def main():
     synth.add_argument("--num-files", type=int, default=480, help="number of files")
     synth.add_argument("--seconds", type=float, default=3.0, help="file length in seconds")
     synth.add_argument("--sample-rate", type=int, default=16000, help="sample rate in Hz")
+    cache = commands.add_parser("cache", help="pre-decode manifests to memory-mapped int16 audio")
+    cache.add_argument("--train-csv", action="append", required=True, help="manifest(s) to cache, repeatable")
+    cache.add_argument("--out", required=True, help="cache folder (gets audio/, manifest.csv, cache.json)")
+    cache.add_argument("--sample-rate", type=int, default=22050, help="rate to store, the training rate (Hz)")
+    cache.add_argument("--workers", type=int, default=2, help="decoding processes")
     args = parser.parse_args()
     if args.command == "synth":
         print(make_synthetic_set(args.out, args.num_files, args.seconds, args.sample_rate))
+    elif args.command == "cache":
+        print(write_cache(args.train_csv, args.out, args.sample_rate, args.workers))
 
 
 if __name__ == "__main__":

@@ -227,3 +227,28 @@ def test_class_similarity_file_errors(tmp_path):
     pd.DataFrame([[1.0, 0.4]], index=["jazz"], columns=["jazz", "rock"]).to_csv(not_square)
     with pytest.raises(datasets.ManifestError, match="square"):
         datasets.parse_labels(manifest, "genre", "multiclass", similarity=str(not_square))
+
+
+def test_cache_gives_the_decoded_audio_without_decoding(tmp_path):
+    mp3 = str(tmp_path / "a.mp3")
+    t = np.arange(3 * 44100) / 44100
+    sf.write(mp3, np.stack([0.3 * np.sin(2 * np.pi * 330 * t)] * 2, 1).astype(np.float32), 44100, format="MP3")
+    wav = write_tone(str(tmp_path / "b.wav"), 2.5, 16000, frequency=250)
+    broken = tmp_path / "c.wav"
+    broken.write_bytes(b"nothing")
+    csv = write_csv(tmp_path, [{"path": "a.mp3", "split": "train", "label": "x"},
+                               {"path": "b.wav", "split": "test", "label": "y"},
+                               {"path": "c.wav", "split": "train", "label": "z"}])
+    cached_csv = datasets.write_cache(csv, str(tmp_path / "cache"), 16000, workers=1)
+    cached = datasets.read_manifest(cached_csv)
+    assert len(cached) == 2 and cached["label"].tolist() == ["x", "y"]
+    assert cached["source_path"].tolist() == [str(tmp_path / "a.mp3"), str(tmp_path / "b.wav")]
+    for source, target in zip(cached["source_path"], cached["path"]):
+        decoded = datasets.read_clips(source, 8000, 16000)
+        from_cache = datasets.read_clips(target, 8000, 16000)
+        assert from_cache.shape == decoded.shape
+        assert (from_cache - decoded).abs().max() < 1e-4
+    # Same rate, same seed: the same crop positions, so the same crops.
+    same = datasets.read_crops(wav, 2, 8000, 16000, np.random.default_rng(3))
+    from_cache = datasets.read_crops(cached["path"][1], 2, 8000, 16000, np.random.default_rng(3))
+    assert (same - from_cache).abs().max() < 1e-4
