@@ -786,6 +786,7 @@ def write_cache(csv_paths, folder, sample_rate, workers=2):
 # ---------------------------------------------------------------- synthetic music
 
 TIMBRES = ("pluck", "organ", "bowed", "bell")
+SYNTHETIC_COLUMNS = ("path", "split", "pitch_class", "timbre", "pitch", "key", "tags", "brightness")
 
 
 def _render(rng, midi_notes, timbre, seconds, sample_rate):
@@ -823,14 +824,16 @@ def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, se
 
     Each file is a note or chord (major or minor triad) with a random root between
     MIDI 48 and 71, one of four timbre families, random envelope details, vibrato and
-    noise. Columns: path, split (70/15/15), pitch_class (root name), timbre, pitch
-    (MIDI root), tags ("chord"/"note" plus timbre and "vibrato"), brightness (a number).
+    noise. Columns (SYNTHETIC_COLUMNS): path, split (70/15/15), pitch_class (root name),
+    timbre, pitch (MIDI root), key (the triad as a key, e.g. "A minor"; empty for single
+    notes), tags ("chord"/"note" plus timbre and "vibrato"), brightness (a number).
     """
     folder = os.path.abspath(folder)
     manifest = os.path.join(folder, "manifest.csv")
     if os.path.isfile(manifest):
         existing = pd.read_csv(manifest)
-        if len(existing) == num_files and all(os.path.isfile(os.path.join(folder, p)) for p in existing["path"]):
+        if len(existing) == num_files and list(existing.columns) == list(SYNTHETIC_COLUMNS) and \
+                all(os.path.isfile(os.path.join(folder, p)) for p in existing["path"]):
             return manifest
     os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -839,7 +842,8 @@ def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, se
         root = int(rng.integers(48, 72))
         timbre = TIMBRES[index % len(TIMBRES)]
         is_chord = rng.random() < 0.5
-        notes = [root, root + (4 if rng.random() < 0.5 else 3), root + 7] if is_chord else [root]
+        is_major = rng.random() < 0.5
+        notes = [root, root + (4 if is_major else 3), root + 7] if is_chord else [root]
         audio = _render(rng, notes, timbre, seconds, sample_rate)
         name = f"audio/{index:04d}.wav"
         sf.write(os.path.join(folder, name), audio, sample_rate, subtype="PCM_16")
@@ -847,8 +851,9 @@ def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, se
         tags = ["chord" if is_chord else "note", timbre] + (["vibrato"] if timbre in ("bowed", "organ") else [])
         spectrum = np.abs(np.fft.rfft(audio))
         brightness = float((spectrum * np.arange(len(spectrum))).sum() / spectrum.sum() / len(spectrum))
+        key = f"{NOTE_NAMES[root % 12]} {'major' if is_major else 'minor'}" if is_chord else ""
         rows.append({"path": name, "split": split, "pitch_class": NOTE_NAMES[root % 12], "timbre": timbre,
-                     "pitch": root, "tags": ";".join(tags), "brightness": round(brightness, 5)})
+                     "pitch": root, "key": key, "tags": ";".join(tags), "brightness": round(brightness, 5)})
     pd.DataFrame(rows).to_csv(manifest + ".tmp", index=False)
     os.replace(manifest + ".tmp", manifest)
     return manifest

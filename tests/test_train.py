@@ -68,6 +68,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_set, tmp_path):
     ["--label-column", "pitch_class", "--label-kind", "pitch_class", "--class-similarity", "pitch"],
     ["--label-column", "tags", "--task", "multilabel", "--positive-threshold", "weighted"],
     ["--label-column", "brightness", "--task", "regression", "--target-kernel", "threshold"],
+    ["--label-column", "key", "--label-kind", "key", "--class-similarity", "key"],
     ["--label-column", "pitch", "--label-kind", "pitch", "--class-similarity", "pitch-octave",
      "--label-column", "timbre", "--label-kind", "generic", "--class-similarity", "none",
      "--labeled-fraction", "0.5"],
@@ -193,3 +194,33 @@ def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     process.wait()
     assert utils.list_checkpoints(str(tmp_path)) == [first]
     assert torch.equal(utils.load_checkpoint(first)["model"]["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize("encoder", ["samplecnn", "samplecnn-xl", "tuneplus", "melcnn"])
+def test_every_encoder_trains_through_train_py(tiny_set, tmp_path, encoder):
+    result = run(tmp_path, encoder, tiny_set, "--encoder", encoder, "--augment", "none", "--skip-check", steps=2)
+    assert len(result["losses"]) == 2 and all(np.isfinite([loss for _, loss in result["losses"]]))
+
+
+def test_gradient_accumulation_and_cosine_schedule_run(tiny_set, tmp_path):
+    result = run(tmp_path, "accum", tiny_set, "--grad-accum", "2", "--schedule", "cosine", "--warmup-steps", "1",
+                 "--clip-grad", "1.0", "--skip-check", steps=3)
+    assert [s for s, _ in result["losses"]] == [1, 2, 3]
+    state = utils.load_checkpoint(utils.list_checkpoints(result["out"])[-1])
+    assert state["scheduler"]["last_epoch"] == 3
+
+
+def test_label_changing_transform_on_labeled_clips_warns(tiny_set, tmp_path, capsys):
+    run(tmp_path, "warn", tiny_set, "--label-column", "pitch_class", "--label-kind", "pitch_class",
+        "--augment", "gain,pitch", "--skip-check", steps=1)
+    assert "transform 'pitch' changes pitch_class labels" in capsys.readouterr().out
+    run(tmp_path, "quiet", tiny_set, "--label-column", "pitch_class", "--label-kind", "pitch_class",
+        "--augment", "gain,pitch", "--augment-labeled", "gain", "--skip-check", steps=1)
+    assert "changes pitch_class labels" not in capsys.readouterr().out
+
+
+def test_unwritable_out_fails_at_start(tiny_set, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match="is not writable"):
+        run(tmp_path, "a-file/run", tiny_set, steps=1)
