@@ -283,6 +283,7 @@ def gain(x, gain_db):
 
 
 def sample_gain(n, length, setting, draw, sample_rate):
+    """Draw `gain` parameters for n examples of length T: gain_db uniform in the setting's range."""
     return {"gain_db": draw.uniform(*setting["gain_db"], n)}
 
 
@@ -292,6 +293,7 @@ def polarity(x):
 
 
 def sample_polarity(n, length, setting, draw, sample_rate):
+    """Draw `polarity` parameters for n examples of length T: Nothing to draw."""
     return {}
 
 
@@ -317,6 +319,10 @@ def noise(x, snr_db, decay, white):
 
 
 def sample_noise(n, length, setting, draw, sample_rate):
+    """Draw `noise` parameters for n examples of length T.
+
+    SNR and spectral decay uniform in their ranges, plus the white spectrum to shape.
+    """
     return {
         "snr_db": draw.uniform(*setting["snr_db"], n),
         "decay": draw.uniform(*setting["decay"], n),
@@ -371,6 +377,11 @@ def band_filter(x, kind, frequency_hz, bandwidth, sample_rate):
 
 
 def sample_filter(n, length, setting, draw, sample_rate):
+    """Draw `band_filter` parameters for n examples of length T.
+
+    Kind uniform among FILTER_KINDS; frequencies log-uniform (close to the reference's
+    mel-uniform draw), below 0.9 x Nyquist.
+    """
     kind = draw.integers(0, len(FILTER_KINDS) - 1, n)
     top = 0.9 * sample_rate / 2
     centre = draw.log_uniform(*setting["band_centre_hz"], n).clamp(max=top)
@@ -391,7 +402,8 @@ def smooth_lengths(limit):
     pocketfft and cuFFT transform fast (other sizes fall back to much slower algorithms)."""
     lengths = [1]
     for prime in (2, 3, 5, 7, 11):
-        lengths = [n * prime**e for n in lengths for e in range(int(math.log(limit, prime)) + 1) if n * prime**e <= limit]
+        powers = [prime**e for e in range(int(math.log(limit, prime)) + 1)]
+        lengths = [n * power for n in lengths for power in powers if n * power <= limit]
     return sorted(lengths)
 
 
@@ -451,6 +463,10 @@ def pitch(x, semitones):
 
 
 def sample_pitch(n, length, setting, draw, sample_rate):
+    """Draw `pitch` parameters for n examples of length T.
+
+    Semitones uniform in the setting's range.
+    """
     return {"semitones": draw.uniform(*setting["semitones"], n)}
 
 
@@ -471,6 +487,11 @@ def delay(x, lag, volume, repeats, attenuation):
 
 
 def sample_delay(n, length, setting, draw, sample_rate):
+    """Draw `delay` parameters for n examples of length T.
+
+    Delay uniform in ms, turned into whole samples; volume, repeats and attenuation
+    fixed by severity.
+    """
     delay_ms = draw.uniform(*setting["delay_ms"], n)
     return {
         # On clips shorter than twice the delay, the echo is brought within the clip's first half.
@@ -490,6 +511,10 @@ def stretch(x, rate):
 
 
 def sample_stretch(n, length, setting, draw, sample_rate):
+    """Draw `stretch` parameters for n examples of length T.
+
+    Rate log-uniform, so that slowing down and speeding up are equally likely.
+    """
     return {"rate": draw.log_uniform(*setting["rate"], n)}
 
 
@@ -521,6 +546,10 @@ def splice(x, gap_start, gap_length, fade):
 
 
 def sample_splice(n, length, setting, draw, sample_rate):
+    """Draw `splice` parameters for n examples of length T.
+
+    A uniform number of gaps, each with a uniform start and length.
+    """
     low, high = setting["gaps"]
     count = draw.integers(low, high, n)  # [n]
     gap_ms = torch.stack([draw.uniform(*setting["gap_ms"], n) for _ in range(high)], 1)  # [n, G]
@@ -588,6 +617,10 @@ def chorus(x, rate_hz, depth, mix, phase, sample_rate):
 
 
 def sample_chorus(n, length, setting, draw, sample_rate):
+    """Draw `chorus` parameters for n examples of length T.
+
+    Rate, depth and mix uniform in their ranges, starting phase uniform.
+    """
     return {
         "rate_hz": draw.uniform(*setting["rate_hz"], n),
         "depth": draw.uniform(*setting["depth"], n),
@@ -603,6 +636,7 @@ def distortion(x, drive_db):
 
 
 def sample_distortion(n, length, setting, draw, sample_rate):
+    """Draw `distortion` parameters for n examples of length T: Drive uniform in dB."""
     return {"drive_db": draw.uniform(*setting["drive_db"], n)}
 
 
@@ -636,6 +670,10 @@ def compress(x, threshold_db, ratio, attack_ms, release_ms, sample_rate):
 
 
 def sample_compress(n, length, setting, draw, sample_rate):
+    """Draw `compress` parameters for n examples of length T.
+
+    Threshold and ratio uniform; attack and release fixed by severity.
+    """
     return {
         "threshold_db": draw.uniform(*setting["threshold_db"], n),
         "ratio": draw.uniform(*setting["ratio"], n),
@@ -651,6 +689,7 @@ def reverse(x):
 
 
 def sample_reverse(n, length, setting, draw, sample_rate):
+    """Draw `reverse` parameters for n examples of length T: Nothing to draw."""
     return {}
 
 
@@ -661,6 +700,10 @@ def bitcrush(x, bits):
 
 
 def sample_bitcrush(n, length, setting, draw, sample_rate):
+    """Draw `bitcrush` parameters for n examples of length T.
+
+    Bit depth uniform among the integers of the range.
+    """
     return {"bits": draw.integers(*setting["bits"], n)}
 
 
@@ -705,6 +748,10 @@ def codec(x, cutoff_hz, snr_db, sample_rate):
 
 
 def sample_codec(n, length, setting, draw, sample_rate):
+    """Draw `codec` parameters for n examples of length T.
+
+    Cutoff (at most Nyquist) and SNR uniform in their ranges.
+    """
     low, high = setting["cutoff_hz"]
     top = sample_rate / 2
     return {

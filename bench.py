@@ -18,6 +18,7 @@ this project; to install it for the comparison without touching torch:
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -31,7 +32,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", choices=[*SECTIONS, "all"], help="which benchmark to run")
     parser.add_argument("--batch", type=int, default=192, help="views per batch (the paper: 96 clips x 2 views = 192)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per row, after one warm-up; the median is shown")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats per row, after one warm-up; the median is shown")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (torch.set_num_threads)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
     parser.add_argument("--sample-rate", type=int, default=22050, help="audio sample rate in Hz")
@@ -41,19 +43,22 @@ def build_parser():
     return parser
 
 
-def median_seconds(run, repeats, device):
-    """Median wall time in seconds of `run()` over `repeats` calls, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(runs, repeats, device):
+    """Median wall time in seconds of each function in `runs`, over `repeats` rounds after
+    one warm-up round. Rounds interleave the functions, so that a change in machine load
+    during the benchmark affects all of them alike."""
+    times = [[] for _ in runs]
+    for round_index in range(repeats + 1):
+        for run, run_times in zip(runs, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_index > 0:
+                run_times.append(time.perf_counter() - start)
+    return [statistics.median(run_times) for run_times in times]
 
 
 def synthetic_views(batch, length, sample_rate, generator):
@@ -110,26 +115,31 @@ def bench_augment(args):
         chain = augment.build_chain([name], severity=1.0, sample_rate=args.sample_rate)
         chain.probability = 1.0  # every view, so the row measures the transform itself
         chain.settings[name]["p"] = 1.0
-        rows.append((f"{name} alone (p = 1), batched", args.batch / median_seconds(batched(chain), args.repeats, device)))
+        (seconds,) = median_seconds([batched(chain)], args.repeats, device)
+        rows.append((f"{name} alone (p = 1), batched", args.batch / seconds))
     chain = augment.build_chain(list(augment.DEFAULT_AUGMENT), severity=1.0, sample_rate=args.sample_rate)
-    batched_rate = args.batch / median_seconds(batched(chain), args.repeats, device)
-    rows.append(("default chain (s = 1), batched", batched_rate))
-    seconds = median_seconds(per_clip(lambda clip: chain(clip, generator)), args.repeats, device)
-    rows.append(("default chain (s = 1), one clip at a time", len(clips) / seconds))
+    runs = [batched(chain), per_clip(lambda clip: chain(clip, generator))]
     try:
         reference = reference_chain(args.sample_rate)
     except ImportError:
         reference = None
+    else:
+        runs.append(per_clip(lambda clip: reference(clip[:, None])))  # [1, 1, T]: batch, channel, time
+    seconds = median_seconds(runs, args.repeats, device)
+    batched_rate = args.batch / seconds[0]
+    rows.append(("default chain (s = 1), batched", batched_rate))
+    rows.append(("default chain (s = 1), one clip at a time", len(clips) / seconds[1]))
+    if reference is None:
         rows.append(("reference chain: torch-audiomentations not installed (see `python bench.py --help`)", None))
-    if reference is not None:
-        seconds = median_seconds(per_clip(lambda clip: reference(clip[:, None])), args.repeats, device)
-        reference_rate = len(clips) / seconds
+    else:
+        reference_rate = len(clips) / seconds[2]
         rows.append(("reference chain (torch-audiomentations 0.12), one clip at a time", reference_rate))
         rows.append((f"batched default chain / reference: {batched_rate / reference_rate:.1f}x", None))
 
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(f"\naugment: {args.batch} views of {length} samples ({args.clip_seconds} s at {args.sample_rate} Hz), "
           f"device {device}, {torch.get_num_threads()} threads, median of {args.repeats}; "
-          f"per-clip rows time {len(clips)} clips\n")
+          f"per-clip rows time {len(clips)} clips; machine load average {load}\n")
     print("| what | views/s |")
     print("|---|---:|")
     for what, rate in rows:
