@@ -254,24 +254,6 @@ def time_scale(x, rate, length):
     return blocks.reshape(batch, -1)[:, :length]
 
 
-def fft_resample(spectrum, input_length, length):
-    """Band-limited resampling by truncating or zero-padding a spectrum.
-
-    Args:
-        spectrum: `[B, input_length // 2 + 1]` rfft of the input.
-        input_length: length of the input signal.
-        length: output length.
-    Returns:
-        `[B, length]` signal.
-    """
-    bins = length // 2 + 1
-    if spectrum.shape[-1] >= bins:
-        spectrum = spectrum[:, :bins]
-    else:
-        spectrum = F.pad(spectrum, (0, bins - spectrum.shape[-1]))
-    return torch.fft.irfft(spectrum, n=length) * (length / input_length)
-
-
 # ---------------------------------------------------------------------------------------
 # The transforms. Each takes x `[B, T]` float32 and per-example parameters `[B]` (or a
 # python number shared by the batch), and returns `[B, T]`. Each `sample_*` function
@@ -452,8 +434,10 @@ def pitch(x, semitones):
     first = 0
     for count, (n_in, n_out), n_kept in zip(counts, sizes, kept):
         group = slice(first, first + count)
-        spectrum = torch.fft.rfft(x_sorted[group], n=n_in)  # [count, n_in // 2 + 1]
-        resampled[group, :n_kept] = fft_resample(spectrum, n_in, n_out)[:, :n_kept]
+        # irfft trims or zero-pads the spectrum to n_out // 2 + 1 bins; "forward"
+        # normalisation on both sides gives the 1 / n_in scale that keeps the amplitude.
+        spectrum = torch.fft.rfft(x_sorted[group], n=n_in, norm="forward")  # [count, n_in // 2 + 1]
+        resampled[group, :n_kept] = torch.fft.irfft(spectrum, n=n_out, norm="forward")[:, :n_kept]
         first += count
     rate = torch.tensor([n_out / n_in for n_in, n_out in sizes], device=x.device)
     rate = rate.repeat_interleave(torch.tensor(counts, device=x.device))  # [B]
@@ -729,7 +713,8 @@ def codec(x, cutoff_hz, snr_db, sample_rate):
     batch, length = x.shape
     hop = CODEC_FRAME // 2
     window = hann_window(CODEC_FRAME, x.device)
-    spec = torch.stft(x, CODEC_FRAME, hop, window=window, return_complex=True)  # [B, F, N]
+    # Zero padding at the ends (not reflection) works for clips shorter than a frame.
+    spec = torch.stft(x, CODEC_FRAME, hop, window=window, pad_mode="constant", return_complex=True)  # [B, F, N]
     bins = spec.shape[1]
     frequency = torch.linspace(0, sample_rate / 2, bins, device=x.device)
     spec = spec * (frequency[None, :] <= cutoff_hz[:, None])[:, :, None]

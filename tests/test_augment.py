@@ -311,3 +311,11 @@ def test_chain_applies_with_the_severity_probability():
     changed = (y != x).any(-1).float().mean()
     expected = min(1, 0.8 * 0.5) * min(0.8, 0.6 * 0.5)  # chain probability times transform probability
     assert abs(float(changed) - expected) < 0.06
+
+
+@pytest.mark.parametrize("length", [1, 64, 1000])
+def test_every_transform_handles_clips_shorter_than_its_frames(length):
+    x = 0.5 * torch.rand(3, length, generator=torch.Generator().manual_seed(0)) - 0.25
+    for name in augment.TRANSFORM_NAMES:
+        y = single_chain(name, 1.0, severity=2.5)(x, torch.Generator().manual_seed(0))
+        assert y.shape == x.shape and torch.isfinite(y).all() and y.abs().max() <= 1, name
