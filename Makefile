@@ -13,8 +13,8 @@ $(VENV)/installed: requirements.txt
 
 # The demo: self-supervised vs semi-supervised (pitch-class labels on a quarter of the
 # train set, kept out of pitch shift) on the built-in synthetic set, then probes.
-DEMO_MODEL := --width 0.25 --clip-seconds 1 --sample-rate 16000
-DEMO_TRAIN := $(DEMO_MODEL) --batch-size 32 --steps 150 --val-every 50 --save-every 50 --workers 2
+DEMO_MODEL := --encoder melcnn --width 0.25 --clip-seconds 1 --sample-rate 16000
+DEMO_TRAIN := $(DEMO_MODEL) --batch-size 32 --steps 150 --lr 1e-3 --val-every 50 --save-every 50 --workers 2
 demo: $(VENV)/installed
 	$(PY) train.py $(DEMO_TRAIN) --out runs/demo-selfsup --labeled-per-batch 0
 	$(PY) train.py $(DEMO_TRAIN) --out runs/demo-semisup --label-column pitch_class --label-kind pitch_class \
