@@ -59,6 +59,7 @@ def labels_target(labels, labeled, spec):
     labeled: `[N]` bool, whether the view's clip carries this label.
     spec: a TargetSpec.
     Returns `[N, N]` float in [0, 1], zero in every row or column of an unlabeled view.
+    Each N x N intermediate is updated in place, so a call holds about one float matrix.
     """
     if spec.task == "multiclass":
         labels = labels.long().clamp(min=0)  # unlabeled rows hold -1; masked below
@@ -69,26 +70,27 @@ def labels_target(labels, labeled, spec):
             target = similarity[labels][:, labels]  # [N, N] by lookup, no [N, N, C]
     elif spec.task == "multilabel":
         tags = labels.float()
-        shared = tags @ tags.T  # [N, N] number of shared tags
+        target = tags @ tags.T  # [N, N] number of shared tags
         if spec.threshold is None:
             counts = tags.sum(1)
-            total = counts[:, None] + counts[None, :]
-            target = torch.where(total > 0, 2 * shared / total.clamp(min=1), 0.0)
+            total = (counts[:, None] + counts[None, :]).clamp_(min=1)  # [N, N]
+            target.mul_(2).div_(total)  # 2 shared / (tags_i + tags_j); 0 when both have no tag
+            del total
         else:
-            target = (shared >= spec.threshold).float()
+            target = target.ge_(spec.threshold)  # in place: 1.0 where enough tags are shared
     elif spec.task == "regression":
         values = labels.float().reshape(len(labels), -1)  # [N, K]
-        distance = torch.cdist(values, values)  # [N, N]
+        target = torch.cdist(values, values)  # [N, N] distances
         if spec.kernel == "gaussian":
-            target = torch.exp(-distance.square() / (2 * spec.sigma ** 2))
+            target.square_().div_(-2 * spec.sigma ** 2).exp_()
         elif spec.kernel == "threshold":
-            target = (distance <= spec.radius).float()
+            target = target.le_(spec.radius)
         else:
             raise ValueError(f"unknown target kernel {spec.kernel!r}; choose from {KERNELS}")
     else:
         raise ValueError(f"unknown task {spec.task!r}; choose from {TASKS}")
-    pair_labeled = labeled[:, None] & labeled[None, :]
-    return target * pair_labeled
+    mask = labeled.to(target.dtype)
+    return target.mul_(mask[:, None]).mul_(mask[None, :])
 
 
 def build_target(clip_ids, columns=()):
@@ -98,17 +100,24 @@ def build_target(clip_ids, columns=()):
     columns: sequence of (labels, labeled, spec) triples, one per label column (see
         labels_target). Several columns combine by element-wise max: a pair is as
         positive as the label on which it agrees most.
-    Returns (target, views_part, labels_part), each `[N, N]` with a zero diagonal;
-    labels_part is all zeros when no column is given.
+    Returns target `[N, N]` with a zero diagonal (self-pairs are never targets).
     """
-    views_part = views_target(clip_ids)
+    target = views_target(clip_ids)
+    for labels, labeled, spec in columns:
+        torch.maximum(target, labels_target(labels, labeled, spec), out=target)
+    return target.fill_diagonal_(0)
+
+
+def target_parts(clip_ids, columns=()):
+    """The two sources of build_target apart, for logging: (views part, labels part).
+
+    Each `[N, N]` with a zero diagonal; the labels part is all zeros without columns.
+    """
+    views_part = views_target(clip_ids).fill_diagonal_(0)
     labels_part = torch.zeros_like(views_part)
     for labels, labeled, spec in columns:
-        labels_part = torch.maximum(labels_part, labels_target(labels, labeled, spec))
-    no_self = ~torch.eye(len(clip_ids), dtype=torch.bool, device=clip_ids.device)
-    views_part = views_part * no_self
-    labels_part = labels_part * no_self
-    return torch.maximum(views_part, labels_part), views_part, labels_part
+        torch.maximum(labels_part, labels_target(labels, labeled, spec), out=labels_part)
+    return views_part, labels_part.fill_diagonal_(0)
 
 
 def row_losses(z, target, temperature=0.1, anchors=None):
@@ -132,13 +141,15 @@ def row_losses(z, target, temperature=0.1, anchors=None):
     z = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
     if anchors is None:
         anchors = torch.arange(len(z), device=z.device)
+    rows = torch.arange(len(anchors), device=z.device)
     logits = z[anchors] @ z.T / temperature  # [A, N]
-    is_self = torch.zeros_like(logits, dtype=torch.bool)
-    is_self[torch.arange(len(anchors), device=z.device), anchors] = True
-    log_prob = F.log_softmax(logits.masked_fill(is_self, float("-inf")), dim=1)
-    target = target.to(logits.dtype).masked_fill(is_self, 0.0)
-    # 0 * -inf is NaN: zero the excluded self terms before weighting.
-    weighted = (target * log_prob.masked_fill(is_self, 0.0)).sum(1)
+    # The lowest finite value rather than -inf: exp() gives exactly 0 in the softmax, and
+    # the excluded term's weight (0) times its log-probability stays 0 instead of NaN.
+    lowest = torch.tensor(torch.finfo(logits.dtype).min, device=z.device, dtype=logits.dtype)
+    logits = logits.index_put((rows, anchors), lowest)
+    log_prob = F.log_softmax(logits, dim=1)  # [A, N]
+    target = target.to(log_prob.dtype).index_put((rows, anchors), lowest.new_zeros(()))
+    weighted = (target[:, None, :] @ log_prob[:, :, None]).reshape(-1)  # [A] row-wise dot, no [A, N] product
     positives = target.sum(1)
     has_positive = positives > 0
     losses = torch.where(has_positive, -weighted / positives.clamp(min=1e-12), 0.0)

@@ -209,13 +209,13 @@ def contrastive_step(model, views, clip_ids, columns, args, rank):
     z_all = utils.gather_with_grad(z)  # [N, D], N = world * n
     clip_all = utils.gather(clip_ids)
     columns_all = [(utils.gather(labels), utils.gather(labeled), spec) for labels, labeled, spec in columns]
-    target, views_part, labels_part = losses.build_target(clip_all, columns_all)  # [N, N] each
+    target = losses.build_target(clip_all, columns_all)  # [N, N]
     anchors = rank * len(z) + torch.arange(len(z), device=z.device)
     row_loss, has_positive = losses.row_losses(z_all, target[anchors], args.temperature, anchors)
     count = utils.all_reduce_sum(has_positive.sum().float())
     loss = row_loss.sum() / count.clamp(min=1) * args.world_size
     stats = {"loss_sum": row_loss.detach().sum(), "count": count, "z_all": z_all.detach(),
-             "target": target, "views_part": views_part, "labels_part": labels_part}
+             "target": target, "clip_all": clip_all, "columns_all": columns_all}
     return loss, stats
 
 
@@ -564,10 +564,10 @@ def log_scalars(writer, stats, args, step, lr, failed_files, skipped_steps, clip
     if writer is None:
         return total
     writer.add_scalar("loss/total", total, step)
-    for name in ("views_part", "labels_part"):
-        if stats[name].sum() > 0:
-            part = losses.contrastive_loss(z_all, stats[name], args.temperature).item()
-            writer.add_scalar(f"loss/{name.replace('_part', '')}", part, step)
+    parts = losses.target_parts(stats["clip_all"], stats["columns_all"])
+    for name, part in zip(("views", "labels"), parts):
+        if part.sum() > 0:
+            writer.add_scalar(f"loss/{name}", losses.contrastive_loss(z_all, part, args.temperature).item(), step)
     off_diagonal = len(target) * (len(target) - 1)
     writer.add_scalar("target/density", (target.sum() / off_diagonal).item(), step)
     writer.add_scalar("lr", lr, step)

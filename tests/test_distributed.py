@@ -104,7 +104,8 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     final_one = utils.load_checkpoint(utils.list_checkpoints(one)[-1])["model"]
     final_two = utils.load_checkpoint(utils.list_checkpoints(two)[-1])["model"]
     # Summation order differs between 1 and 2 processes (float32 rounding), and Adam turns a
-    # gradient at rounding level into a step of up to lr: compare with atol = lr / 5.
+    # gradient at rounding level (a dead unit's, say) into a step of up to lr = 1e-3: the
+    # weights may differ by one such step; the per-step losses above are held to 1e-4.
     for name, value in final_one.items():
         if value.is_floating_point():
-            torch.testing.assert_close(final_two[name], value, rtol=1e-3, atol=2e-4, msg=name)
+            torch.testing.assert_close(final_two[name], value, rtol=1e-3, atol=1e-3, msg=name)

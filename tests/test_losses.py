@@ -81,7 +81,8 @@ def test_loss_matches_loop_reference(seed, mode):
         similarity = (similarity + similarity.T) / 2
         similarity.fill_diagonal_(1.0)
         columns = [(classes, labeled, losses.TargetSpec("multiclass", similarity=similarity))]
-    target, views_part, labels_part = losses.build_target(clip_ids, columns)
+    target = losses.build_target(clip_ids, columns)
+    views_part, labels_part = losses.target_parts(clip_ids, columns)
     expected_labels = torch.zeros_like(target)
     for labels, mask, spec in columns:
         expected_labels = torch.maximum(expected_labels, loop_labels_target(labels, mask, spec))
@@ -96,7 +97,7 @@ def test_loss_matches_loop_reference(seed, mode):
 def test_hard_labels_equal_supcon_form():
     """With 0/1 targets the loss is the familiar SupCon 'L_out' (mean log-prob of positives)."""
     z, clip_ids, labeled, classes, _, _ = random_batch(11, clips=8)
-    target, _, _ = losses.build_target(clip_ids, [(classes, torch.ones_like(labeled), losses.TargetSpec())])
+    target = losses.build_target(clip_ids, [(classes, torch.ones_like(labeled), losses.TargetSpec())])
     zn = F.normalize(z, dim=1)
     logits = zn @ zn.T / 0.1
     eye = torch.eye(len(z), dtype=torch.bool)
@@ -109,7 +110,7 @@ def test_hard_labels_equal_supcon_form():
 def test_low_temperature_stays_finite_with_identical_vectors():
     z = torch.ones(6, 4) + 1e-7 * torch.randn(6, 4)
     z.requires_grad_(True)
-    target, _, _ = losses.build_target(torch.tensor([0, 0, 1, 1, 2, 2]))
+    target = losses.build_target(torch.tensor([0, 0, 1, 1, 2, 2]))
     loss = losses.contrastive_loss(z, target, temperature=0.01)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
@@ -132,7 +133,7 @@ def test_rows_without_positive_are_left_out():
 
 def test_anchor_rows_equal_full_rows():
     z = torch.randn(10, 5)
-    target, _, _ = losses.build_target(torch.arange(5).repeat_interleave(2))
+    target = losses.build_target(torch.arange(5).repeat_interleave(2))
     anchors = torch.tensor([4, 5, 6])
     part, _ = losses.row_losses(z, target[anchors], 0.1, anchors)
     full, _ = losses.row_losses(z, target, 0.1)
@@ -143,7 +144,9 @@ def test_hand_computed_targets():
     clip_ids = torch.tensor([0, 0, 1, 2])
     labeled = torch.tensor([True, True, True, False])
     classes = torch.tensor([3, 3, 3, 1])
-    target, views_part, labels_part = losses.build_target(clip_ids, [(classes, labeled, losses.TargetSpec())])
+    columns = [(classes, labeled, losses.TargetSpec())]
+    target = losses.build_target(clip_ids, columns)
+    views_part, labels_part = losses.target_parts(clip_ids, columns)
     assert views_part.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert labels_part.tolist() == [[0, 1, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
     tags = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 0, 1], [1, 1, 1]]).float()
@@ -166,9 +169,9 @@ def test_combined_columns_take_the_max():
     genre = torch.tensor([0, 0, 1])
     similarity = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
     key = torch.tensor([0, 1, 1])
-    target, _, _ = losses.build_target(clip_ids, [
+    target = losses.build_target(clip_ids, [
         (genre, labeled, losses.TargetSpec()),
         (key, torch.tensor([True, True, False]), losses.TargetSpec(similarity=similarity))])
     assert target.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
-    target, _, _ = losses.build_target(clip_ids, [(key, labeled, losses.TargetSpec(similarity=similarity))])
+    target = losses.build_target(clip_ids, [(key, labeled, losses.TargetSpec(similarity=similarity))])
     assert target.tolist() == [[0, 0.5, 0.5], [0.5, 0, 1], [0.5, 1, 0]]
