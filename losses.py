@@ -142,13 +142,17 @@ def row_losses(z, target, temperature=0.1, anchors=None):
     if anchors is None:
         anchors = torch.arange(len(z), device=z.device)
     rows = torch.arange(len(anchors), device=z.device)
-    logits = z[anchors] @ z.T / temperature  # [A, N]
+    # In place: the product is not kept for backward, so scaling and masking it costs no copy.
+    logits = (z[anchors] @ z.T).div_(temperature)  # [A, N]
     # The lowest finite value rather than -inf: exp() gives exactly 0 in the softmax, and
     # the excluded term's weight (0) times its log-probability stays 0 instead of NaN.
     lowest = torch.tensor(torch.finfo(logits.dtype).min, device=z.device, dtype=logits.dtype)
-    logits = logits.index_put((rows, anchors), lowest)
+    logits.index_put_((rows, anchors), lowest)
     log_prob = F.log_softmax(logits, dim=1)  # [A, N]
-    target = target.to(log_prob.dtype).index_put((rows, anchors), lowest.new_zeros(()))
+    target = target.to(log_prob.dtype)
+    if target[rows, anchors].any():  # one host-device sync per call
+        # Only a target with self-pairs set needs a copy (build_target's never does).
+        target = target.index_put((rows, anchors), lowest.new_zeros(()))
     weighted = (target[:, None, :] @ log_prob[:, :, None]).reshape(-1)  # [A] row-wise dot, no [A, N] product
     positives = target.sum(1)
     has_positive = positives > 0
