@@ -30,8 +30,9 @@ def setup_process():
 
 
 def cleanup_process():
-    """Leave the process group, if one was joined."""
+    """Leave the process group, if one was joined, once every process has got here."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

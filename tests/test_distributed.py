@@ -60,6 +60,8 @@ def worker(rank, world_size, port, out):
     if rank == 0:
         torch.save({"loss": total / stats["count"], "grads": [p.grad.clone() for p in parameters]}, out)
     if world_size > 1:
+        # Both processes leave together: gloo aborts a process torn down while its peer still talks.
+        dist.barrier()
         dist.destroy_process_group()
 
 
