@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import augment
 import datasets
 import probe
 import train
@@ -224,3 +225,19 @@ def test_unwritable_out_fails_at_start(tiny_set, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match="is not writable"):
         run(tmp_path, "a-file/run", tiny_set, steps=1)
+
+
+def test_augmentation_in_workers_uses_the_labeled_chain_for_labeled_clips(tiny_set, tmp_path, monkeypatch):
+    seen = []
+    real_call = augment.Chain.__call__
+
+    def recording_call(chain, x, generator=None):
+        seen.append(tuple(chain.names))
+        return real_call(chain, x, generator)
+
+    monkeypatch.setattr(augment.Chain, "__call__", recording_call)
+    result = run(tmp_path, "workers", tiny_set, "--augment-on", "workers", "--augment", "gain,noise",
+                 "--augment-labeled", "gain", "--label-column", "timbre", "--skip-check", steps=2)
+    assert len(result["losses"]) == 2
+    # Per clip in the dataset (workers=0 here): 8 clips a step, 4 labeled, 4 not.
+    assert seen.count(("gain",)) == 8 and seen.count(("gain", "noise")) == 8
