@@ -241,3 +241,27 @@ def test_augmentation_in_workers_uses_the_labeled_chain_for_labeled_clips(tiny_s
     assert len(result["losses"]) == 2
     # Per clip in the dataset (workers=0 here): 8 clips a step, 4 labeled, 4 not.
     assert seen.count(("gain",)) == 8 and seen.count(("gain", "noise")) == 8
+
+
+def test_a_dead_worker_is_reported_with_its_file(tiny_set, tmp_path, monkeypatch):
+    manifest = pd.read_csv(tiny_set)
+    folder = os.path.dirname(tiny_set)
+    manifest["path"] = [os.path.join(folder, p) for p in manifest["path"]]
+    poison = str(tmp_path / "poison.wav")
+    sf.write(poison, np.zeros(8000, dtype=np.float32) + 0.1, 8000)
+    csv = str(tmp_path / "poisoned.csv")
+    pd.concat([manifest[manifest["split"] == "train"].head(3),
+               pd.DataFrame({"path": [poison], "split": ["train"]})]).to_csv(csv, index=False)
+    real_read = datasets.read_crops
+
+    def crashing_read(path, *args, **kwargs):
+        if path == poison:  # a decoder crash takes the whole worker process down
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_read(path, *args, **kwargs)
+
+    # DataLoader workers are forked, so they inherit the patched reader.
+    monkeypatch.setattr(datasets, "read_crops", crashing_read)
+    with pytest.raises(SystemExit, match="poison.wav"):
+        # A later flag wins in argparse: one worker instead of TINY's none.
+        train.main(TINY + ["--workers", "1", "--train-csv", csv, "--out", str(tmp_path / "dead"), "--steps", "3",
+                           "--skip-check"])
