@@ -358,19 +358,21 @@ class AudioError(RuntimeError):
 _RESAMPLERS = {}
 
 
-def _resample(audio, source_rate, sample_rate):
-    """`[C, T]` numpy -> float32 tensor at sample_rate.
+def _resampler(source_rate, sample_rate, device):
+    """torchaudio Resample for a rate pair on a device, built once per process.
 
-    Building the sinc kernel costs more than applying it, so one torchaudio Resample
-    per rate pair is kept for the life of the process.
+    Building the sinc kernel costs more than applying it to a crop, so kernels are kept.
     """
-    wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-    if source_rate == sample_rate:
-        return wave
-    key = (source_rate, sample_rate)
+    key = (source_rate, sample_rate, str(device))
     if key not in _RESAMPLERS:
-        _RESAMPLERS[key] = torchaudio.transforms.Resample(source_rate, sample_rate)
-    return _RESAMPLERS[key](wave)
+        _RESAMPLERS[key] = torchaudio.transforms.Resample(source_rate, sample_rate).to(device)
+    return _RESAMPLERS[key]
+
+
+def _resample(audio, source_rate, sample_rate):
+    """`[C, T]` numpy -> float32 tensor at sample_rate."""
+    wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    return _resampler(source_rate, sample_rate, wave.device)(wave) if source_rate != sample_rate else wave
 
 
 def _fit_length(wave, length):
@@ -427,13 +429,15 @@ def open_audio(path):
     return sf.SoundFile(path)
 
 
-def read_crops(path, num_views, clip_samples, sample_rate, rng):
-    """Read `num_views` random crops of one file, mono, at `sample_rate`.
+def read_source_crops(path, num_views, clip_samples, sample_rate, rng):
+    """Read `num_views` random crops of one file, mono, at the file's own sample rate.
 
-    Crops do not overlap when the file holds num_views crops; otherwise they are drawn
-    independently (and may overlap). A file shorter than one crop is zero-padded if it is
-    at least half a crop long, else AudioError. Only the cropped frames are decoded.
-    rng: numpy Generator. Returns `[num_views, clip_samples]` float32.
+    Each crop holds the source frames that resample to `clip_samples` at `sample_rate`
+    (plus one frame for rounding). Crops do not overlap when the file holds num_views
+    crops; otherwise they are drawn independently (and may overlap). A file shorter than
+    one crop is zero-padded if it is at least half a crop long, else AudioError. Only the
+    cropped frames are decoded. rng: numpy Generator.
+    Returns (crops `[num_views, L]` float32, source rate in Hz).
     """
     try:
         with open_audio(path) as f:
@@ -457,18 +461,56 @@ def read_crops(path, num_views, clip_samples, sample_rate, rng):
             crops = []
             for start in starts:
                 f.seek(int(start))
-                crops.append(f.read(min(crop, frames - int(start)), dtype="float32", always_2d=True))
+                audio = f.read(min(crop, frames - int(start)), dtype="float32", always_2d=True)
+                crops.append(_fit_length(torch.from_numpy(audio.mean(1)), crop))  # [L] mono, padded
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
         if isinstance(error, AudioError):
             raise
         raise AudioError(f"{path}: cannot read audio ({error})") from error
-    views = []
-    for audio in crops:
-        wave = _resample(audio.mean(1, keepdims=True).T, source_rate, sample_rate)  # [1, T]
-        views.append(_fit_length(wave[0], clip_samples))
-    out = torch.stack(views)  # [V, clip_samples]
+    out = torch.stack(crops)  # [V, L]
     if not torch.isfinite(out).all():
         raise AudioError(f"{path}: audio holds NaN or Inf samples")
+    return out, source_rate
+
+
+def resample_views(audio, source_rate, clip_samples, sample_rate):
+    """Resample crops `[..., L]` from `source_rate` to exactly `clip_samples` at `sample_rate`.
+
+    Works on any device (one cached kernel per rate pair and device).
+    """
+    if source_rate != sample_rate:
+        audio = _resampler(source_rate, sample_rate, audio.device)(audio)
+    return _fit_length(audio, clip_samples)
+
+
+def read_crops(path, num_views, clip_samples, sample_rate, rng):
+    """read_source_crops resampled: `[num_views, clip_samples]` float32 at `sample_rate`."""
+    crops, source_rate = read_source_crops(path, num_views, clip_samples, sample_rate, rng)
+    return resample_views(crops, source_rate, clip_samples, sample_rate)
+
+
+def collate_clips(items):
+    """Batch ClipDataset items whose audio lengths differ (crops left at their source rate).
+
+    Audio is zero-padded to the longest crop -> `[b, V, L_max]`; `rate` `[b]` says each
+    item's rate, so that resample_batch can resample on the training device, one group of
+    equal rates at a time. Everything else is collated as usual.
+    """
+    longest = max(item["audio"].shape[-1] for item in items)
+    padded = [dict(item, audio=_fit_length(item["audio"], longest)) for item in items]
+    return torch.utils.data.default_collate(padded)
+
+
+def resample_batch(audio, rates, clip_samples, sample_rate):
+    """Resample a collate_clips batch on its device, grouped by source rate.
+
+    audio: `[b, V, L_max]`; rates: `[b]` source rates. Returns `[b, V, clip_samples]`.
+    """
+    out = audio.new_empty(audio.shape[0], audio.shape[1], clip_samples)
+    for rate in rates.unique().tolist():
+        group = (rates == rate).nonzero().squeeze(1).to(audio.device)  # [b_r]
+        length = math.ceil(clip_samples * rate / sample_rate) + 1  # the source crop length
+        out[group] = resample_views(audio[group, :, :length], int(rate), clip_samples, sample_rate)
     return out
 
 
@@ -589,13 +631,18 @@ class ClipDataset(torch.utils.data.Dataset):
     paths: per-row file paths; columns: LabelColumns; pools: {pool id: row array}.
     augment: optional {"labeled": chain, "unlabeled": chain} of callables `[V, T] -> [V, T]`
         applied here (augmentation in the data workers), chosen by the draw's labeled flag.
+    resample_here: resample to sample_rate in the dataset (the workers); if False, crops
+        keep their source rate and length (batch them with collate_clips, then
+        resample_batch on the device).
     status_dir: optional folder where each worker process writes the path it is reading,
         so that a worker killed by a crashing decoder can be reported with its file.
-    Items are dicts: audio `[V, clip_samples]`, clip (row), labels (one tensor per
-    column), labeled (one bool per column), failed (int), failed_paths (";"-joined).
+    Items are dicts: audio `[V, clip_samples]` (or `[V, L]` at the source rate), rate (Hz),
+    clip (row), labels (one tensor per column), labeled (one bool per column), failed
+    (int), failed_paths (";"-joined).
     """
 
-    def __init__(self, paths, columns, pools, num_views, clip_samples, sample_rate, augment=None, status_dir=None):
+    def __init__(self, paths, columns, pools, num_views, clip_samples, sample_rate, augment=None, status_dir=None,
+                 resample_here=True):
         self.paths = list(paths)
         self.columns = columns
         self.pools = pools
@@ -604,6 +651,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.sample_rate = sample_rate
         self.augment = augment
         self.status_dir = status_dir
+        self.resample_here = resample_here
 
     def _note_reading(self, path):
         if self.status_dir is not None:
@@ -621,7 +669,8 @@ class ClipDataset(torch.utils.data.Dataset):
         for attempt in range(MAX_REPLACEMENTS + 1):
             try:
                 self._note_reading(self.paths[row])
-                audio = read_crops(self.paths[row], self.num_views, self.clip_samples, self.sample_rate, rng)
+                audio, rate = read_source_crops(self.paths[row], self.num_views, self.clip_samples,
+                                                self.sample_rate, rng)
                 break
             except AudioError:
                 failed.append(self.paths[row])
@@ -629,12 +678,14 @@ class ClipDataset(torch.utils.data.Dataset):
         else:
             raise AudioError(f"{MAX_REPLACEMENTS + 1} files in a row failed to load, last {failed[-1]}; "
                              f"run `python train.py --check-data` on the manifest")
+        if self.resample_here:
+            audio, rate = resample_views(audio, rate, self.clip_samples, self.sample_rate), self.sample_rate
         if self.augment is not None:
             chain = self.augment["labeled" if is_labeled else "unlabeled"]
             audio = chain(audio, torch.Generator().manual_seed(seed % 2**63))
         labels = [torch.as_tensor(c.values[row]) for c in self.columns]
         labeled = [bool(is_labeled and c.labeled[row]) for c in self.columns]
-        return {"audio": audio, "clip": row, "labels": labels, "labeled": labeled,
+        return {"audio": audio, "rate": rate, "clip": row, "labels": labels, "labeled": labeled,
                 "failed": len(failed), "failed_paths": ";".join(failed)}
 
 

@@ -547,7 +547,7 @@ def finetune(args, model, settings, task, paths, y_tracks, train_tracks, val_tra
              device):
     """Fine-tune the model's encoder together with a new head, Adam with early stopping on val.
 
-    Every epoch reads one random crop (datasets.read_crops) of each train track in
+    Every epoch reads one random crop (datasets.read_source_crops) of each train track in
     `train_tracks` (indices into paths and y_tracks `[N, ...]`); the encoder runs in train
     mode (batch-norm statistics update). Val: the track-level main metric over all
     consecutive clips of `val_tracks`, re-embedded each epoch. The encoder learns at

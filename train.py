@@ -54,6 +54,9 @@ def build_parser():
     data.add_argument("--labeled-per-batch", type=float, default=None,
                       help="b_s: share of each batch drawn from the labeled pool (default 0.5 with labels, else 0)")
     data.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    data.add_argument("--resample-on", default="auto", choices=("auto", "device", "workers"),
+                      help="where crops are resampled to --sample-rate: on the training device (batched by "
+                           "source rate) or in the workers; auto: device on GPU, workers on CPU")
     model = parser.add_argument_group("model")
     model.add_argument("--encoder", default="samplecnn", choices=sorted(models.ENCODERS), help="encoder name")
     model.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (1 = paper)")
@@ -250,7 +253,9 @@ def validate(model, loader, specs, chains, args, device, rank):
 
 def prepare_batch(batch, args, device):
     """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]`."""
-    audio = batch["audio"].to(device, non_blocking=True)  # [b, V, T]
+    audio = batch["audio"].to(device, non_blocking=True)  # [b, V, T] or [b, V, L_max] at source rates
+    if audio.shape[-1] != args.clip_samples or (batch["rate"] != args.sample_rate).any():
+        audio = datasets.resample_batch(audio, batch["rate"], args.clip_samples, args.sample_rate)  # [b, V, T]
     views = audio.reshape(-1, audio.shape[-1])  # [b*V, T]
     clip_ids = batch["clip"].to(device).repeat_interleave(args.views)  # [b*V]
     any_labeled = torch.stack([l.to(device) for l in batch["labeled"]]).any(0) if batch["labeled"] else \
@@ -263,6 +268,7 @@ def make_loader(dataset, batches, args, device):
     workers = args.workers
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=datasets.collate_clips,
         persistent_workers=workers > 0 and not isinstance(batches, list), prefetch_factor=4 if workers else None)
 
 
@@ -365,6 +371,8 @@ def main(argv=None):
     if args.batch_size % world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is global and must divide by {world_size} processes")
     args.clip_samples = int(round(args.clip_seconds * args.sample_rate))
+    if args.resample_on == "auto":
+        args.resample_on = "device" if device.type == "cuda" else "workers"
     args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
     args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
@@ -405,9 +413,11 @@ def main(argv=None):
     on_device = args.augment_on == "device"
     device_chains = chains if on_device else {"labeled": identity, "unlabeled": identity}
     status_dir = os.path.join(args.out, "workers", str(rank))
+    # Worker-side augmentation needs audio at the training rate, so it resamples there too.
+    resample_here = args.resample_on == "workers" or not on_device
     dataset = datasets.ClipDataset(manifest["path"], columns, {1: labeled_rows, 0: unlabeled_rows}, args.views,
                                    args.clip_samples, args.sample_rate, None if on_device else chains,
-                                   status_dir if args.workers else None)
+                                   status_dir if args.workers else None, resample_here)
 
     # ---- model and optimizer
     model = ContrastiveModel(models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width),

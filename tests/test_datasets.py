@@ -252,3 +252,20 @@ def test_cache_gives_the_decoded_audio_without_decoding(tmp_path):
     same = datasets.read_crops(wav, 2, 8000, 16000, np.random.default_rng(3))
     from_cache = datasets.read_crops(cached["path"][1], 2, 8000, 16000, np.random.default_rng(3))
     assert (same - from_cache).abs().max() < 1e-4
+
+
+def test_resampling_on_the_device_equals_resampling_in_workers(tmp_path):
+    paths = [write_tone(str(tmp_path / f"{rate}.wav"), 1.5, rate, channels=2, frequency=300 + rate / 1000)
+             for rate in (44100, 48000, 16000, 44100)]
+    column = datasets.LabelColumn(columns=["label"], task="multiclass", classes=["a"],
+                                  values=np.zeros(4, dtype=np.int64), labeled=np.ones(4, dtype=bool))
+    pools = {0: np.arange(4)}
+    draws = [(row, 100 + row, 0, False) for row in range(4)]
+    in_workers = datasets.ClipDataset(paths, [column], pools, 2, 8000, 16000)
+    on_device = datasets.ClipDataset(paths, [column], pools, 2, 8000, 16000, resample_here=False)
+    expected = datasets.collate_clips([in_workers[d] for d in draws])
+    batch = datasets.collate_clips([on_device[d] for d in draws])
+    assert batch["audio"].shape[-1] > 8000 and batch["rate"].tolist() == [44100, 48000, 16000, 44100]
+    resampled = datasets.resample_batch(batch["audio"], batch["rate"], 8000, 16000)
+    assert resampled.shape == expected["audio"].shape == (4, 2, 8000)
+    assert (resampled - expected["audio"]).abs().max() < 1e-5

@@ -187,14 +187,14 @@ def test_finetune_changes_the_encoder_and_frozen_probing_does_not(tiny_set, chec
         return model, settings
 
     crops = []
-    read_crops = datasets.read_crops
+    read_source_crops = datasets.read_source_crops
 
     def count_crops(*args):
         crops.append(args[0])
-        return read_crops(*args)
+        return read_source_crops(*args)
 
     monkeypatch.setattr(probe, "load_encoder", keep_loaded)
-    monkeypatch.setattr(datasets, "read_crops", count_crops)
+    monkeypatch.setattr(datasets, "read_source_crops", count_crops)
     run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=checkpoint)
     model, before = loaded[-1]
     for name, value in model.state_dict().items():

@@ -252,7 +252,7 @@ def test_a_dead_worker_is_reported_with_its_file(tiny_set, tmp_path, monkeypatch
     csv = str(tmp_path / "poisoned.csv")
     pd.concat([manifest[manifest["split"] == "train"].head(3),
                pd.DataFrame({"path": [poison], "split": ["train"]})]).to_csv(csv, index=False)
-    real_read = datasets.read_crops
+    real_read = datasets.read_source_crops
 
     def crashing_read(path, *args, **kwargs):
         if path == poison:  # a decoder crash takes the whole worker process down
@@ -260,8 +260,25 @@ def test_a_dead_worker_is_reported_with_its_file(tiny_set, tmp_path, monkeypatch
         return real_read(path, *args, **kwargs)
 
     # DataLoader workers are forked, so they inherit the patched reader.
-    monkeypatch.setattr(datasets, "read_crops", crashing_read)
+    monkeypatch.setattr(datasets, "read_source_crops", crashing_read)
     with pytest.raises(SystemExit, match="poison.wav"):
         # A later flag wins in argparse: one worker instead of TINY's none.
         train.main(TINY + ["--workers", "1", "--train-csv", csv, "--out", str(tmp_path / "dead"), "--steps", "3",
                            "--skip-check"])
+
+
+def test_resampling_on_the_device_trains(tiny_set, tmp_path):
+    folder = os.path.dirname(tiny_set)
+    manifest = pd.read_csv(tiny_set)
+    for index, path in enumerate(manifest["path"][:6]):  # a few files at another rate
+        audio, rate = sf.read(os.path.join(folder, path))
+        sf.write(str(tmp_path / f"{index}.flac"), np.repeat(audio, 2), 2 * rate)
+        manifest.loc[index, "path"] = str(tmp_path / f"{index}.flac")
+    manifest["path"] = [p if os.path.isabs(p) else os.path.join(folder, p) for p in manifest["path"]]
+    csv = str(tmp_path / "rates.csv")
+    manifest.to_csv(csv, index=False)
+    on_device = run(tmp_path, "device", csv, "--resample-on", "device", "--augment", "none", "--skip-check", steps=3)
+    in_workers = run(tmp_path, "workers", csv, "--resample-on", "workers", "--augment", "none", "--skip-check",
+                     steps=3)
+    assert [loss for _, loss in on_device["losses"]] == pytest.approx([loss for _, loss in in_workers["losses"]],
+                                                                       rel=1e-4)
