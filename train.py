@@ -333,9 +333,15 @@ class StopSignal:
 
     def __init__(self):
         self.requested = False
+        self.previous = {}
         for name in ("SIGTERM", "SIGUSR1"):
             if hasattr(signal, name):
-                signal.signal(getattr(signal, name), self.handle)
+                self.previous[name] = signal.signal(getattr(signal, name), self.handle)
+
+    def close(self):
+        """Give the signals back to the handlers they had before."""
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
 
     def handle(self, number, frame):
         if self.requested:
@@ -365,6 +371,7 @@ def worker_paths(status_dir, error):
 def main(argv=None):
     # ---- arguments and process
     args = build_parser().parse_args(argv)
+    stop = StopSignal()  # from the start: a signal during set-up saves after the first step
     rank, world_size, local_rank, device = utils.setup_process()
     is_main = rank == 0
     args.world_size = world_size
@@ -386,6 +393,8 @@ def main(argv=None):
     if args.check_data or not args.skip_check:
         manifest = check_data(manifest, args, is_main)
         if args.check_data:
+            stop.close()
+            utils.cleanup_process()
             return {"out": args.out, "files": len(manifest)}
         columns, specs = parse_columns(manifest, args)
     has_labels = any(c.labeled.any() for c in columns)
@@ -486,7 +495,6 @@ def main(argv=None):
         utils.barrier()
 
     # ---- training loop
-    stop = StopSignal()
     failed_files, clips_seen, bad_steps, skipped_steps, tick, history = 0, 0, 0, 0, time.time(), []
     progress = tqdm(total=args.steps, initial=step, disable=not is_main, desc="train")
     while step < args.steps:
@@ -550,6 +558,7 @@ def main(argv=None):
                       f"to continue from {args.out}", flush=True)
             break
     progress.close()
+    stop.close()
     if writer:
         writer.close()
     utils.cleanup_process()

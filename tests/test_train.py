@@ -181,16 +181,15 @@ def test_sigterm_saves_and_resume_continues(tiny_set, tmp_path):
 def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     first = utils.save_checkpoint({k: 0 for k in utils.CHECKPOINT_KEYS} | {"model": {"w": torch.ones(3)}},
                                   str(tmp_path), 1)
-    writer = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); import utils\n"
-              f"state = {{k: 0 for k in utils.CHECKPOINT_KEYS}}\n"
-              f"state['model'] = {{'w': torch.zeros(50_000_000)}}\n"
-              f"print('writing', flush=True)\n"
-              f"utils.save_checkpoint(state, {str(tmp_path)!r}, 2)\n")
+    # The writer stalls halfway through its file, so the kill lands mid-write every time.
+    writer = (f"import sys, time, torch; sys.path.insert(0, {ROOT!r}); import utils\n"
+              f"def stalled_save(state, f):\n"
+              f"    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(120)\n"
+              f"utils.torch.save = stalled_save\n"
+              f"utils.save_checkpoint({{k: 0 for k in utils.CHECKPOINT_KEYS}}, {str(tmp_path)!r}, 2)\n")
     process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "writing"
-    deadline = time.time() + 60
-    while not glob.glob(str(tmp_path / "checkpoint-00000002.pt.tmp*")) and time.time() < deadline:
-        time.sleep(0.01)
+    assert glob.glob(str(tmp_path / "checkpoint-00000002.pt.tmp*")), "the write is under way"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert utils.list_checkpoints(str(tmp_path)) == [first]
