@@ -768,6 +768,8 @@ def fixed_batches(rows, labeled, batch_size, seed, rank=0, world_size=1):
     seeds = np.random.default_rng([seed, 104729]).integers(0, 2**62, size=len(rows))
     draws = [(int(r), int(s), int(labeled[r]), bool(labeled[r])) for r, s in zip(rows, seeds)]
     batches = [draws[i:i + batch_size] for i in range(0, len(draws), batch_size)]
+    # Every process must hold the same number of views for the gather: trim the remainder.
+    batches = [b[:len(b) - len(b) % world_size] for b in batches]
     return [b[rank::world_size] for b in batches if len(b) >= 2 * world_size]
 
 

@@ -269,3 +269,13 @@ def test_resampling_on_the_device_equals_resampling_in_workers(tmp_path):
     resampled = datasets.resample_batch(batch["audio"], batch["rate"], 8000, 16000)
     assert resampled.shape == expected["audio"].shape == (4, 2, 8000)
     assert (resampled - expected["audio"]).abs().max() < 1e-5
+
+
+def test_validation_batches_split_evenly_over_processes():
+    labeled = np.zeros(31, dtype=bool)
+    shares = [datasets.fixed_batches(np.arange(31), labeled, 8, seed=0, rank=r, world_size=3) for r in range(3)]
+    assert len({len(s) for s in shares}) == 1
+    for batches in zip(*shares):
+        assert len({len(b) for b in batches}) == 1  # the same number of clips on every process
+    whole = datasets.fixed_batches(np.arange(31), labeled, 8, seed=0)
+    assert sum(len(b) for b in whole) == 31
