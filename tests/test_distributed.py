@@ -87,9 +87,9 @@ def scalars(folder, tag):
 
 def test_torchrun_two_processes_train_like_one(tmp_path):
     """A real 2-process gloo run of train.py follows the 1-process run on the same global batch."""
-    manifest = datasets.make_synthetic_set(str(tmp_path / "data"), num_files=24, seconds=1.2, sample_rate=8000)
+    manifest = datasets.make_synthetic_set(str(tmp_path / "data"), num_files=40, seconds=1.2, sample_rate=8000)
     common = ["train.py", "--train-csv", manifest, "--width", "0.125", "--clip-seconds", "0.5", "--sample-rate",
-              "8000", "--batch-size", "8", "--steps", "4", "--log-every", "1", "--val-every", "0", "--lr", "1e-3",
+              "8000", "--batch-size", "8", "--steps", "4", "--log-every", "1", "--val-every", "2", "--lr", "1e-3",
               "--workers", "0", "--augment", "none", "--sync-bn", "--skip-check", "--save-every", "4"]
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     one = str(tmp_path / "one")
@@ -103,11 +103,17 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     assert [s for s, _ in losses_one] == [s for s, _ in losses_two] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(losses_one, losses_two):
         assert b == pytest.approx(a, rel=1e-4)
+    val_one, val_two = scalars(one, "val/loss"), scalars(two, "val/loss")
+    assert [s for s, _ in val_one] == [s for s, _ in val_two] == [2, 4]
+    for (_, a), (_, b) in zip(val_one, val_two):
+        assert b == pytest.approx(a, rel=1e-4)
     final_one = utils.load_checkpoint(utils.list_checkpoints(one)[-1])["model"]
     final_two = utils.load_checkpoint(utils.list_checkpoints(two)[-1])["model"]
     # Summation order differs between 1 and 2 processes (float32 rounding), and Adam turns a
-    # gradient at rounding level (a dead unit's, say) into a step of up to lr = 1e-3: the
-    # weights may differ by one such step; the per-step losses above are held to 1e-4.
-    for name, value in final_one.items():
-        if value.is_floating_point():
-            torch.testing.assert_close(final_two[name], value, rtol=1e-3, atol=1e-3, msg=name)
+    # gradient at rounding level (a dead unit's, say) into a step of up to lr = 1e-3. So a
+    # few weights may drift by up to steps x lr; all but 0.1% must agree to 1e-4. The
+    # per-step losses above are the exact check.
+    differences = torch.cat([(final_two[name] - value).abs().flatten() for name, value in final_one.items()
+                             if value.is_floating_point()])
+    assert differences.max() <= 4 * 1e-3 + 1e-6
+    assert (differences > 1e-4).float().mean() < 1e-3
