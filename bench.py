@@ -359,10 +359,10 @@ def logged_speed(folder):
 
 
 ENCODER_ALONE = """
-import sys, time, statistics, torch, models, train
+import sys, time, statistics, torch, models
 encoder, width, samples, rate, clips, repeats, threads = sys.argv[1:]
 torch.set_num_threads(int(threads))
-model = train.ContrastiveModel(models.build_encoder(encoder, int(samples), int(rate), float(width)))
+model = models.ContrastiveModel(models.build_encoder(encoder, int(samples), int(rate), float(width)))
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 views = torch.randn(2 * int(clips), int(samples)) * 0.3
 times = []

@@ -80,6 +80,18 @@ class ProjectionHead(nn.Module):
         return self.net(h)
 
 
+class ContrastiveModel(nn.Module):
+    """Encoder plus projection head: waveform `[n, T]` -> projection `[n, D]`."""
+
+    def __init__(self, encoder, hidden_dim=512, projection_dim=128):
+        super().__init__()
+        self.encoder = encoder
+        self.head = ProjectionHead(encoder.embed_dim, hidden_dim, projection_dim)
+
+    def forward(self, views):
+        return self.head(self.encoder(views))
+
+
 def apply_block(block: nn.Module, *inputs: torch.Tensor, is_checkpointed: bool) -> torch.Tensor:
     """Run one block, optionally with activation checkpointing.
 

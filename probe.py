@@ -35,7 +35,6 @@ from torch.utils.tensorboard import SummaryWriter
 import augment
 import datasets
 import models
-import train
 import utils
 
 
@@ -300,7 +299,7 @@ def mean_and_std(runs):
 def load_encoder(checkpoint, args, device):
     """The model and its settings (from the checkpoint, or the flags for 'random').
 
-    Returns (model, settings) with model a train.ContrastiveModel in eval mode and
+    Returns (model, settings) with model a models.ContrastiveModel in eval mode and
     settings holding encoder, width, sample_rate, clip_samples and a cache key (the
     checkpoint file's SHA-1; for 'random', the flags and seed that build it).
     """
@@ -328,7 +327,7 @@ def load_encoder(checkpoint, args, device):
         torch.manual_seed(args.seed if args is not None else 0)
         encoder = models.build_encoder(settings["encoder"], settings["clip_samples"], settings["sample_rate"],
                                        settings["width"])
-        model = train.ContrastiveModel(encoder, settings["hidden_dim"], settings["projection_dim"])
+        model = models.ContrastiveModel(encoder, settings["hidden_dim"], settings["projection_dim"])
     if state is not None:
         model.load_state_dict(state["model"])
     settings["key"] = key
@@ -720,8 +719,8 @@ def probe_list(args):
                            "name": entry.get("name", "") or f"{os.path.basename(csv)}:{entry['label_column']}"})
         return probes
     columns = args.label_column or ["label"]
-    tasks = train.broadcast(args.task or ["multiclass"], len(columns), "task")
-    kinds = train.broadcast(args.label_kind or ["generic"], len(columns), "label-kind")
+    tasks = utils.per_column(args.task or ["multiclass"], len(columns), "task")
+    kinds = utils.per_column(args.label_kind or ["generic"], len(columns), "label-kind")
     csv = args.csv or datasets.make_synthetic_set(args.synthetic_dir)
     return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c, "patience": args.patience}
             for c, t, k in zip(columns, tasks, kinds)]

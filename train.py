@@ -120,27 +120,6 @@ def build_parser():
     return parser
 
 
-class ContrastiveModel(torch.nn.Module):
-    """Encoder plus projection head: waveform `[n, T]` -> projection `[n, D]`."""
-
-    def __init__(self, encoder, hidden_dim=512, projection_dim=128):
-        super().__init__()
-        self.encoder = encoder
-        self.head = models.ProjectionHead(encoder.embed_dim, hidden_dim, projection_dim)
-
-    def forward(self, views):
-        return self.head(self.encoder(views))
-
-
-def broadcast(values, count, name):
-    """One flag value per label column: a single value is repeated; else counts must match."""
-    if len(values) == 1:
-        return values * count
-    if len(values) != count:
-        raise SystemExit(f"--{name} was given {len(values)} times for {count} label columns")
-    return values
-
-
 def load_data(args, is_main):
     """Read the manifests and label columns; returns (manifest, columns, target specs)."""
     if not args.train_csv:
@@ -156,9 +135,9 @@ def load_data(args, is_main):
 def parse_columns(manifest, args):
     """LabelColumns and their losses.TargetSpecs from the label flags."""
     count = len(args.label_column)
-    tasks = broadcast(args.task or ["multiclass"], count, "task")
-    kinds = broadcast(args.label_kind or ["generic"], count, "label-kind")
-    similarities = broadcast(args.class_similarity or ["none"], count, "class-similarity")
+    tasks = utils.per_column(args.task or ["multiclass"], count, "task")
+    kinds = utils.per_column(args.label_kind or ["generic"], count, "label-kind")
+    similarities = utils.per_column(args.class_similarity or ["none"], count, "class-similarity")
     columns, specs = [], []
     threshold = None if args.positive_threshold == "weighted" else int(args.positive_threshold)
     for name, task, kind, similarity in zip(args.label_column, tasks, kinds, similarities):
@@ -429,7 +408,7 @@ def main(argv=None):
                                    status_dir if args.workers else None, resample_here)
 
     # ---- model and optimizer
-    model = ContrastiveModel(models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width),
+    model = models.ContrastiveModel(models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width),
                              args.hidden_dim, args.projection_dim)
     models.set_activation_checkpointing(model.encoder, args.activation_checkpointing)
     if args.sync_bn:

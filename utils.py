@@ -1,4 +1,5 @@
-"""What train.py, probe.py and bench.py share: processes, gathering, seeds, checkpoints."""
+"""What train.py, probe.py and bench.py share: processes, gathering, cross-process batch norm,
+seeds, checkpoints."""
 import glob
 import os
 import random
@@ -161,6 +162,15 @@ def barrier():
     """Wait for every process (no-op when alone)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def per_column(values, count, name):
+    """One flag value per label column: a single value is repeated; else counts must match."""
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise SystemExit(f"--{name} was given {len(values)} times for {count} label columns")
+    return values
 
 
 def seed_everything(seed):
