@@ -59,8 +59,8 @@ def build_parser():
                       help="consecutive clips kept per file, evenly spread (default %(default)s)")
     data.add_argument("--label-fraction", action="append", default=[],
                       help="share of the labeled train tracks the probe learns from, in (0, 1]; repeatable or "
-                           "comma-separated (one result each); stratified per class for multiclass, a plain "
-                           "random subset for multilabel and regression (default 1)")
+                           "comma-separated (one result each); stratified: per class, per tag (iterative "
+                           "stratification) or across the target range (default 1)")
     data.add_argument("--seeds", type=int, default=1,
                       help="runs per label fraction, seeds --seed … --seed+N-1 (subset and head); "
                            "results report mean ± sample std (default %(default)s)")
@@ -632,23 +632,51 @@ def prototype_scores(prototypes, x):
 
 
 def label_subset(tracks, labels, task, fraction, seed):
-    """The train tracks whose labels a probe may use under a label budget.
+    """The train tracks whose labels a probe may use under a label budget, stratified.
 
-    tracks: `[N]` train track indices; labels: `[N]` class indices (multiclass; other
-    tasks ignore them). Multiclass keeps round(fraction * n_c) tracks of each class c,
-    at least one, so every class stays in train; multilabel and regression keep a plain
-    random round(fraction * N) tracks, at least one. Returns sorted track indices.
+    tracks: `[N]` train track indices; labels: their labels (`[N]` class indices,
+    `[N, C]` multi-hot tags or `[N, K]` regression values).
+    multiclass: round(fraction * n_c) tracks of each class c, at least one, so every class
+        stays in train.
+    multilabel: iterative stratification (Sechidis et al., 2011): tags are served from the
+        rarest up, each taking tracks that carry it until it has its share round(fraction
+        * n_c) (at least one); tracks picked for one tag count for all their tags. Then
+        tracks with the fewest tags fill up to round(fraction * N).
+    regression: tracks sorted by their mean target, cut into round(fraction * N) equal
+        bins, one random track per bin, so the subset spans the range of targets.
+    Returns sorted track indices.
     """
     tracks = np.asarray(tracks)
     if fraction >= 1:
         return np.sort(tracks)
     rng = np.random.default_rng([seed, 31337])
-    if task != "multiclass":
-        return np.sort(rng.permutation(tracks)[:max(1, round(fraction * len(tracks)))])
     labels = np.asarray(labels)
-    kept = [rng.permutation(tracks[labels == c])[:max(1, round(fraction * (labels == c).sum()))]
-            for c in np.unique(labels)]
-    return np.sort(np.concatenate(kept))
+    size = max(1, round(fraction * len(tracks)))
+    if task == "multiclass":
+        kept = [rng.permutation(tracks[labels == c])[:max(1, round(fraction * (labels == c).sum()))]
+                for c in np.unique(labels)]
+        return np.sort(np.concatenate(kept))
+    if task == "regression":
+        order = np.argsort(labels.reshape(len(tracks), -1).mean(1), kind="stable")
+        bins = np.array_split(order, size)
+        return np.sort(tracks[[int(rng.choice(b)) for b in bins if len(b)]])
+    tags = labels > 0.5  # [N, C]
+    counts = tags.sum(0)
+    needed = np.where(counts > 0, np.maximum(1, np.round(fraction * counts)), 0)
+    chosen = np.zeros(len(tracks), dtype=bool)
+    for tag in np.argsort(counts, kind="stable"):
+        for index in rng.permutation(np.flatnonzero(tags[:, tag] & ~chosen)):
+            if needed[tag] <= 0:
+                break
+            chosen[index] = True
+            needed -= tags[index]
+    missing = size - chosen.sum()
+    if missing > 0:
+        # Top up with the tracks carrying the fewest tags, so tag shares stay near fraction.
+        rest = rng.permutation(np.flatnonzero(~chosen))
+        rest = rest[np.argsort(tags[rest].sum(1), kind="stable")]
+        chosen[rest[:missing]] = True
+    return np.sort(tracks[chosen])
 
 
 # ---------------------------------------------------------------- plots

@@ -157,8 +157,25 @@ def test_label_subset_is_stratified_per_class():
     assert np.array_equal(chosen, probe.label_subset(tracks, labels, "multiclass", 0.2, seed=0))
     draws = {tuple(probe.label_subset(tracks, labels, "multiclass", 0.2, seed=s)) for s in range(5)}
     assert len(draws) > 1
-    assert len(probe.label_subset(tracks, labels, "multilabel", 0.25, seed=0)) == 4
     assert np.array_equal(probe.label_subset(tracks, labels, "multiclass", 1.0, seed=3), tracks)
+
+
+def test_label_subset_is_stratified_per_tag_and_across_the_target_range():
+    tracks = np.arange(40)
+    tags = np.zeros((40, 3))
+    tags[:20, 0] = 1  # common tag: 20 tracks
+    tags[20:24, 1] = 1  # rare tag: 4 tracks
+    tags[24:25, 2] = 1  # one track
+    for seed in range(5):
+        chosen = probe.label_subset(tracks, tags, "multilabel", 0.25, seed=seed)
+        counts = tags[chosen].sum(0)
+        # round(0.25 * 20) = 5, round(0.25 * 4) = 1, and the single tag-2 track (at least one).
+        assert counts.tolist() == [5, 1, 1] and len(chosen) == 10  # topped up to round(0.25 * 40)
+    values = np.linspace(-2, 2, 40)[:, None]
+    chosen = probe.label_subset(tracks, values, "regression", 0.1, seed=0)
+    assert len(chosen) == 4
+    # One track from each quarter of the sorted targets.
+    assert sorted(np.digitize(values[chosen, 0], [-1, 0, 1]).tolist()) == [0, 1, 2, 3]
 
 
 def test_label_fraction_with_seeds_reports_mean_and_std(tiny_set, tmp_path):
