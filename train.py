@@ -329,8 +329,10 @@ class StopSignal:
         self.requested = True
         print(f"signal {signal.Signals(number).name}: saving after this step", flush=True)
 
-    def any_process(self, device):
+    def any_process(self, device, world_size):
         """True if any process got a signal (all processes must stop at the same step)."""
+        if world_size == 1:
+            return self.requested  # no tensor, so no host-device sync
         flag = torch.tensor(float(self.requested), device=device)
         return bool(utils.all_reduce_sum(flag).item() > 0)
 
@@ -528,7 +530,7 @@ def main(argv=None):
             raise SystemExit(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped and saved "
                              f"the last good weights at step {step} in {args.out}. Lower --lr, set --clip-grad, "
                              f"or check the data.")
-        stopping = stop.any_process(device)
+        stopping = stop.any_process(device, world_size)
         if step % args.save_every == 0 or step == args.steps or stopping:
             save(step)
         if stopping:
