@@ -281,3 +281,14 @@ def test_resampling_on_the_device_trains(tiny_set, tmp_path):
                      steps=3)
     assert [loss for _, loss in on_device["losses"]] == pytest.approx([loss for _, loss in in_workers["losses"]],
                                                                        rel=1e-4)
+
+
+def test_activation_checkpointing_and_bf16_flags(tiny_set, tmp_path):
+    plain = run(tmp_path, "plain", tiny_set, "--augment", "none", "--skip-check", steps=3)
+    checkpointed = run(tmp_path, "checkpointed", tiny_set, "--augment", "none", "--skip-check",
+                       "--activation-checkpointing", steps=3)
+    # Recomputing activations in backward changes memory, not the arithmetic.
+    assert [loss for _, loss in checkpointed["losses"]] == pytest.approx([loss for _, loss in plain["losses"]],
+                                                                          rel=1e-5)
+    bf16 = run(tmp_path, "bf16", tiny_set, "--augment", "none", "--skip-check", "--precision", "bf16", steps=3)
+    assert np.allclose([loss for _, loss in bf16["losses"]], [loss for _, loss in plain["losses"]], rtol=0.05)
