@@ -49,6 +49,7 @@ import torch
 import augment
 import datasets
 import losses
+import models
 
 
 def build_parser():
@@ -362,18 +363,44 @@ ENCODER_ALONE = """
 import sys, time, statistics, torch, models
 encoder, width, samples, rate, clips, repeats, threads = sys.argv[1:]
 torch.set_num_threads(int(threads))
-model = models.ContrastiveModel(models.build_encoder(encoder, int(samples), int(rate), float(width)))
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+model = models.ContrastiveModel(models.build_encoder(encoder, int(samples), int(rate), float(width))).to(device)
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-views = torch.randn(2 * int(clips), int(samples)) * 0.3
+views = torch.randn(2 * int(clips), int(samples), device=device) * 0.3
 times = []
 for index in range(int(repeats) + 1):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    model(views).square().mean().backward()
+    # The same precision as train.py's default: bf16 autocast on a GPU, fp32 on a CPU.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(views).float().square().mean()
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     times.append(time.perf_counter() - start)
 print(int(clips) / statistics.median(times[1:]))
 """
+
+
+def matmul_peak(threads, repeats):
+    """Measured dense matmul throughput in FLOP/s: fp32 on the CPU, bf16 on a GPU."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    seconds = median_seconds([lambda: a @ b], repeats, device)[0]
+    return 2 * size ** 3 / seconds
+
+
+def step_flops_per_clip(args, clip_samples):
+    """Model FLOPs of one training clip: 2 views x (forward + backward = 3 forwards) x 2 FLOPs/MAC."""
+    encoder = models.build_encoder(args.train_encoder, clip_samples, args.train_sample_rate, args.train_width)
+    model = models.ContrastiveModel(encoder)
+    return 2 * 3 * 2 * models.count_macs(model, torch.zeros(2, clip_samples))
 
 
 def bench_train(args):
@@ -428,10 +455,17 @@ def bench_train(args):
           f"{args.train_clip_seconds} s at {sample_rate} Hz, default augmentation chain on the device; "
           f"{args.train_steps} steps, clips/s is the median logged rate after the first interval; "
           f"{args.threads} threads; machine load average {os.getloadavg()[0]:.1f}")
-    print("| configuration | clips/s | steps/s | time vs encoder alone | peak memory (MiB) |")
-    print("|---|---:|---:|---:|---:|")
+    peak_flops = matmul_peak(args.threads, args.repeats)
+    flops_per_clip = step_flops_per_clip(args, clip_samples)
+    print(f"model FLOPs per clip (2 views, forward + backward): {flops_per_clip / 1e9:.2f} G; measured matmul "
+          f"peak {peak_flops / 1e9:,.1f} GFLOP/s")
+    print("| configuration | clips/s | steps/s | time vs encoder alone | model GFLOP/s | share of matmul peak "
+          "| peak memory (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rate, peak in table:
-        print(f"| {name} | {rate:,.1f} | {rate / args.train_batch:.3f} | {alone_rate / rate:.2f}x | {peak:,.0f} |")
+        achieved = rate * flops_per_clip
+        print(f"| {name} | {rate:,.1f} | {rate / args.train_batch:.3f} | {alone_rate / rate:.2f}x | "
+              f"{achieved / 1e9:,.1f} | {achieved / peak_flops:.0%} | {peak:,.0f} |")
     shutil.rmtree(folder, ignore_errors=True)
 
 
