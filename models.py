@@ -35,7 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 EMBED_DIM = 512  # paper: 512-d SampleCNN embedding at full width
 MIN_CHANNELS = 8  # narrowest layer any width may produce
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# SyncBatchNorm too: --sync-bn swaps it in on GPUs, and checkpointing must keep its statistics.
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def scaled_channels(channels: int, width: float) -> int:

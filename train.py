@@ -410,8 +410,8 @@ def main(argv=None):
                                    status_dir if args.workers else None, resample_here)
 
     # ---- model and optimizer
-    model = models.ContrastiveModel(models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width),
-                             args.hidden_dim, args.projection_dim)
+    encoder = models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width)
+    model = models.ContrastiveModel(encoder, args.hidden_dim, args.projection_dim)
     models.set_activation_checkpointing(model.encoder, args.activation_checkpointing)
     if args.sync_bn:
         # torch's SyncBatchNorm is GPU-only; the project's GlobalBatchNorm covers gloo on CPUs.
