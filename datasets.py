@@ -28,6 +28,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
+import utils
+
 SPLITS = ("train", "val", "test")
 TASKS = ("multiclass", "multilabel", "regression")
 LABEL_KINDS = ("generic", "pitch_class", "pitch", "key", "tempo")
@@ -38,7 +40,7 @@ KEY_WEIGHTS = {"same": 1.0, "fifth": 0.5, "relative": 0.3, "parallel": 0.2}
 MAX_REPLACEMENTS = 10
 
 
-class ManifestError(ValueError):
+class ManifestError(utils.UserError, ValueError):
     """A manifest or label problem, found before training; the message names the place."""
 
 

@@ -4,10 +4,35 @@ import glob
 import os
 import random
 import re
+import sys
+import traceback
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A mistake in the user's input (a flag, a manifest, a file): one line, exit status 2.
+
+    The message says what is wrong and what to do; `run_cli` prints it as
+    `PROG: error: MESSAGE` with no traceback. A traceback means a bug in our code.
+    """
+
+
+def run_cli(main, argv=None):
+    """Run a script's `main(argv)`; a UserError becomes one line on stderr and exit status 2.
+
+    Set SEMISUPCON_DEBUG=1 to see the traceback of a UserError too.
+    """
+    prog = os.path.basename(sys.argv[0]) or "semisupcon"
+    try:
+        return main(argv)
+    except UserError as error:
+        if os.environ.get("SEMISUPCON_DEBUG"):
+            traceback.print_exc()
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def setup_process():
