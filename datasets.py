@@ -20,6 +20,9 @@ import json
 import math
 import os
 import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +30,7 @@ import pandas as pd
 import soundfile as sf
 import torch
 import torchaudio
+from tqdm import tqdm
 
 import utils
 
@@ -384,6 +388,47 @@ def _fit_length(wave, length):
     return torch.nn.functional.pad(wave, (0, length - wave.shape[-1]))
 
 
+DECODER_WARNINGS = {}  # path -> lines the C decoder printed while this process read the file
+_DECODER_LOG = []  # one temporary file per process that fd 2 points at while decoding
+
+
+@contextmanager
+def decoder_messages(path):
+    """Catch what the C decoder (libsndfile, libmpg123) prints on fd 2 while reading `path`.
+
+    libmpg123 writes notes such as "part2_3_length (192) too large for available bit
+    count" straight to the process's stderr, below Python, where they break progress
+    bars. Inside this block fd 2 points at a temporary file instead (two dup2 calls, a
+    few microseconds); afterwards the lines are counted in DECODER_WARNINGS[path] and
+    the first time a file warns, one line says so through tqdm.write, which keeps the
+    progress bar intact.
+    """
+    if not _DECODER_LOG:
+        _DECODER_LOG.append(tempfile.TemporaryFile())
+    log = _DECODER_LOG[0].fileno()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(log, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        size = os.lseek(log, 0, os.SEEK_CUR)
+        if size:
+            os.lseek(log, 0, os.SEEK_SET)
+            lines = os.read(log, size).decode("utf-8", "replace").splitlines()
+            os.lseek(log, 0, os.SEEK_SET)
+            os.ftruncate(log, 0)
+            lines = [line for line in lines if line.strip()]
+            if lines:
+                is_new = path not in DECODER_WARNINGS
+                DECODER_WARNINGS[path] = DECODER_WARNINGS.get(path, 0) + len(lines)
+                if is_new:
+                    tqdm.write(f"decoder warnings: {path}: {len(lines)} line(s), e.g. {lines[0].strip()[:160]} "
+                               f"(further ones for this file are counted, not shown)", file=sys.stderr)
+
+
 CACHE_INFO = "cache.json"
 _CACHE_RATES = {}
 
@@ -709,24 +754,31 @@ def split_pools(labeled, train_rows, labeled_fraction, seed):
 class MixedBatchSampler:
     """Endless batches with an exact labeled share b_s, reproducible from (seed, step).
 
-    Each global batch holds round(b_s * batch_size) draws from the labeled pool and the
-    rest from the unlabeled pool. Each pool is read as an endless series of shuffled
-    passes, so the smaller pool is cycled and the composition stays exact. A draw is
-    `(row, seed, pool, is_labeled)` (see ClipDataset). Rank r of world_size takes draws
-    r, r + world_size, ... of the global batch, so ranks get disjoint shares whose union
-    is the global batch. Batch k depends on (seed, k) only: starting at `start_step`
-    continues the same stream as an uninterrupted run.
+    Each global batch holds int(b_s * batch_size) draws from the labeled pool (as the
+    authors' sampler counts them) and the rest from the unlabeled pool. Each pool is read
+    as an endless series of shuffled passes, so the smaller pool is cycled, every row
+    comes once per pass and the composition stays exact. A batch that straddles two
+    passes would otherwise be able to hold a row twice (its views would all become
+    positives of one another): the next pass is reordered so that its first rows avoid
+    the previous pass's last rows in that batch. A pool smaller than its share of a
+    batch cannot avoid repeats; train.py warns about it.
+
+    A draw is `(row, seed, pool, is_labeled)` (see ClipDataset). Rank r of world_size
+    takes draws r, r + world_size, ... of the global batch, so ranks get disjoint shares
+    whose union is the global batch. Batch k depends on (seed, k) only: starting at
+    `start_step` continues the same stream as an uninterrupted run.
     """
 
     def __init__(self, labeled_rows, unlabeled_rows, batch_size, labeled_per_batch, seed,
                  rank=0, world_size=1, start_step=0):
-        self.num_labeled = int(round(labeled_per_batch * batch_size))
+        # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
+        self.num_labeled = int(math.floor(labeled_per_batch * batch_size + 1e-9))
         self.pools = {1: np.asarray(labeled_rows), 0: np.asarray(unlabeled_rows)}
         self.counts = {1: self.num_labeled, 0: batch_size - self.num_labeled}
         for pool, name in ((1, "labeled"), (0, "unlabeled")):
             if self.counts[pool] and not len(self.pools[pool]):
-                raise ValueError(f"b_s={labeled_per_batch} asks for {self.counts[pool]} {name} clips per "
-                                 f"batch but the {name} pool is empty")
+                raise ManifestError(f"b_s={labeled_per_batch} asks for {self.counts[pool]} {name} clips per "
+                                    f"batch but the {name} pool is empty")
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -734,14 +786,50 @@ class MixedBatchSampler:
         self.step = start_step
         self.passes = {}
 
+    def _shuffled(self, pool, index):
+        """Pass `index` of `pool` as drawn, before any reordering."""
+        rng = np.random.default_rng([self.seed, pool, index])
+        return self.pools[pool][rng.permutation(len(self.pools[pool]))]
+
     def _pass(self, pool, index):
+        """Pass `index` of `pool`: a permutation of its rows, reordered at its head so that
+        the batch it shares with pass index - 1 holds no row twice."""
         key = (pool, index)
         if key not in self.passes:
+            count, size = self.counts[pool], len(self.pools[pool])
+            if size < count or size >= 2 * count - 1:
+                # The reordering moves rows among the first `count` positions only, so a
+                # pass of at least 2 * count - 1 rows keeps its tail as drawn: the previous
+                # pass need not be rebuilt, and resuming costs one shuffle.
+                previous = self._shuffled(pool, index - 1) if index > 0 and size >= count else None
+                rows = self._reorder(pool, index, previous)
+            else:
+                # A short pass's tail depends on its own reordering: rebuild the chain of
+                # passes from the newest one kept (from pass 0 after a resume).
+                start, previous = max(((i, r) for (p, i), r in self.passes.items() if p == pool and i < index),
+                                      default=(-1, None), key=lambda item: item[0])
+                for i in range(start + 1, index + 1):
+                    previous = self._reorder(pool, i, previous)
+                rows = previous
             if len(self.passes) > 8:
-                self.passes.clear()
-            rng = np.random.default_rng([self.seed, pool, index])
-            self.passes[key] = self.pools[pool][rng.permutation(len(self.pools[pool]))]
+                # Keep each pool's newest pass: a short pool's next pass is built from it.
+                newest = {p: max(i for q, i in self.passes if q == p) for p, _ in self.passes}
+                self.passes = {(p, i): self.passes[(p, i)] for p, i in newest.items()}
+            self.passes[key] = rows
         return self.passes[key]
+
+    def _reorder(self, pool, index, previous):
+        """Shuffled pass `index`, its first rows moved past those `previous` puts in their batch."""
+        count, size = self.counts[pool], len(self.pools[pool])
+        rows = self._shuffled(pool, index)
+        tail = index * size % count  # rows of the previous pass in the batch that straddles both
+        if previous is None or not tail:
+            return rows
+        taken = set(previous[size - tail:].tolist())
+        is_free = np.array([row not in taken for row in rows[:count].tolist()])
+        first = np.flatnonzero(is_free)[:count - tail]
+        rest = np.setdiff1d(np.arange(size), first, assume_unique=True)
+        return rows[np.concatenate([first, rest])]
 
     def batch(self, step):
         """The draws of this rank for global step `step`."""

@@ -170,7 +170,7 @@ def test_sampler_proportions(labeled_fraction, labeled_per_batch):
         labeled_draws = [row for row, _, pool, is_labeled in batch if is_labeled]
         assert set(labeled_draws) <= set(labeled_rows.tolist())
         counts.append(len(labeled_draws))
-    assert set(counts) == {round(16 * labeled_per_batch)}
+    assert set(counts) == {int(16 * labeled_per_batch)}
 
 
 def test_sampler_cycles_small_pool_and_resumes_exactly():
@@ -180,6 +180,28 @@ def test_sampler_cycles_small_pool_and_resumes_exactly():
     assert sorted(seen) == sorted(list(range(5)) * 4)  # every labeled row once per pass
     resumed = iter(datasets.MixedBatchSampler(np.arange(5), np.arange(5, 105), 8, 0.5, seed=0, start_step=12))
     assert [next(resumed) for _ in range(8)] == stream[12:]
+
+
+def test_labeled_count_is_floored_as_the_authors():
+    assert datasets.MixedBatchSampler(np.arange(50), np.arange(50, 500), 96, 0.05, seed=0).num_labeled == 4
+    assert datasets.MixedBatchSampler(np.arange(50), np.arange(50, 500), 100, 0.29, seed=0).num_labeled == 29
+
+
+@pytest.mark.parametrize("labeled, unlabeled, batch_size", [(5, 100, 8), (50, 50, 96), (7, 9, 12), (30, 60, 48),
+                                                            (300, 500, 96)])
+def test_no_row_twice_in_a_batch_while_passes_stay_exact(labeled, unlabeled, batch_size):
+    pools = (np.arange(labeled), np.arange(labeled, labeled + unlabeled))
+    sampler = datasets.MixedBatchSampler(*pools, batch_size, 0.5, seed=2)
+    stream = [sampler.batch(step) for step in range(1000)]
+    assert all(len({row for row, *_ in batch}) == batch_size for batch in stream)
+    for pool, rows in ((1, pools[0]), (0, pools[1])):
+        drawn = np.array([row for batch in stream for row, _, p, _ in batch if p == pool])
+        whole = len(drawn) // len(rows) * len(rows)
+        passes = np.sort(drawn[:whole].reshape(-1, len(rows)), axis=1)
+        assert (passes == rows).all()  # every row once per pass
+    resumed = datasets.MixedBatchSampler(*pools, batch_size, 0.5, seed=2, start_step=993)
+    assert [next(iter(resumed)) for _ in range(1)] == stream[993:994]
+    assert [resumed.batch(step) for step in range(994, 1000)] == stream[994:]
 
 
 def test_ranks_take_disjoint_shares_of_the_global_batch():
