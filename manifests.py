@@ -1,16 +1,24 @@
 """Turn the official annotation files of the paper's public data sets into CSV manifests.
 
-One job: read a data set's official files, apply its standard split, write the project's
-manifest (the format datasets.py reads): `path` (absolute audio path), `split` (train,
-val or test) and label columns; an empty label cell means unlabeled. Audio that the
-annotations reference but that is absent (or empty) is dropped, and the count printed.
+One job: read a data set's official files as they are published, apply its standard
+split, write the project's manifest (the format datasets.py reads): `path` (absolute
+audio path), `split` (train, val or test) and label columns; an empty label cell means
+unlabeled. Audio that the annotations reference but that is absent (or empty) is
+dropped, and the count printed.
 
     python manifests.py magnatagatune --root data/magnatagatune --out manifests/mtat.csv
     python manifests.py giantsteps-key --root data/giantsteps --out manifests/gs_key.csv
 
-It reads text files only (no torch, no GPU), so there is no one-GPU or torchrun form.
-Per data set: the files it reads and their layout under --root are in BUILDERS' functions
-and the README; the label columns and tasks are in LABELS (and `--help`).
+Every data set found under one data root, plus the probe table with the authors'
+per-task head and patience (tasks.csv, the format of `probe.py --tasks`):
+
+    python manifests.py all --root data --out manifests/
+    python probe.py --checkpoint runs/semisupcon --tasks manifests/tasks.csv --out runs/table.json
+
+It reads text files only (no GPU), so there is no one-GPU or torchrun form. Per data
+set: the files it reads and their layout under --root are in BUILDERS' functions and
+docs/datasets.md; the label columns and tasks are in LABELS (and `--help`). A missing
+or malformed official file is a user error: `manifests.py: error: ...`, exit status 2.
 """
 import argparse
 import csv
@@ -22,6 +30,9 @@ import re
 import sys
 
 import pandas as pd
+import yaml
+
+import utils
 
 SPLITS = ("train", "val", "test")
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -65,6 +76,48 @@ LABELS = {
 }
 
 
+# Folder of each data set under the root of `manifests.py all` (and the default --root,
+# data/FOLDER); data sets that share official files share a folder.
+DATA_FOLDERS = {
+    "magnatagatune": "magnatagatune", "magnatagatune-all": "magnatagatune",
+    "mtg-jamendo-top50": "mtg-jamendo", "mtg-jamendo-genre": "mtg-jamendo",
+    "mtg-jamendo-instrument": "mtg-jamendo", "mtg-jamendo-moodtheme": "mtg-jamendo",
+    "gtzan": "gtzan", "nsynth": "nsynth", "giantsteps-key": "giantsteps",
+    "vocalset-singer": "vocalset", "vocalset-technique": "vocalset",
+    "emomusic": "emomusic", "medleydb": "medleydb",
+}
+# The paper's downstream table, one probe per row: (manifest, --label-column, probe name,
+# head, patience in epochs). Head and patience are the authors' per-task settings (their
+# config/finetuning/cross-dataset/*.yaml): a linear head for GiantSteps, EmoMusic, MedleyDB
+# and VocalSet, an MLP otherwise; patience MTAT 15, MTG 7, GTZAN / GiantSteps / VocalSet 50,
+# NSynth 2, MedleyDB 10, EmoMusic 200. Task and label kind come from LABELS.
+PAPER_PROBES = [
+    ("magnatagatune", "tags", "mtat-top50", "mlp", 15),
+    ("magnatagatune-all", "tags", "mtat-all", "mlp", 15),
+    ("mtg-jamendo-top50", "tags", "mtg-top50", "mlp", 7),
+    ("mtg-jamendo-genre", "tags", "mtg-genre", "mlp", 7),
+    ("mtg-jamendo-instrument", "tags", "mtg-instrument", "mlp", 7),
+    ("mtg-jamendo-moodtheme", "tags", "mtg-moodtheme", "mlp", 7),
+    ("gtzan", "genre", "gtzan", "mlp", 50),
+    ("giantsteps-key", "key", "giantsteps-key", "linear", 50),
+    ("nsynth", "pitch", "nsynth-pitch", "mlp", 2),
+    ("nsynth", "instrument_family", "nsynth-instrument-family", "mlp", 2),
+    ("vocalset-singer", "singer", "vocalset-singer", "linear", 50),
+    ("vocalset-technique", "technique", "vocalset-technique", "linear", 50),
+    ("medleydb", "instrument", "medleydb", "linear", 10),
+    ("emomusic", "arousal,valence", "emomusic", "linear", 200),
+]
+TASKS_COLUMNS = ["name", "csv", "label_column", "task", "label_kind", "head", "patience"]
+
+
+class MissingFileError(utils.UserError, FileNotFoundError):
+    """An official file or folder is not where the data set's layout puts it."""
+
+
+class FormatError(utils.UserError, ValueError):
+    """An official file that cannot be read as its format; the message names file and line."""
+
+
 def _label_flags(column, task, kind):
     flags = f"--label-column {column} --task {task}"
     return flags + (f" --label-kind {kind}" if kind != "generic" else "")
@@ -73,9 +126,9 @@ def _label_flags(column, task, kind):
 # ---------------------------------------------------------------- small readers
 
 def _require(path, name):
-    """Return `path` if it is a file, else raise FileNotFoundError naming it."""
+    """Return `path` if it is a file, else raise MissingFileError naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name}: expected the official file {path}")
+        raise MissingFileError(f"{name}: expected the official file {path}")
     return path
 
 
@@ -102,16 +155,16 @@ def _read_table(path, delimiter, required, quoted=False):
     """
     rows = list(_read_rows(path, delimiter, quoted))
     if not rows:
-        raise ValueError(f"{path}: the file is empty")
+        raise FormatError(f"{path}: the file is empty")
     header = [name.strip() for name in rows[0][1]]
     missing = [name for name in required if name not in header]
     if missing:
-        raise ValueError(f"{path}, line {rows[0][0]}: header lacks column(s) {missing}; it has {header}")
+        raise FormatError(f"{path}, line {rows[0][0]}: header lacks column(s) {missing}; it has {header}")
     width = 1 + max(header.index(name) for name in required)
     table = []
     for line, fields in rows[1:]:
         if len(fields) < width:
-            raise ValueError(f"{path}, line {line}: {len(fields)} fields, expected at least {width} "
+            raise FormatError(f"{path}, line {line}: {len(fields)} fields, expected at least {width} "
                              f"(up to column {header[width - 1]!r})")
         fields = fields + [""] * (len(header) - len(fields))
         table.append((line, {name: value.strip() for name, value in zip(header, fields)}))
@@ -203,7 +256,7 @@ def _keep_present(name, rows, extra=None):
         substituted += found != row["path"]
         kept.append({**row, "path": found})
     if rows and not kept:
-        raise FileNotFoundError(f"{name}: none of the {len(rows)} referenced audio files exists, "
+        raise MissingFileError(f"{name}: none of the {len(rows)} referenced audio files exists, "
                                 f"e.g. {rows[0]['path']}; check --root and the layout in the README")
     if absent:
         print(f"{name}: dropped {len(absent)} of {len(rows)} rows whose audio is absent, e.g. {absent[0]}")
@@ -237,23 +290,23 @@ def build_magnatagatune(root, top_tags=MTAT_TOP_TAGS):
     csv_path = _require(os.path.join(root, "annotations_final.csv"), name)
     rows = list(_read_rows(csv_path, "\t", quoted=True))
     if not rows:
-        raise ValueError(f"{csv_path}: the file is empty")
+        raise FormatError(f"{csv_path}: the file is empty")
     header_line, header = rows[0]
     if header[0].strip() != "clip_id" or header[-1].strip() != "mp3_path":
-        raise ValueError(f"{csv_path}, line {header_line}: expected a header clip_id, <tags>, mp3_path")
+        raise FormatError(f"{csv_path}, line {header_line}: expected a header clip_id, <tags>, mp3_path")
     tag_names = [tag.strip() for tag in header[1:-1]]
     clips, counts = [], [0] * len(tag_names)
     for line, fields in rows[1:]:
         if len(fields) != len(header):
-            raise ValueError(f"{csv_path}, line {line}: {len(fields)} fields, the header has {len(header)}")
+            raise FormatError(f"{csv_path}, line {line}: {len(fields)} fields, the header has {len(header)}")
         values = [value.strip() for value in fields[1:-1]]
         for tag, value in zip(tag_names, values):
             if value not in ("0", "1"):
-                raise ValueError(f"{csv_path}, line {line}: tag {tag!r} is {value!r}, expected 0 or 1")
+                raise FormatError(f"{csv_path}, line {line}: tag {tag!r} is {value!r}, expected 0 or 1")
         mp3_path = fields[-1].strip()
         folder = mp3_path.split("/")[0]
         if len(folder) != 1 or folder not in "0123456789abcdef":
-            raise ValueError(f"{csv_path}, line {line}: mp3_path {mp3_path!r} is not in a folder 0-f")
+            raise FormatError(f"{csv_path}, line {line}: mp3_path {mp3_path!r} is not in a folder 0-f")
         flags = [value == "1" for value in values]
         counts = [count + flag for count, flag in zip(counts, flags)]
         split = "train" if folder in "0123456789ab" else "val" if folder == "c" else "test"
@@ -304,11 +357,11 @@ def build_mtg_jamendo(root, subset):
     for split, tsv_path in files.items():
         rows = list(_read_rows(tsv_path, "\t"))
         if not rows or [field.strip() for field in rows[0][1][:6]] != MTG_JAMENDO_HEADER:
-            raise ValueError(f"{tsv_path}, line 1: expected the header {MTG_JAMENDO_HEADER}")
+            raise FormatError(f"{tsv_path}, line 1: expected the header {MTG_JAMENDO_HEADER}")
         for line, fields in rows[1:]:
             tags = [tag.strip() for tag in fields[5:] if tag.strip()]
             if len(fields) < 6 or not tags or not fields[3].strip():
-                raise ValueError(f"{tsv_path}, line {line}: expected TRACK_ID, ARTIST_ID, ALBUM_ID, PATH, "
+                raise FormatError(f"{tsv_path}, line {line}: expected TRACK_ID, ARTIST_ID, ALBUM_ID, PATH, "
                                  f"DURATION and at least one tag")
             tracks.append({"relpath": fields[3].strip(), "split": split, "tags": ";".join(tags)})
     bases = [os.path.join(root, "audio"), os.path.join(root, "mp3"), root]
@@ -320,25 +373,57 @@ def build_mtg_jamendo(root, subset):
 
 # ---------------------------------------------------------------- GTZAN
 
+# Where the fault-filtered split lists are found, in this order: ROOT itself (the names of
+# coreyker/dnn-mgr and jongpillee/music_dataset_split) or a copy of the SemiSupCon
+# repository's data/gtzan/ folder; the val list is valid_filtered.txt or val_filtered.txt.
+GTZAN_LIST_FOLDERS = ("", os.path.join("data", "gtzan"))
+GTZAN_VAL_NAMES = ("valid", "val")
+
+
+def _gtzan_lists(root):
+    """{split: path of its list} for the first folder of GTZAN_LIST_FOLDERS holding the lists."""
+    for folder in GTZAN_LIST_FOLDERS:
+        folder = os.path.join(root, folder)
+        if not os.path.isfile(os.path.join(folder, "train_filtered.txt")):
+            continue
+        val_lists = [os.path.join(folder, f"{name}_filtered.txt") for name in GTZAN_VAL_NAMES]
+        val_lists = [path for path in val_lists if os.path.isfile(path)]
+        if not val_lists:
+            raise MissingFileError(f"gtzan: expected the official file {folder}/valid_filtered.txt "
+                                   f"(or val_filtered.txt) next to train_filtered.txt")
+        if len(val_lists) == 2:
+            with open(val_lists[0], "rb") as first, open(val_lists[1], "rb") as second:
+                if first.read().split() != second.read().split():
+                    raise FormatError(f"gtzan: {val_lists[0]} and {val_lists[1]} list different files; "
+                                      f"keep the one of the split you want")
+        return {"train": os.path.join(folder, "train_filtered.txt"), "val": val_lists[0],
+                "test": _require(os.path.join(folder, "test_filtered.txt"), "gtzan")}
+    raise MissingFileError(f"gtzan: expected the official file {root}/train_filtered.txt (or "
+                           f"{root}/data/gtzan/train_filtered.txt, as the SemiSupCon repository ships it)")
+
+
 def build_gtzan(root):
     """GTZAN genres with the fault-filtered split of Kereliuk et al. (2015).
 
-    Reads ROOT/{train,valid,test}_filtered.txt (one "blues/blues.00000.wav" per line, as
-    in coreyker/dnn-mgr and jongpillee/music_dataset_split) and audio under ROOT/genres/,
-    ROOT/genres_original/ or ROOT/ (the .au of the original archive is found as well).
+    Reads the split lists {train,valid,test}_filtered.txt from ROOT (as in
+    coreyker/dnn-mgr and jongpillee/music_dataset_split) or {train,val,test}_filtered.txt
+    from ROOT/data/gtzan/ (as the SemiSupCon repository ships them); one
+    "blues/blues.00000.wav" per line. Audio under ROOT/genres/, ROOT/genres_original/,
+    ROOT/Data/genres_original/ (the Kaggle copy) or ROOT/ (the .au of the original
+    archive is found as well).
     Returns columns path, split, genre (the listed file's folder).
     """
     root = os.path.abspath(root)
     entries = []
-    for split, official in (("train", "train"), ("val", "valid"), ("test", "test")):
-        list_path = _require(os.path.join(root, f"{official}_filtered.txt"), "gtzan")
+    for split, list_path in _gtzan_lists(root).items():
         for line, fields in _read_rows(list_path, "\t"):
             relpath = fields[0].strip()
             parts = relpath.split("/")
             if len(fields) != 1 or len(parts) != 2 or not all(parts):
-                raise ValueError(f"{list_path}, line {line}: expected one '<genre>/<file>' per line, got {fields}")
+                raise FormatError(f"{list_path}, line {line}: expected one '<genre>/<file>' per line, got {fields}")
             entries.append({"relpath": relpath, "split": split, "genre": parts[0]})
-    bases = [os.path.join(root, "genres"), os.path.join(root, "genres_original"), root]
+    bases = [os.path.join(root, "genres"), os.path.join(root, "genres_original"),
+             os.path.join(root, "Data", "genres_original"), root]
     base = _pick_base(bases, [entry["relpath"] for entry in entries])
     records = [{"path": os.path.join(base, entry["relpath"]), "split": entry["split"], "genre": entry["genre"]}
                for entry in entries]
@@ -360,18 +445,18 @@ def build_nsynth(root):
     for split, official in (("train", "train"), ("val", "valid"), ("test", "test")):
         folder = os.path.join(root, f"nsynth-{official}")
         json_path = _require(os.path.join(folder, "examples.json"), "nsynth")
-        with open(json_path, encoding="utf-8") as handle:
+        with open(json_path, encoding="utf-8-sig") as handle:
             try:
                 examples = json.load(handle)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{json_path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+                raise FormatError(f"{json_path}, line {error.lineno}: not valid JSON ({error.msg})") from None
         if not isinstance(examples, dict):
-            raise ValueError(f"{json_path}: expected an object from note_str to note attributes")
+            raise FormatError(f"{json_path}: expected an object from note_str to note attributes")
         for note_str, note in examples.items():
             pitch = note.get("pitch") if isinstance(note, dict) else None
             family = note.get("instrument_family_str") if isinstance(note, dict) else None
             if not isinstance(pitch, int) or not 0 <= pitch <= 127 or not isinstance(family, str) or not family:
-                raise ValueError(f"{json_path}: note {note_str!r} lacks an integer 'pitch' (0-127) or "
+                raise FormatError(f"{json_path}: note {note_str!r} lacks an integer 'pitch' (0-127) or "
                                  f"an 'instrument_family_str'")
             records.append({"path": os.path.join(folder, "audio", f"{note_str}.wav"), "split": split,
                             "pitch": note_name(pitch), "pitch_class": NOTE_NAMES[pitch % 12],
@@ -387,10 +472,10 @@ def _find_repository(root, repository, name):
                      if os.path.isdir(os.path.join(root, entry))
                      and (entry == repository or entry.startswith(repository + "-")))
     if not matches:
-        raise FileNotFoundError(f"{name}: expected the folder {os.path.join(root, repository)} "
+        raise MissingFileError(f"{name}: expected the folder {os.path.join(root, repository)} "
                                 f"(a copy of https://github.com/GiantSteps/{repository} with its audio/)")
     if len(matches) > 1:
-        raise ValueError(f"{name}: several copies of {repository} under {root}: {matches}; keep one")
+        raise FormatError(f"{name}: several copies of {repository} under {root}: {matches}; keep one")
     return os.path.join(root, matches[0])
 
 
@@ -440,7 +525,7 @@ def build_giantsteps_key(root):
     key_files = sorted(entry for entry in os.listdir(key_folder) if entry.endswith(".key")) \
         if os.path.isdir(key_folder) else []
     if not key_files:
-        raise FileNotFoundError(f"{name}: expected the official files {key_folder}/<ID>.LOFI.key")
+        raise MissingFileError(f"{name}: expected the official files {key_folder}/<ID>.LOFI.key")
     records = []
     for entry in key_files:
         key_path = os.path.join(key_folder, entry)
@@ -449,7 +534,7 @@ def build_giantsteps_key(root):
         try:
             key = canonical_key(text)
         except ValueError as error:
-            raise ValueError(f"{key_path}, line 1: {error}") from None
+            raise FormatError(f"{key_path}, line 1: {error}") from None
         audio_name = entry[:-len(".key")] + ".mp3"
         records.append({"path": os.path.join(test_repository, "audio", audio_name), "split": "test", "key": key})
 
@@ -460,11 +545,11 @@ def build_giantsteps_key(root):
     track_split = _giantsteps_artist_splits(metadata)
     rows = list(_read_rows(annotations_path, "\t"))
     if not rows or [field.strip() for field in rows[0][1][:3]] != ["ID", "MANUAL KEY", "C"]:
-        raise ValueError(f"{annotations_path}, line 1: expected the header ID, MANUAL KEY, C")
+        raise FormatError(f"{annotations_path}, line 1: expected the header ID, MANUAL KEY, C")
     low_confidence = ambiguous = 0
     for line, fields in rows[1:]:
         if len(fields) < 3 or not fields[0].strip().isdigit() or fields[2].strip() not in ("0", "1", "2"):
-            raise ValueError(f"{annotations_path}, line {line}: expected ID, MANUAL KEY, C (0, 1 or 2), got {fields}")
+            raise FormatError(f"{annotations_path}, line {line}: expected ID, MANUAL KEY, C (0, 1 or 2), got {fields}")
         track, text, confidence = fields[0].strip(), fields[1].strip(), fields[2].strip()
         if confidence != "2":
             low_confidence += 1
@@ -475,9 +560,9 @@ def build_giantsteps_key(root):
         try:
             key = canonical_key(text)
         except ValueError as error:
-            raise ValueError(f"{annotations_path}, line {line}: {error}") from None
+            raise FormatError(f"{annotations_path}, line {line}: {error}") from None
         if track not in track_split:
-            raise ValueError(f"{annotations_path}, line {line}: track {track} has no row in {metadata_path}")
+            raise FormatError(f"{annotations_path}, line {line}: track {track} has no row in {metadata_path}")
         records.append({"path": os.path.join(train_repository, "audio", f"{track}.LOFI.mp3"),
                         "split": track_split[track], "key": key})
     print(f"{name}: left out {low_confidence} MTG tracks with confidence below 2 and {ambiguous} "
@@ -494,21 +579,43 @@ def _read_singer_list(path, singers):
         text = fields[0].strip().lower()
         match = re.fullmatch(r"(female|male|f|m)(\d+)", text)
         if not match:
-            raise ValueError(f"{path}, line {line}: expected a singer such as 'female2', got {text!r}")
+            raise FormatError(f"{path}, line {line}: expected a singer such as 'female2', got {text!r}")
         singer = {"f": "female", "m": "male"}.get(match.group(1), match.group(1)) + match.group(2)
         if singer not in singers:
-            raise ValueError(f"{path}, line {line}: singer {singer!r} has no folder; singers: {sorted(singers)}")
+            raise FormatError(f"{path}, line {line}: singer {singer!r} has no folder; singers: {sorted(singers)}")
         names.append(singer)
     return names
 
 
-def build_vocalset(root, task):
-    """VocalSet singer and technique labels from the FULL/ folder structure.
+# VocalSet's singer-ordered audio folder: FULL/ in release 1.1, data_by_singer/ in 1.2
+# (whose data_by_technique/ and data_by_vowel/ hold the same recordings again, so they are
+# not read). Either may sit in ROOT or in one folder below it (the archive's VocalSet1-2/).
+VOCALSET_FOLDERS = ("FULL", "data_by_singer")
 
-    Reads ROOT/FULL/<singer>/<context>/<technique>/*.wav (ROOT may be FULL itself) and,
-    when present, ROOT/test_singers_technique.txt. Labels: singer = the singer folder
-    (female1 ... male11, 20 classes), technique = the technique folder (17 classes, all
-    of VocalSet's). task picks the split:
+
+def _vocalset_folder(root):
+    """The singer-ordered audio folder under root (VOCALSET_FOLDERS), else root itself."""
+    below = sorted(entry for entry in os.listdir(root) if os.path.isdir(os.path.join(root, entry))) \
+        if os.path.isdir(root) else []
+    for parent in (root, *(os.path.join(root, entry) for entry in below)):
+        found = [os.path.join(parent, name) for name in VOCALSET_FOLDERS if os.path.isdir(os.path.join(parent, name))]
+        if len(found) > 1:
+            raise FormatError(f"vocalset: both {found[0]} and {found[1]} exist; keep one release")
+        if found:
+            return found[0]
+    return root
+
+
+def build_vocalset(root, task):
+    """VocalSet singer and technique labels from the singer-ordered folder structure.
+
+    Reads ROOT/FULL/<singer>/<context>/<technique>/*.wav (release 1.1) or
+    ROOT/data_by_singer/<singer>/<context>/<technique>/*.wav (release 1.2), either of them
+    possibly one folder down (ROOT/VocalSet1-2/data_by_singer/), or ROOT itself laid out
+    as <singer>/<context>/<technique>/; and test_singers_technique.txt when present, next
+    to that folder or in ROOT. Labels: singer = the singer folder (female1 ... male11,
+    20 classes), technique = the technique folder (17 classes, all of VocalSet's). task
+    picks the split:
       technique: singer-disjoint; test = the singers of test_singers_technique.txt, else
         VOCALSET_TEST_SINGERS (the published split); val = 10 % of the other singers'
         recordings per technique, by hash (_hash_split).
@@ -518,7 +625,9 @@ def build_vocalset(root, task):
     """
     name = f"vocalset-{task}"
     root = os.path.abspath(root)
-    full = os.path.join(root, "FULL") if os.path.isdir(os.path.join(root, "FULL")) else root
+    full = _vocalset_folder(root)
+    if full != root:
+        print(f"{name}: recordings from {full}")
     records, outside = [], 0
     for folder, subfolders, files in os.walk(full):
         subfolders[:] = sorted(sub for sub in subfolders if not sub.startswith((".", "__MACOSX")))
@@ -532,13 +641,16 @@ def build_vocalset(root, task):
             records.append({"path": os.path.join(folder, file), "singer": parts[0], "technique": parts[2],
                             "key": "/".join([*parts, file])})
     if not records:
-        raise FileNotFoundError(f"{name}: expected the official files {full}/<singer>/<context>/<technique>/*.wav")
+        raise MissingFileError(f"{name}: expected the official files {root}/FULL/<singer>/<context>/<technique>/*.wav "
+                               f"(VocalSet 1.1) or {root}/data_by_singer/<singer>/<context>/<technique>/*.wav (1.2)")
     if outside:
         print(f"{name}: skipped {outside} .wav files outside <singer>/<context>/<technique>/")
     singers = {record["singer"] for record in records}
     groups = {}
     if task == "technique":
-        list_path = os.path.join(root, "test_singers_technique.txt")
+        beside = os.path.dirname(full) if full != root else root
+        candidates = [os.path.join(beside, "test_singers_technique.txt"), os.path.join(root, "test_singers_technique.txt")]
+        list_path = next((path for path in candidates if os.path.isfile(path)), candidates[-1])
         if os.path.isfile(list_path):
             test_singers = _read_singer_list(list_path, singers)
             print(f"{name}: test singers from {list_path}: {test_singers}")
@@ -596,7 +708,7 @@ def build_emomusic(root):
     for line, row in info_rows:
         subset = row["Mediaeval 2013 set"].lower()
         if not row["song_id"].isdigit() or subset not in ("development", "evaluation"):
-            raise ValueError(f"{info_path}, line {line}: expected a numeric song_id and a Mediaeval 2013 set "
+            raise FormatError(f"{info_path}, line {line}: expected a numeric song_id and a Mediaeval 2013 set "
                              f"'development' or 'evaluation', got {row['song_id']!r}, {row['Mediaeval 2013 set']!r}")
         split_of[int(row["song_id"])] = "test" if subset == "evaluation" else _emomusic_artist_split(row["Artist"])
     static_rows = _read_table(static_path, ",", ["song_id", "mean_arousal", "mean_valence"], quoted=True)
@@ -605,10 +717,10 @@ def build_emomusic(root):
         try:
             song, arousal, valence = int(row["song_id"]), float(row["mean_arousal"]), float(row["mean_valence"])
         except ValueError:
-            raise ValueError(f"{static_path}, line {line}: expected a numeric song_id, mean_arousal and "
+            raise FormatError(f"{static_path}, line {line}: expected a numeric song_id, mean_arousal and "
                              f"mean_valence") from None
         if song not in split_of:
-            raise ValueError(f"{static_path}, line {line}: song {song} has no row in {info_path}")
+            raise FormatError(f"{static_path}, line {line}: song {song} has no row in {info_path}")
         records.append({"path": os.path.join(root, "clips_45seconds", f"{song}.mp3"), "split": split_of[song],
                         "arousal": arousal, "valence": valence})
     return _frame(_keep_present(name, records), ["arousal", "valence"])
@@ -616,91 +728,82 @@ def build_emomusic(root):
 
 # ---------------------------------------------------------------- MedleyDB
 
-def _yaml_scalar(text):
-    """A YAML plain or quoted scalar -> its string ('' for null)."""
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] == "'":
-        return text[1:-1].replace("''", "'")
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        return text[1:-1].replace('\\"', '"')
-    return "" if text in ("~", "null") else text
+# libyaml's parser when PyYAML was built with it (about 10x faster on MedleyDB's 330 files),
+# else PyYAML's own; both read YAML 1.1 the same way.
+YAML_LOADER = getattr(yaml, "CBaseLoader", yaml.BaseLoader)
 
 
-def _yaml_key_value(content, path, line):
-    match = re.fullmatch(r"([^:#][^:]*?):(?:\s+(.*))?", content)
-    if not match:
-        raise ValueError(f"{path}, line {line}: cannot read {content!r} as 'key: value'")
-    return match.group(1).strip(), (match.group(2) or "").strip()
+def _yaml_document(path):
+    """Read a YAML file -> (its data, its node tree) with every scalar kept as text.
+
+    PyYAML's base loader resolves no implicit types, so the official files' values stay as
+    written: `excerpt: no` is "no" (not False), `version: 1.2` is "1.2", `album: None` and
+    an empty field are strings. The node tree gives line numbers for messages. A UTF-8
+    byte-order mark is dropped. Raises FormatError naming the file and line.
+    """
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        text = handle.read()
+    loader = YAML_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f", line {mark.line + 1}" if mark else ""
+        raise FormatError(f"{path}{where}: not valid YAML ({error.problem or error.context})") from None
+    except yaml.YAMLError as error:
+        raise FormatError(f"{path}: not valid YAML ({error})") from None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def _yaml_key_lines(node):
+    """Key text -> line number (from 1) of each key of a YAML mapping node."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
 
 
 def parse_medleydb_metadata(path):
     """Read the fields this project needs from a MedleyDB <Track>_METADATA.yaml.
 
-    A small line parser (the project has no YAML dependency) for the files' block style:
-    the top-level `stem_dir` and, under `stems:`, each stem's `filename` and `instrument`
-    (a scalar, a [flow, list] or a block list of "- item" lines). Other keys and deeper
-    blocks (the raw tracks) are skipped.
-    Returns (stem_dir, [(stem id, filename, [instruments])]). Raises ValueError naming the
-    file and line when a stem lacks a field or a line cannot be read.
+    The files are read with a YAML parser as they are published: top-level block lists
+    (`composer:` followed by `- name` lines at column 0), block lists under a stem's
+    `instrument:`, flow lists (`website: []`), quoted and double-quoted scalars with
+    escapes, empty fields, comments and a byte-order mark. Only the top-level `stem_dir`
+    and, under `stems:`, each stem's `filename` and `instrument` (one name or a list of
+    names) are used; the raw tracks and the other fields are ignored.
+    Returns (stem_dir, [(stem id, filename, [instruments])]). Raises FormatError naming
+    the file and line when the YAML is invalid or a stem lacks a field.
     """
-    with open(path, encoding="utf-8-sig", errors="replace") as handle:
-        lines = handle.read().splitlines()
-    stem_dir, stems = None, []
-    in_stems, stem_indent, field_indent, current = False, None, None, None
-    block_list, block_indent = None, 0
-    for number, raw in enumerate(lines, 1):
-        content = raw.strip()
-        if not content or content.startswith("#") or content in ("---", "..."):
-            continue
-        indent = len(raw) - len(raw.lstrip())
-        if block_list is not None and content.startswith("- ") and indent >= block_indent:
-            block_list.append(_yaml_scalar(content[2:]))
-            continue
-        block_list = None
-        if indent == 0:
-            key, value = _yaml_key_value(content, path, number)
-            in_stems = key == "stems"
-            if key == "stem_dir":
-                stem_dir = _yaml_scalar(value)
-            continue
-        if not in_stems:
-            continue
-        if stem_indent is None:
-            stem_indent = indent
-        if indent == stem_indent:
-            key, _ = _yaml_key_value(content, path, number)
-            current = {"id": key, "line": number, "filename": None, "instrument": None}
-            stems.append(current)
-            field_indent = None
-            continue
-        if indent < stem_indent:
-            raise ValueError(f"{path}, line {number}: indentation does not match the stems above")
-        if field_indent is None:
-            field_indent = indent
-        if indent > field_indent:
-            continue
-        if indent < field_indent:
-            raise ValueError(f"{path}, line {number}: indentation does not match the stem fields above")
-        key, value = _yaml_key_value(content, path, number)
-        if key == "filename":
-            current["filename"] = _yaml_scalar(value)
-        elif key == "instrument":
-            if not value:
-                current["instrument"] = block_list = []
-                block_indent = indent
-            elif value.startswith("["):
-                if not value.endswith("]"):
-                    raise ValueError(f"{path}, line {number}: unterminated list {value!r}")
-                current["instrument"] = [_yaml_scalar(item) for item in value[1:-1].split(",") if item.strip()]
-            else:
-                current["instrument"] = [_yaml_scalar(value)]
-    if stem_dir is None:
-        raise ValueError(f"{path}: no top-level 'stem_dir' field")
-    for stem in stems:
-        for field in ("filename", "instrument"):
-            if not stem[field]:
-                raise ValueError(f"{path}, line {stem['line']}: stem {stem['id']} lacks '{field}'")
-    return stem_dir, [(stem["id"], stem["filename"], stem["instrument"]) for stem in stems]
+    data, node = _yaml_document(path)
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a mapping of fields (album, artist, ..., stem_dir, stems)")
+    stem_dir = data.get("stem_dir")
+    if not isinstance(stem_dir, str) or not stem_dir.strip():
+        raise FormatError(f"{path}: no top-level 'stem_dir' field")
+    stems_node = next((value for key, value in node.value if key.value == "stems"), None)
+    line_of = _yaml_key_lines(stems_node)
+    stems = data.get("stems")
+    if stems in (None, ""):
+        return stem_dir.strip(), []
+    if not isinstance(stems, dict):
+        raise FormatError(f"{path}, line {stems_node.start_mark.line + 1}: 'stems' is not a mapping of stem ids")
+    parsed = []
+    for stem_id, stem in stems.items():
+        where = f"{path}, line {line_of.get(stem_id, '?')}: stem {stem_id}"
+        stem = stem if isinstance(stem, dict) else {}
+        filename = stem.get("filename")
+        instruments = stem.get("instrument")
+        instruments = [instruments] if isinstance(instruments, str) else instruments
+        if not isinstance(filename, str) or not filename.strip():
+            raise FormatError(f"{where} lacks 'filename'")
+        if not isinstance(instruments, list) or not all(isinstance(name, str) for name in instruments) \
+                or not any(name.strip() for name in instruments):
+            raise FormatError(f"{where} lacks 'instrument' (a name or a list of names)")
+        parsed.append((stem_id, filename.strip(), [name.strip() for name in instruments if name.strip()]))
+    return stem_dir.strip(), parsed
 
 
 def build_medleydb(root):
@@ -726,7 +829,7 @@ def build_medleydb(root):
         if any(sub.endswith("_STEMS") for sub in subfolders):
             track_folders.setdefault(os.path.basename(folder), folder)
     if not metadata_files:
-        raise FileNotFoundError(f"{name}: expected the official files {root}/Audio/<Track>/<Track>_METADATA.yaml")
+        raise MissingFileError(f"{name}: expected the official files {root}/Audio/<Track>/<Track>_METADATA.yaml")
     records, several, excluded = [], 0, 0
     for metadata_path in metadata_files:
         track = os.path.basename(metadata_path)[:-len("_METADATA.yaml")]
@@ -784,52 +887,123 @@ def build_manifest(name, root):
 
     Returns a DataFrame with columns path (absolute), split (train/val/test) and the label
     columns listed in LABELS[name]; "" (text) or NaN (numbers) marks an unlabeled cell.
-    Raises FileNotFoundError for a missing official file and ValueError for a malformed
-    one (naming file and line).
+    Raises MissingFileError (a FileNotFoundError) for a missing official file and
+    FormatError (a ValueError) for a malformed one, naming file and line; both are
+    utils.UserError.
     """
     if name not in BUILDERS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
+        raise FormatError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
     return BUILDERS[name](root)
 
 
+def write_manifest(name, manifest, out):
+    """Write a manifest to the CSV file `out` and print its split counts and probe flags."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    manifest.to_csv(out, index=False)
+    counts = manifest["split"].value_counts()
+    print(f"{name}: wrote {len(manifest)} rows to {out} ("
+          + ", ".join(f"{split} {counts.get(split, 0)}" for split in SPLITS) + ")")
+    for label in LABELS[name]:
+        print(f"  {_label_flags(*label)}")
+
+
+def paper_tasks(built):
+    """Rows of the tasks file (TASKS_COLUMNS) for the paper's probes whose manifest was built.
+
+    built: {data set name: manifest file name, relative to the tasks file's folder}.
+    Returns a DataFrame in PAPER_PROBES' order; task and label kind come from LABELS.
+    """
+    rows = []
+    for data_set, column, probe_name, head, patience in PAPER_PROBES:
+        if data_set not in built:
+            continue
+        task, kind = next((task, kind) for label, task, kind in LABELS[data_set] if label == column)
+        rows.append({"name": probe_name, "csv": built[data_set], "label_column": column, "task": task,
+                     "label_kind": kind, "head": head, "patience": patience})
+    return pd.DataFrame(rows, columns=TASKS_COLUMNS)
+
+
+def build_all(root, out_folder):
+    """Build every data set found under `root` into `out_folder`, plus out_folder/tasks.csv.
+
+    A data set is looked for in root/DATA_FOLDERS[name]; an absent folder is skipped with
+    one line. A data set whose folder exists but whose files cannot be built prints its
+    error and the others go on. tasks.csv lists the paper's probes (PAPER_PROBES) over
+    the manifests written, with the authors' head and patience per task, in the format
+    `probe.py --tasks` reads. Returns ({name: manifest path}, {name: error message}).
+    Raises MissingFileError when no data set folder exists under root.
+    """
+    root, out_folder = os.path.abspath(root), os.path.abspath(out_folder)
+    absent = {}
+    for name, folder in DATA_FOLDERS.items():
+        if not os.path.isdir(os.path.join(root, folder)):
+            absent.setdefault(folder, []).append(name)
+    if len(absent) == len(set(DATA_FOLDERS.values())):
+        raise MissingFileError(f"no data set under {root}: expected one or more of the folders "
+                               f"{sorted(set(DATA_FOLDERS.values()))} (see docs/datasets.md)")
+    for folder, names in absent.items():
+        print(f"{', '.join(names)}: skipped, {os.path.join(root, folder)} is absent")
+    written, failed = {}, {}
+    for name in BUILDERS:
+        folder = os.path.join(root, DATA_FOLDERS[name])
+        if not os.path.isdir(folder):
+            continue
+        try:
+            manifest = build_manifest(name, folder)
+        except utils.UserError as error:
+            print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+            failed[name] = str(error)
+            continue
+        written[name] = os.path.join(out_folder, f"{name}.csv")
+        write_manifest(name, manifest, written[name])
+    tasks = paper_tasks({name: os.path.basename(path) for name, path in written.items()})
+    os.makedirs(out_folder, exist_ok=True)
+    tasks_path = os.path.join(out_folder, "tasks.csv")
+    tasks.to_csv(tasks_path, index=False)
+    print(f"wrote {len(tasks)} probes of the paper's table to {tasks_path}; run them with\n"
+          f"  python probe.py --checkpoint CHECKPOINT --tasks {tasks_path} --out table.json")
+    return written, failed
+
+
 def build_parser():
-    """The command line: a data set name, where its files are, where to write."""
+    """The command line: a data set name (or all), where its files are, where to write."""
     epilog = "label columns per data set (flags for probe.py and train.py):\n" + "\n".join(
         f"  {name:24s} " + ("\n" + " " * 27).join(_label_flags(*label) for label in labels)
         for name, labels in LABELS.items())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("name", choices=list(BUILDERS), metavar="NAME",
-                      help=f"data set, one of: {', '.join(BUILDERS)}")
+    data.add_argument("name", choices=[*BUILDERS, "all"], metavar="NAME",
+                      help=f"data set, one of: {', '.join(BUILDERS)}; or all: every data set found under "
+                           f"--root, each in its folder ({', '.join(sorted(set(DATA_FOLDERS.values())))})")
     data.add_argument("--root", default=None,
-                      help="folder holding the data set's official files and audio, laid out as the README "
-                           "says (default: data/NAME)")
+                      help="folder holding the data set's official files and audio, laid out as "
+                           "docs/datasets.md says (default: data/FOLDER; for all: data)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default=None,
-                        help="CSV file to write; its paths are absolute (default: manifests/NAME.csv)")
+                        help="CSV file to write, its paths absolute (default: manifests/NAME.csv); for all: "
+                             "the folder for NAME.csv of each data set and tasks.csv (default: manifests)")
     return parser
 
 
 def main(argv=None):
-    """Build one manifest and write it; returns the exit status (1 on bad input)."""
+    """Build one manifest (or all of them) and write it; returns the exit status 0.
+
+    Raises utils.UserError for a missing or malformed official file (run_cli turns it
+    into one line on stderr and exit status 2).
+    """
     args = build_parser().parse_args(argv)
-    root = args.root or os.path.join("data", args.name)
+    if args.name == "all":
+        written, failed = build_all(args.root or "data", args.out or "manifests")
+        if failed:
+            raise utils.UserError(f"{len(failed)} data set(s) could not be built ({', '.join(failed)}; errors "
+                                  f"above); the {len(written)} others and tasks.csv are written")
+        return 0
+    root = args.root or os.path.join("data", DATA_FOLDERS[args.name])
     out = args.out or os.path.join("manifests", f"{args.name}.csv")
-    try:
-        manifest = build_manifest(args.name, root)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"manifests.py: error: {error}", file=sys.stderr)
-        return 1
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    manifest.to_csv(out, index=False)
-    counts = manifest["split"].value_counts()
-    print(f"{args.name}: wrote {len(manifest)} rows to {out} ("
-          + ", ".join(f"{split} {counts.get(split, 0)}" for split in SPLITS) + ")")
-    for label in LABELS[args.name]:
-        print(f"  {_label_flags(*label)}")
+    write_manifest(args.name, build_manifest(args.name, root), out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(utils.run_cli(main))

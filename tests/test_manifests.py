@@ -195,12 +195,22 @@ def test_mtg_jamendo_errors(tmp_path):
 
 # ---------------------------------------------------------------- GTZAN
 
-def make_gtzan(root, audio_folder="genres"):
+def make_gtzan(root, audio_folder="genres", naming="dnn-mgr"):
+    """The five-entry split lists and their audio.
+
+    naming: "dnn-mgr" writes ROOT/{train,valid,test}_filtered.txt (coreyker/dnn-mgr);
+    "semisupcon" writes ROOT/data/gtzan/{train,val,test}_filtered.txt as the SemiSupCon
+    repository ships them, the last line without a line break.
+    """
     lists = {"train": ["blues/blues.00000.wav", "rock/rock.00003.wav"],
-             "valid": ["jazz/jazz.00054.wav", "blues/blues.00001.wav"],
+             "val": ["jazz/jazz.00054.wav", "blues/blues.00001.wav"],
              "test": ["classical/classical.00007.wav"]}
     for split, lines in lists.items():
-        write_text(os.path.join(root, f"{split}_filtered.txt"), "\n".join(lines) + "\n")
+        if naming == "dnn-mgr":
+            write_text(os.path.join(root, f"{'valid' if split == 'val' else split}_filtered.txt"),
+                       "\n".join(lines) + "\n")
+        else:
+            write_text(os.path.join(root, "data", "gtzan", f"{split}_filtered.txt"), "\n".join(lines))
     for relpath in ("blues/blues.00000.wav", "rock/rock.00003.wav", "blues/blues.00001.wav"):
         write_wav(os.path.join(root, audio_folder, relpath))
     # The original archive holds .au files.
@@ -220,11 +230,32 @@ def test_gtzan(tmp_path, capsys):
     }
 
 
+def test_gtzan_reads_the_lists_of_the_semisupcon_repository(tmp_path):
+    make_gtzan(tmp_path, naming="semisupcon")
+    frame = manifests.build_manifest("gtzan", str(tmp_path))
+    audio = tmp_path / "genres"
+    assert as_lists(frame) == {
+        "path": [str(audio / "blues/blues.00000.wav"), str(audio / "rock/rock.00003.wav"),
+                 str(audio / "blues/blues.00001.wav"), str(audio / "classical/classical.00007.au")],
+        "split": ["train", "train", "val", "test"],
+        "genre": ["blues", "rock", "blues", "classical"],
+    }
+    # val_ next to valid_ with the same entries is the same split; different entries are refused.
+    lists = tmp_path / "data" / "gtzan"
+    write_text(str(lists / "valid_filtered.txt"), "jazz/jazz.00054.wav\r\nblues/blues.00001.wav\r\n")
+    assert manifests.build_manifest("gtzan", str(tmp_path))["split"].tolist() == ["train", "train", "val", "test"]
+    write_text(str(lists / "valid_filtered.txt"), "jazz/jazz.00054.wav\n")
+    with pytest.raises(manifests.FormatError, match="list different files"):
+        manifests.build_manifest("gtzan", str(tmp_path))
+
+
 def test_gtzan_errors(tmp_path):
     make_gtzan(tmp_path)
     os.remove(tmp_path / "valid_filtered.txt")
-    with pytest.raises(FileNotFoundError, match="valid_filtered.txt"):
+    with pytest.raises(FileNotFoundError, match=r"valid_filtered.txt \(or val_filtered.txt\)"):
         manifests.build_manifest("gtzan", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"data/gtzan/train_filtered.txt"):
+        manifests.build_manifest("gtzan", str(tmp_path / "genres"))
     write_text(os.path.join(tmp_path, "valid_filtered.txt"), "jazz/jazz.00054.wav\njazz.00055.wav\n")
     with pytest.raises(ValueError, match=r"valid_filtered.txt, line 2: expected one '<genre>/<file>'"):
         manifests.build_manifest("gtzan", str(tmp_path))
@@ -232,10 +263,25 @@ def test_gtzan_errors(tmp_path):
 
 # ---------------------------------------------------------------- NSynth
 
+NSYNTH_FAMILIES = ("bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string",
+                   "synth_lead", "vocal")
+NSYNTH_SOURCES = ("acoustic", "electronic", "synthetic")
+NSYNTH_QUALITIES = ("bright", "dark", "distortion", "fast_decay", "long_release", "multiphonic",
+                    "nonlinear_env", "percussive", "reverb", "tempo-synced")
+
+
 def nsynth_note(note_str, pitch, family):
-    return note_str, {"note_str": note_str, "pitch": pitch, "velocity": 100, "sample_rate": 16000,
-                      "instrument_family_str": family, "instrument_source_str": "acoustic",
-                      "qualities": [0] * 10}
+    """One entry of examples.json with every field of the official files, derived from note_str."""
+    instrument_str, _, velocity = note_str.rsplit("-", 2)
+    source = instrument_str.split("_")[-2]
+    qualities = [int(i in (1, 7)) for i in range(10)]
+    return note_str, {"note": sha1_int(note_str) % 300000, "sample_rate": 16000, "pitch": pitch,
+                      "instrument_source": NSYNTH_SOURCES.index(source), "instrument_family_str": family,
+                      "instrument_str": instrument_str, "note_str": note_str,
+                      "instrument_family": NSYNTH_FAMILIES.index(family), "qualities": qualities,
+                      "velocity": int(velocity), "instrument": sha1_int(instrument_str) % 1006,
+                      "instrument_source_str": source,
+                      "qualities_str": [name for name, flag in zip(NSYNTH_QUALITIES, qualities) if flag]}
 
 
 def make_nsynth(root):
@@ -246,7 +292,8 @@ def make_nsynth(root):
                       nsynth_note("flute_acoustic_002-108-127", 108, "flute")]}
     for split, entries in notes.items():
         folder = os.path.join(root, f"nsynth-{split}")
-        write_text(os.path.join(folder, "examples.json"), json.dumps(dict(entries), indent=4))
+        # The official files hold one JSON object on one line.
+        write_text(os.path.join(folder, "examples.json"), json.dumps(dict(entries)))
         for note_str, _ in entries:
             if note_str != "flute_acoustic_002-108-127":
                 write_wav(os.path.join(folder, "audio", f"{note_str}.wav"))
@@ -488,24 +535,53 @@ def test_emomusic_errors(tmp_path):
 
 # ---------------------------------------------------------------- MedleyDB
 
-METADATA = """album: ''
-artist: {artist}
-composer: Someone
+# Two templates copying the official files' structure (marl/medleydb,
+# medleydb/data/Metadata/*.yaml, as yaml.safe_dump writes them): 122 of the 330 files have
+# top-level block lists at column 0 (composer, producer, website), as A; the others
+# have empty quoted fields, "None", "[]" or null, and double-quoted names with escapes, as B.
+METADATA_LISTS = """album: Shaking Through Volume 2
+artist: ArtistA
+composer:
+- A Classic Education
+- Someone Else
 excerpt: 'no'
 genre: Singer/Songwriter
 has_bleed: 'no'
+instrumental: 'no'
 mix_filename: {track}_MIX.wav
+origin: Weathervane Music
+producer:
+- Andy Williams
 raw_dir: {track}_RAW
 stem_dir: {track}_STEMS
 stems:
 {stems}title: A very long title that a YAML dumper wraps onto a second line because it is
   longer than eighty characters
 version: 1.2
-website: http://example.org/{track}
+website:
+- www.shakingthrough.com/{track}
+"""
+
+METADATA_QUOTED = """album: None
+artist: "Hops \\u2019n Vinyl"
+composer: ''
+excerpt: 'no'
+genre: Jazz
+has_bleed: 'yes'
+instrumental: 'yes'
+mix_filename: {track}_MIX.wav
+origin: Dolan Studio
+producer: ''
+raw_dir: {track}_RAW
+stem_dir: {track}_STEMS
+stems:
+{stems}title: "You\\u2019re a Mystery"
+version: 1.2
+website: []
 """
 
 
-def stem_block(index, track, instrument_lines):
+def stem_block(index, track, instrument_lines, raw_instrument="something else"):
     return (f"  S{index:02d}:\n"
             f"    component: ''\n"
             f"    filename: {track}_STEM_{index:02d}.wav\n"
@@ -513,7 +589,7 @@ def stem_block(index, track, instrument_lines):
             f"    raw:\n"
             f"      R01:\n"
             f"        filename: {track}_RAW_{index:02d}_01.wav\n"
-            f"        instrument: something else\n")
+            f"        instrument: {raw_instrument}\n")
 
 
 def make_medleydb(root):
@@ -521,21 +597,28 @@ def make_medleydb(root):
 
     22 instruments in all with enough stems: violin (10), then 'flute' and 21 others with
     one stem each, so the top 20 keeps violin and the 19 alphabetically first singletons.
+    Track B's file starts with a byte-order mark and a comment and has Windows line ends.
     """
     singletons = [f"instrument {chr(97 + i)}" for i in range(21)]
     track_a, track_b = "ArtistA_SongA", "ArtistB_SongB"
     stems_a = "".join(stem_block(i + 1, track_a, "    instrument: violin\n") for i in range(10))
     stems_a += stem_block(11, track_a, "    instrument: Main System\n")
     stems_b = "".join(stem_block(i + 1, track_b, f"    instrument: '{name}'\n") for i, name in enumerate(singletons))
-    stems_b += stem_block(22, track_b, "    instrument:\n    - electric bass\n    - synthesizer\n")
-    stems_b += stem_block(23, track_b, "    instrument: [clarinet]\n")
-    stems_b += stem_block(24, track_b, "    instrument:\n      - clarinet\n")
+    # As Adele_SomeoneLikeYou S02: "instrument: " (a trailing space), an indented list.
+    stems_b += stem_block(22, track_b, "    instrument: \n      - electric bass\n      - synthesizer\n",
+                          raw_instrument="\n          - electric bass\n          - synthesizer")
+    # As AHa_TakeOnMe S02: a list at the key's own indentation.
+    stems_b += stem_block(23, track_b, "    instrument:\n    - clarinet\n")
+    stems_b += stem_block(24, track_b, '    instrument: "clarinet"\n')
     audio = os.path.join(root, "Audio")
     write_text(os.path.join(audio, track_a, f"{track_a}_METADATA.yaml"),
-               METADATA.format(artist="ArtistA", track=track_a, stems=stems_a))
+               METADATA_LISTS.format(track=track_a, stems=stems_a))
     # Track B's metadata sits in the repository's Metadata folder, apart from the audio.
-    write_text(os.path.join(root, "medleydb", "data", "Metadata", f"{track_b}_METADATA.yaml"),
-               METADATA.format(artist="ArtistB", track=track_b, stems=stems_b))
+    text_b = "\ufeff# MedleyDB 1.2 metadata\n" + METADATA_QUOTED.format(track=track_b, stems=stems_b)
+    path_b = os.path.join(root, "medleydb", "data", "Metadata", f"{track_b}_METADATA.yaml")
+    os.makedirs(os.path.dirname(path_b), exist_ok=True)
+    with open(path_b, "w", encoding="utf-8", newline="\r\n") as handle:
+        handle.write(text_b)
     paths = {}
     for track, count in ((track_a, 11), (track_b, 24)):
         for index in range(1, count + 1):
@@ -568,25 +651,62 @@ def test_medleydb(tmp_path, capsys):
     assert first["path"].tolist() == [paths[(track_b, 1)]]
 
 
-def test_medleydb_metadata_parser_and_errors(tmp_path):
+def test_medleydb_metadata_reads_top_level_lists_quoting_bom_and_crlf(tmp_path):
     track_a, track_b, singletons, paths = make_medleydb(tmp_path)
-    metadata = os.path.join(tmp_path, "Audio", track_a, f"{track_a}_METADATA.yaml")
-    stem_dir, stems = manifests.parse_medleydb_metadata(metadata)
+    metadata_a = os.path.join(tmp_path, "Audio", track_a, f"{track_a}_METADATA.yaml")
+    stem_dir, stems = manifests.parse_medleydb_metadata(metadata_a)
     assert stem_dir == f"{track_a}_STEMS"
+    assert [stem_id for stem_id, _, _ in stems] == [f"S{i:02d}" for i in range(1, 12)]
     assert stems[0] == ("S01", f"{track_a}_STEM_01.wav", ["violin"])
     assert stems[10] == ("S11", f"{track_a}_STEM_11.wav", ["Main System"])
+    metadata_b = os.path.join(tmp_path, "medleydb", "data", "Metadata", f"{track_b}_METADATA.yaml")
+    with open(metadata_b, "rb") as handle:
+        raw = handle.read()
+    assert raw.startswith(b"\xef\xbb\xbf#") and b"composer: ''\r\n" in raw
+    stem_dir, stems = manifests.parse_medleydb_metadata(metadata_b)
+    assert stem_dir == f"{track_b}_STEMS"
+    assert stems[0] == ("S01", f"{track_b}_STEM_01.wav", ["instrument a"])
+    assert stems[21:] == [("S22", f"{track_b}_STEM_22.wav", ["electric bass", "synthesizer"]),
+                          ("S23", f"{track_b}_STEM_23.wav", ["clarinet"]),
+                          ("S24", f"{track_b}_STEM_24.wav", ["clarinet"])]
+
+
+def test_medleydb_metadata_errors(tmp_path):
+    track_a, track_b, singletons, paths = make_medleydb(tmp_path)
+    metadata = os.path.join(tmp_path, "Audio", track_a, f"{track_a}_METADATA.yaml")
     with open(metadata, encoding="utf-8") as handle:
         text = handle.read()
+    lines = text.splitlines()
     write_text(metadata, text.replace("    filename: ArtistA_SongA_STEM_03.wav\n", ""))
-    with pytest.raises(ValueError, match=r"ArtistA_SongA_METADATA.yaml, line 27: stem S03 lacks 'filename'"):
+    with pytest.raises(ValueError, match=rf"ArtistA_SongA_METADATA.yaml, line {lines.index('  S03:') + 1}: "
+                                         rf"stem S03 lacks 'filename'"):
         manifests.build_manifest("medleydb", str(tmp_path))
-    write_text(metadata, text.replace("    component: ''\n", "    component ''\n", 1))
-    with pytest.raises(ValueError, match=r"ArtistA_SongA_METADATA.yaml, line 12: cannot read"):
+    write_text(metadata, text.replace("    instrument: violin\n", "    instrument: ''\n", 1))
+    with pytest.raises(ValueError, match=rf"line {lines.index('  S01:') + 1}: stem S01 lacks 'instrument'"):
+        manifests.build_manifest("medleydb", str(tmp_path))
+    # A tab where the file indents with spaces is not YAML; the parser names the line.
+    tabbed = lines.index("    filename: ArtistA_SongA_STEM_02.wav") + 1
+    write_text(metadata, text.replace("    filename: ArtistA_SongA_STEM_02.wav", "\tfilename: ArtistA_SongA_STEM_02.wav"))
+    with pytest.raises(manifests.FormatError, match=rf"ArtistA_SongA_METADATA.yaml, line {tabbed}: not valid YAML"):
+        manifests.build_manifest("medleydb", str(tmp_path))
+    write_text(metadata, text.replace(f"stem_dir: {track_a}_STEMS\n", ""))
+    with pytest.raises(ValueError, match=r"no top-level 'stem_dir' field"):
         manifests.build_manifest("medleydb", str(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="_METADATA.yaml"):
         manifests.build_manifest("medleydb", str(empty))
+
+
+def test_medleydb_reads_the_official_metadata_files_when_a_copy_is_at_hand():
+    """Runs on the 330 official files when MEDLEYDB_METADATA names their folder; skipped otherwise."""
+    folder = os.environ.get("MEDLEYDB_METADATA")
+    if not folder:
+        pytest.skip("set MEDLEYDB_METADATA to a copy of medleydb/data/Metadata to run this")
+    files = sorted(name for name in os.listdir(folder) if name.endswith("_METADATA.yaml"))
+    stems = [stem for name in files for stem in manifests.parse_medleydb_metadata(os.path.join(folder, name))[1]]
+    assert len(files) == 330 and len(stems) == 2014
+    assert sum(len(instruments) > 1 for _, _, instruments in stems) == 106
 
 
 # ---------------------------------------------------------------- registry and command line
