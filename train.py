@@ -32,7 +32,9 @@ import utils
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: --label-col must not silently become --label-column.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     data = parser.add_argument_group("data")
     data.add_argument("--train-csv", action="append", default=[],
                       help="manifest CSV (repeatable: e.g. a labeled and an unlabeled set); "
@@ -104,7 +106,11 @@ def build_parser():
     run.add_argument("--out", default="runs/semisupcon", help="folder for checkpoints, logs and args.json")
     run.add_argument("--seed", type=int, default=0, help="base seed (each process adds its rank)")
     run.add_argument("--resume", default="auto",
-                     help="'auto': latest checkpoint in --out if any; a path; or 'none' to start afresh")
+                     help="'auto': newest checkpoint in --out that loads, if any; a checkpoint file or folder; "
+                          "or 'none' to start afresh")
+    run.add_argument("--allow-changed-settings", action="store_true",
+                     help="resume although data, sampler or optimizer settings (manifest rows, seed, batch, b_s, "
+                          "p_s, lr, ...) differ from the checkpoint's; the differences are printed")
     run.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard scalars")
     run.add_argument("--image-every", type=int, default=0, help="steps between target/similarity images (0: off)")
     run.add_argument("--val-every", type=int, default=500, help="steps between validation losses (0: off)")
@@ -126,6 +132,10 @@ def load_data(args, is_main):
         args.train_csv = [datasets.make_synthetic_set(args.synthetic_dir)] if is_main else []
         utils.barrier()
         args.train_csv = args.train_csv or [os.path.join(os.path.abspath(args.synthetic_dir), "manifest.csv")]
+    if any(os.path.isdir(p) for p in args.train_csv):
+        # A folder becomes a manifest in --out (the main process scans; the others wait for it).
+        args.train_csv = [datasets.manifest_or_scan(p, args.out, write=is_main) for p in args.train_csv]
+        utils.barrier()
     manifest = datasets.read_manifest(args.train_csv)
     if not args.label_column and "label" in manifest.columns:
         args.label_column = ["label"]
@@ -214,20 +224,33 @@ def augment_batch(audio, labeled, chains, generator):
 
 @torch.no_grad()
 def validate(model, loader, specs, chains, args, device, rank):
-    """Mean contrastive loss over the validation batches (fixed crops and augmentation)."""
+    """The training objective on the validation batches (fixed crops and augmentation).
+
+    chains: the augmentation the training step applies on the device (identity when the
+    workers augment: their clips arrive augmented). Returns {"loss": the objective,
+    "views": its views part alone, "labels": its labels part alone (nan without labels)},
+    each a mean over the views with a positive.
+    """
     model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000 + rank)
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    sums = torch.zeros(3, device=device)  # loss, views part, labels part
+    counts = torch.zeros(3, device=device)
     for batch in loader:
         views, clip_ids, labeled = prepare_batch(batch, args, device)
         views = augment_batch(views, labeled, chains, generator)
         columns = batch_columns(batch, specs, args.views, device)
         with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
             _, stats = contrastive_step(model, views, clip_ids, columns, args, rank)
-        total += utils.all_reduce_sum(stats["loss_sum"])
-        count += stats["count"]
+        sums[0] += utils.all_reduce_sum(stats["loss_sum"])
+        counts[0] += stats["count"]
+        # Every process holds the gathered batch: each part over all its rows, no reduction.
+        for k, part in enumerate(losses.target_parts(stats["clip_all"], stats["columns_all"]), start=1):
+            row_loss, has_positive = losses.row_losses(stats["z_all"], part, args.temperature)
+            sums[k] += row_loss.sum()
+            counts[k] += has_positive.sum()
     model.train()
-    return (total / count.clamp(min=1)).item()
+    means = (sums / counts.clamp(min=1)).tolist()
+    return {"loss": means[0], "views": means[1], "labels": means[2] if counts[2] > 0 else float("nan")}
 
 
 def prepare_batch(batch, args, device):
@@ -253,19 +276,21 @@ def make_loader(dataset, batches, args, device):
 
 def check_out_folder(folder, needed_bytes):
     """Fail now, not hours later, if `folder` cannot take checkpoints (unwritable or full)."""
+    probe_path = os.path.join(folder, f".write-test-{os.getpid()}")
     try:
         os.makedirs(folder, exist_ok=True)
-        probe_path = os.path.join(folder, f".write-test-{os.getpid()}")
         with open(probe_path, "wb") as f:
             f.write(b"\0" * (1 << 20))
             f.flush()
             os.fsync(f.fileno())
-        os.remove(probe_path)
     except OSError as error:
-        raise SystemExit(f"--out {folder} is not writable: {error}") from None
+        raise utils.UserError(f"--out {folder} is not writable: {error}; choose a folder you can write") from None
+    finally:
+        if os.path.exists(probe_path):
+            os.remove(probe_path)
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise SystemExit(f"--out {folder} has {free / 2**20:.0f} MiB free; the checkpoints need about "
+        raise utils.UserError(f"--out {folder} has {free / 2**20:.0f} MiB free; the checkpoints need about "
                          f"{needed_bytes / 2**20:.0f} MiB")
 
 
@@ -301,10 +326,42 @@ def check_data(manifest, args, is_main):
     utils.barrier()
     report = pd.read_csv(report_path, keep_default_na=False)
     is_bad = (report["status"] == "bad").to_numpy()
+    wrong_folder = resolved_from_current_folder(manifest, report)
+    if is_main and wrong_folder and is_bad.mean() <= args.max_bad_fraction:
+        print(f"warning: {wrong_folder}")
     if is_bad.mean() > args.max_bad_fraction:
-        raise SystemExit(f"{is_bad.sum()} of {len(is_bad)} files are bad ({is_bad.mean():.1%} > "
-                         f"--max-bad-fraction {args.max_bad_fraction:.1%}); see {args.out}/bad-files.csv")
+        kinds = report.loc[is_bad, "problems"].str.split(r" \(|;").str[0].value_counts()
+        first = report[is_bad].iloc[0]
+        raise utils.UserError(
+            f"{is_bad.sum()} of {len(is_bad)} files are bad ({is_bad.mean():.1%} > --max-bad-fraction "
+            f"{args.max_bad_fraction:.1%}): {', '.join(f'{n} {kind}' for kind, n in kinds.items())}; first "
+            f"{first['path']}: {first['problems']}. " + (wrong_folder or f"See {args.out}/bad-files.csv"))
+    silent = report["problems"].str.split(";").apply(lambda problems: "silent" in problems).to_numpy()
+    if silent.any() and (silent | is_bad).all():
+        raise utils.UserError(f"every usable file is silent (all {int(silent.sum())} hold only zeros, e.g. "
+                              f"{report['path'][silent].iloc[0]}): nothing to learn from; check the export or "
+                              f"conversion that wrote them ({report_path} lists every file)")
     return manifest[~is_bad].reset_index(drop=True)
+
+
+def resolved_from_current_folder(manifest, report):
+    """The hint for files missing under the CSV's folder but present under the current one, or None.
+
+    Manifest paths are relative to the CSV's own folder; paths written relative to the
+    folder the command runs in are the common mistake, and this names it.
+    """
+    missing = report["problems"].to_numpy() == "does not exist"
+    found, example = 0, None
+    for path, source in zip(manifest["path"][missing], manifest["source"][missing]):
+        written = os.path.relpath(path, os.path.dirname(os.path.abspath(source)))
+        if not written.startswith("..") and os.path.exists(written):
+            found, example = found + 1, (source, written, path)
+    if not found:
+        return None
+    source, written, path = example
+    return (f"{found} of {int(missing.sum())} missing files exist relative to the current folder but not to the "
+            f"CSV's: manifest paths are read relative to the folder of the CSV itself ({source}: {written!r} is "
+            f"read as {path}); write them relative to that folder, or absolute")
 
 
 class StopSignal:
@@ -452,7 +509,9 @@ def main(argv=None):
                                          args.seed, rank, world_size, start_step=step * args.grad_accum)
     loader = iter(make_loader(dataset, sampler, args, device))
     val_rows = np.flatnonzero(manifest["split"].to_numpy() == "val")
-    val_batches = datasets.fixed_batches(val_rows, any_labeled, args.batch_size, args.seed, rank, world_size)
+    # Validation measures the objective the run trains on: labels only where batches hold them (b_s > 0).
+    val_labeled = any_labeled if args.labeled_per_batch > 0 else np.zeros_like(any_labeled)
+    val_batches = datasets.fixed_batches(val_rows, val_labeled, args.batch_size, args.seed, rank, world_size)
     val_loader = make_loader(dataset, val_batches[:args.val_batches], args, device) if val_batches else None
 
     writer = SummaryWriter(args.out) if is_main else None
@@ -518,9 +577,14 @@ def main(argv=None):
         if writer and args.image_every and step % args.image_every == 0:
             log_images(writer, stats, step)
         if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
-            val_loss = validate(model, val_loader, specs, chains, args, device, rank)
+            # device_chains, as the step: clips the workers augmented are not augmented twice.
+            val = validate(model, val_loader, specs, device_chains, args, device, rank)
+            val_loss = val["loss"]
             if writer:
                 writer.add_scalar("val/loss", val_loss, step)
+                writer.add_scalar("val/loss_views", val["views"], step)
+                if not math.isnan(val["labels"]):
+                    writer.add_scalar("val/loss_labels", val["labels"], step)
             if val_loss < best_val:
                 best_val = val_loss
                 save(step, is_best=True)
