@@ -7,6 +7,8 @@ file exists (MP3 paths). Every test asserts exact paths, splits and labels.
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,10 @@ import pytest
 import soundfile as sf
 
 import manifests
+import utils
+
+MANIFESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "manifests.py")
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def write_wav(path):
@@ -407,9 +413,21 @@ def test_giantsteps_key_errors(tmp_path):
 
 # ---------------------------------------------------------------- VocalSet
 
-def make_vocalset(root):
-    """female1 and male1 (train singers) with 10 belt files each; female2 (a test singer)."""
-    full = os.path.join(root, "FULL")
+def make_vocalset(root, release="1.1"):
+    """female1 and male1 (train singers) with 10 belt files each; female2 (a test singer).
+
+    release "1.1" lays the recordings out in ROOT/FULL/; "1.2" as the 1.2 archive unpacks:
+    ROOT/VocalSet1-2/data_by_singer/, with the same files again in data_by_technique/
+    (which must not be read) and the singer lists beside them.
+    """
+    if release == "1.1":
+        full = os.path.join(root, "FULL")
+    else:
+        full = os.path.join(root, "VocalSet1-2", "data_by_singer")
+        for relpath in ("belt/f1_arpeggios_belt_0.wav", "spoken/f2_caro_spoken.wav"):
+            write_wav(os.path.join(root, "VocalSet1-2", "data_by_technique", relpath))
+        write_text(os.path.join(root, "VocalSet1-2", "train_singers_technique.txt"), "female1\r\nmale1\r\n")
+        write_text(os.path.join(root, "VocalSet1-2", "test_singers_technique.txt"), "female2\r\n")
     paths = {}
     for singer, short in (("female1", "f1"), ("male1", "m1")):
         for index in range(10):
@@ -442,6 +460,20 @@ def test_vocalset_technique_split_is_singer_disjoint(tmp_path, capsys):
         assert row["split"] == expected, key
         assert row["singer"] == key.split("/")[0] and row["technique"] == key.split("/")[2]
         assert row["path"] == paths[key]
+
+
+def test_vocalset_release_1_2_reads_data_by_singer_only(tmp_path, capsys):
+    full, paths = make_vocalset(tmp_path, release="1.2")
+    frame = manifests.build_manifest("vocalset-technique", str(tmp_path))
+    out = capsys.readouterr().out
+    assert f"recordings from {full}" in out and "test singers from" in out
+    assert sorted(frame["path"]) == sorted(paths.values())
+    assert set(frame.loc[frame["split"] == "test", "singer"]) == {"female2"}
+    singer = manifests.build_manifest("vocalset-singer", str(tmp_path / "VocalSet1-2"))
+    assert sorted(singer["path"]) == sorted(paths.values())
+    make_vocalset(tmp_path / "VocalSet1-2")  # a 1.1 FULL/ beside data_by_singer/
+    with pytest.raises(manifests.FormatError, match="keep one release"):
+        manifests.build_manifest("vocalset-singer", str(tmp_path / "VocalSet1-2"))
 
 
 def test_vocalset_technique_reads_the_archive_singer_list(tmp_path, capsys):
@@ -487,19 +519,21 @@ def make_emomusic(root, in_annotations_folder=True):
     # Song 2's artist field holds a quoted comma; both spellings must hash to train.
     train_artist = next(a for a in artists if emomusic_split(a) == emomusic_split(f"{a}, feat. X") == "train")
     folder = os.path.join(root, "annotations") if in_annotations_folder else root
+    # Padded fields (a tab after an artist), a byte-order mark and Windows line ends, as the
+    # JukeMIR and SemiSupCon readers expect (both strip every field).
     write_text(os.path.join(folder, "songs_info.csv"),
-               "song_id,file_name,Artist,Song title,start of the segment (min.sec),end of the segment (min.sec),"
+               "\ufeffsong_id,file_name,Artist,Song title,start of the segment (min.sec),end of the segment (min.sec),"
                "Genre,Mediaeval 2013 set\n"
                f"2,2.mp3,\"{train_artist}, feat. X\",Song,0.00,0.45,Blues,development\n"
-               f"3,3.mp3,{val_artist} ,Song,0.00,0.45,Blues,development\n"
+               f"3,3.mp3,{val_artist}\t,Song,0.00,0.45,Blues,development\t\n"
                f"4,4.mp3,{train_artist},Song,0.00,0.45,Rock,evaluation\n"
                f"5,5.mp3,{train_artist},Song,0.00,0.45,Rock,development\n")
     write_text(os.path.join(folder, "static_annotations.csv"),
-               "song_id, mean_arousal, std_arousal, mean_valence, std_valence\n"
-               "2,3.1,0.94,3,0.63\n"
-               "3,4.5,1.2,7.25,1.1\n"
-               "4,6,1,5.5,1\n"
-               "5,5,1,5,1\n")
+               "song_id, mean_arousal, std_arousal, mean_valence, std_valence\r\n"
+               "2,3.1,0.94,3,0.63\r\n"
+               "3,4.5,1.2,7.25,1.1\r\n"
+               "4,6,1,5.5,1\r\n"
+               "5,5,1,5,1\r\n")
     for song in (2, 3, 4):
         write_placeholder(os.path.join(root, "clips_45seconds", f"{song}.mp3"))
     return train_artist, val_artist
@@ -739,7 +773,85 @@ def test_command_line_keeps_empty_label_cells_empty(tmp_path):
     assert lines[4] == f"{tmp_path / 'mtat' / 'd' / 'artist-album-11-track-0-29.mp3'},test,"
 
 
-def test_command_line_reports_bad_input(tmp_path, capsys):
-    assert manifests.main(["nsynth", "--root", str(tmp_path), "--out", str(tmp_path / "x.csv")]) == 1
-    assert "nsynth-train/examples.json" in capsys.readouterr().err
+def test_command_line_reports_bad_input_as_one_line_and_exit_status_2(tmp_path):
+    # The behaviour utils.run_cli gives every script: no traceback, exit status 2.
+    result = subprocess.run([sys.executable, MANIFESTS, "nsynth", "--root", str(tmp_path), "--out",
+                             str(tmp_path / "x.csv")], capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert result.returncode == 2
+    assert result.stderr.startswith("manifests.py: error: nsynth: expected the official file ")
+    assert "nsynth-train/examples.json" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.csv").exists()
+    with pytest.raises(manifests.MissingFileError):
+        manifests.main(["nsynth", "--root", str(tmp_path), "--out", str(tmp_path / "x.csv")])
+
+
+def make_data_root(root):
+    """A data root with GTZAN, NSynth, VocalSet (1.2), MedleyDB and EmoMusic in their folders."""
+    make_gtzan(os.path.join(root, "gtzan"), naming="semisupcon")
+    make_nsynth(os.path.join(root, "nsynth"))
+    make_vocalset(os.path.join(root, "vocalset"), release="1.2")
+    make_medleydb(os.path.join(root, "medleydb"))
+    make_emomusic(os.path.join(root, "emomusic"), in_annotations_folder=False)
+
+
+def test_all_builds_every_data_set_found_and_the_paper_tasks_file(tmp_path, capsys):
+    make_data_root(tmp_path / "data")
+    out = tmp_path / "manifests"
+    assert manifests.main(["all", "--root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for folder in ("magnatagatune", "mtg-jamendo", "giantsteps"):
+        assert f"skipped, {tmp_path / 'data' / folder} is absent" in printed
+    assert "magnatagatune, magnatagatune-all: skipped" in printed
+    built = ["gtzan", "nsynth", "vocalset-singer", "vocalset-technique", "emomusic", "medleydb"]
+    assert sorted(os.listdir(out)) == sorted([f"{name}.csv" for name in built] + ["tasks.csv"])
+    for name in built:
+        expected = manifests.build_manifest(name, str(tmp_path / "data" / manifests.DATA_FOLDERS[name]))
+        written = pd.read_csv(out / f"{name}.csv", dtype=str, keep_default_na=False)
+        assert written["path"].tolist() == expected["path"].tolist() and len(written) > 0
+    with open(out / "tasks.csv", encoding="utf-8") as handle:
+        assert handle.read().splitlines() == [
+            "name,csv,label_column,task,label_kind,head,patience",
+            "gtzan,gtzan.csv,genre,multiclass,generic,mlp,50",
+            "nsynth-pitch,nsynth.csv,pitch,multiclass,pitch,mlp,2",
+            "nsynth-instrument-family,nsynth.csv,instrument_family,multiclass,generic,mlp,2",
+            "vocalset-singer,vocalset-singer.csv,singer,multiclass,generic,linear,50",
+            "vocalset-technique,vocalset-technique.csv,technique,multiclass,generic,linear,50",
+            "medleydb,medleydb.csv,instrument,multiclass,generic,linear,10",
+            'emomusic,emomusic.csv,"arousal,valence",regression,generic,linear,200',
+        ]
+
+
+def test_all_tasks_file_reads_back_through_probe_and_datasets(tmp_path):
+    make_data_root(tmp_path / "data")
+    out = tmp_path / "manifests"
+    manifests.build_all(str(tmp_path / "data"), str(out))
+    import datasets
+    import probe
+    args = probe.build_parser().parse_args(["--checkpoint", "random", "--tasks", str(out / "tasks.csv")])
+    probes = probe.probe_list(args)
+    assert [entry["name"] for entry in probes] == ["gtzan", "nsynth-pitch", "nsynth-instrument-family",
+                                                   "vocalset-singer", "vocalset-technique", "medleydb", "emomusic"]
+    assert [entry["patience"] for entry in probes] == [50, 2, 2, 50, 50, 10, 200]
+    for entry in probes:
+        assert entry["csv"] == str(out / os.path.basename(entry["csv"]))
+        if "head" in entry:  # probe.py reads the head column once it takes a head per task
+            is_mlp = entry["name"] in ("gtzan", "nsynth-pitch", "nsynth-instrument-family")
+            assert entry["head"] == ("mlp" if is_mlp else "linear")
+        manifest = datasets.read_manifest(entry["csv"])
+        datasets.parse_labels(manifest, entry["label_column"], entry["task"], entry["label_kind"])
+
+
+def test_all_goes_on_past_a_broken_data_set_and_exits_2(tmp_path, capsys):
+    make_data_root(tmp_path / "data")
+    os.remove(tmp_path / "data" / "nsynth" / "nsynth-valid" / "examples.json")
+    out = tmp_path / "manifests"
+    with pytest.raises(utils.UserError, match=r"1 data set\(s\) could not be built \(nsynth;"):
+        manifests.main(["all", "--root", str(tmp_path / "data"), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert "nsynth: error: nsynth: expected the official file" in captured.err
+    with open(out / "tasks.csv", encoding="utf-8") as handle:
+        assert "nsynth" not in handle.read()
+    assert (out / "gtzan.csv").is_file() and not (out / "nsynth.csv").exists()
+    with pytest.raises(manifests.MissingFileError, match="no data set under"):
+        manifests.main(["all", "--root", str(tmp_path / "nothing"), "--out", str(out)])
