@@ -149,10 +149,9 @@ def row_losses(z, target, temperature=0.1, anchors=None):
     lowest = torch.tensor(torch.finfo(logits.dtype).min, device=z.device, dtype=logits.dtype)
     logits.index_put_((rows, anchors), lowest)
     log_prob = F.log_softmax(logits, dim=1)  # [A, N]
-    target = target.to(log_prob.dtype)
-    if target[rows, anchors].any():  # one host-device sync per call
-        # Only a target with self-pairs set needs a copy (build_target's never does).
-        target = target.index_put((rows, anchors), lowest.new_zeros(()))
+    # Self-pairs are dropped from the target by a copy rather than a check of whether any
+    # is set: the check would read a device value on the host (a sync on every step).
+    target = target.to(log_prob.dtype).index_put((rows, anchors), lowest.new_zeros(()))
     weighted = (target[:, None, :] @ log_prob[:, :, None]).reshape(-1)  # [A] row-wise dot, no [A, N] product
     positives = target.sum(1)
     has_positive = positives > 0
