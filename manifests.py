@@ -810,7 +810,8 @@ def build_medleydb(root):
     """MedleyDB stems labeled with their instrument, the 20 most frequent instruments.
 
     Reads every <Track>_METADATA.yaml under ROOT (the audio release keeps it in
-    Audio/<Track>/; the medleydb repository in medleydb/data/Metadata/) and the stems
+    Audio/<Track>/; the medleydb repository in medleydb/data/Metadata/, which wins when a
+    track has both) with a YAML parser (parse_medleydb_metadata) and the stems
     <Track>/<stem_dir>/<filename>, wherever a folder <Track> holding <stem_dir> is under
     ROOT (V1 and V2 may sit side by side). As in the paper's code: stems of
     MEDLEYDB_EXCLUDED are left out, then the MEDLEYDB_TOP_INSTRUMENTS instruments with the
@@ -830,9 +831,18 @@ def build_medleydb(root):
             track_folders.setdefault(os.path.basename(folder), folder)
     if not metadata_files:
         raise MissingFileError(f"{name}: expected the official files {root}/Audio/<Track>/<Track>_METADATA.yaml")
+    by_track = {}
+    for path in metadata_files:
+        by_track.setdefault(os.path.basename(path)[:-len("_METADATA.yaml")], []).append(path)
+    twice = sorted(track for track, paths in by_track.items() if len(paths) > 1)
+    if twice:
+        print(f"{name}: {len(twice)} tracks have metadata in two or more places (e.g. {by_track[twice[0]]}); "
+              f"each is read once, from the medleydb repository's Metadata/ folder where it is there")
     records, several, excluded = [], 0, 0
-    for metadata_path in metadata_files:
-        track = os.path.basename(metadata_path)[:-len("_METADATA.yaml")]
+    for track in sorted(by_track):
+        # The repository's copy is the maintained one (label fixes after the audio releases).
+        metadata_path = min(by_track[track], key=lambda path: (os.path.basename(os.path.dirname(path)) != "Metadata",
+                                                               path))
         stem_dir, stems = parse_medleydb_metadata(metadata_path)
         folder = track_folders.get(track, os.path.join(root, "Audio", track))
         for _, filename, instruments in stems:

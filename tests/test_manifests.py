@@ -705,6 +705,20 @@ def test_medleydb_metadata_reads_top_level_lists_quoting_bom_and_crlf(tmp_path):
                           ("S24", f"{track_b}_STEM_24.wav", ["clarinet"])]
 
 
+def test_medleydb_reads_each_track_once_preferring_the_repository_copy(tmp_path, capsys):
+    track_a, track_b, singletons, paths = make_medleydb(tmp_path)
+    # The repository's copy of track A relabels its first stem; the audio release's copy stays.
+    with open(os.path.join(tmp_path, "Audio", track_a, f"{track_a}_METADATA.yaml"), encoding="utf-8") as handle:
+        text = handle.read()
+    write_text(os.path.join(tmp_path, "medleydb", "data", "Metadata", f"{track_a}_METADATA.yaml"),
+               text.replace("    instrument: violin\n", "    instrument: clarinet\n", 1))
+    frame = manifests.build_manifest("medleydb", str(tmp_path))
+    assert "1 tracks have metadata in two or more places" in capsys.readouterr().out
+    assert frame["path"].is_unique
+    assert frame.loc[frame["path"] == paths[(track_a, 1)], "instrument"].tolist() == ["clarinet"]
+    assert (frame["instrument"] == "violin").sum() == 9
+
+
 def test_medleydb_metadata_errors(tmp_path):
     track_a, track_b, singletons, paths = make_medleydb(tmp_path)
     metadata = os.path.join(tmp_path, "Audio", track_a, f"{track_a}_METADATA.yaml")
@@ -835,9 +849,8 @@ def test_all_tasks_file_reads_back_through_probe_and_datasets(tmp_path):
     assert [entry["patience"] for entry in probes] == [50, 2, 2, 50, 50, 10, 200]
     for entry in probes:
         assert entry["csv"] == str(out / os.path.basename(entry["csv"]))
-        if "head" in entry:  # probe.py reads the head column once it takes a head per task
-            is_mlp = entry["name"] in ("gtzan", "nsynth-pitch", "nsynth-instrument-family")
-            assert entry["head"] == ("mlp" if is_mlp else "linear")
+        is_mlp = entry["name"] in ("gtzan", "nsynth-pitch", "nsynth-instrument-family")
+        assert entry["head"] == ("mlp" if is_mlp else "linear")
         manifest = datasets.read_manifest(entry["csv"])
         datasets.parse_labels(manifest, entry["label_column"], entry["task"], entry["label_kind"])
 
