@@ -185,23 +185,76 @@ def _where(csv_path, row, column):
     return f"{csv_path}, line {row + 2}, column {column!r}"
 
 
+# Columns read_manifest adds for its own bookkeeping (never a user's label column).
+INTERNAL_COLUMNS = ("source", "source_row")
+# Audio file names: a manifest given by mistake as one is named as such.
+AUDIO_NAME = re.compile(r"\.(wav|wave|flac|mp3|ogg|oga|opus|aif|aiff|aifc|au|caf|w64|rf64|m4a|aac|wma|npy)$", re.I)
+
+
+def _read_csv(csv_path):
+    """One manifest file as text cells, or ManifestError saying why it is not a CSV manifest."""
+    if os.path.isdir(csv_path):
+        raise ManifestError(f"{csv_path} is a folder, not a manifest; give a CSV with a 'path' column (one row "
+                            f"per audio file), or write one with `python datasets.py scan {csv_path} --out "
+                            f"manifest.csv`")
+    if not os.path.isfile(csv_path):
+        raise ManifestError(f"{csv_path}: manifest not found")
+    if AUDIO_NAME.search(csv_path):
+        raise ManifestError(f"{csv_path} is an audio file, not a manifest; give a CSV with a 'path' column that "
+                            f"lists your audio files (relative to the CSV's folder, or absolute)")
+    try:
+        with open(csv_path, encoding="utf-8-sig") as f:
+            f.read(1 << 16)
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ManifestError(f"{csv_path} is not a text CSV (it holds binary data, maybe audio or a spreadsheet); "
+                            f"a manifest is a UTF-8 CSV with a 'path' column (export a spreadsheet as CSV)") from None
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{csv_path}: empty file; a manifest needs a header line with a 'path' column") from None
+    except pd.errors.ParserError as error:
+        raise ManifestError(f"{csv_path} cannot be read as CSV ({str(error).strip()}); check its quoting and that "
+                            f"every line has as many commas as the header") from None
+
+
+def _check_path_column(csv_path, frame):
+    """ManifestError unless `frame` has a 'path' column, naming a wrong separator or a near miss."""
+    if "path" in frame.columns:
+        return
+    header = ",".join(frame.columns)
+    for separator, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
+        if "path" in [part.strip().lower() for part in header.split(separator)]:
+            raise ManifestError(f"{csv_path}: its columns are separated by {name} ({header!r}); a manifest is "
+                                f"comma-separated: save it as CSV with ',' between columns (';' stays the tag "
+                                f"separator inside a multilabel cell)")
+    raise ManifestError(f"{csv_path}: no 'path' column{utils.close_match('path', frame.columns)}; columns: "
+                        f"{list(frame.columns)}. The first line must name the columns, one of them 'path'")
+
+
+def _resolve_path(csv_path, folder, row, path):
+    """A manifest cell as an absolute path: relative paths start at the CSV's own folder."""
+    if "\\" in path and os.sep == "/" and not os.path.exists(path if os.path.isabs(path) else
+                                                            os.path.join(folder, path)):
+        raise ManifestError(f"{_where(csv_path, row, 'path')}: {path!r} uses Windows backslashes; write paths "
+                            f"with '/' (e.g. {path.replace(chr(92), '/')!r}), which every system reads")
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(folder, path))
+
+
 def read_manifest(csv_paths):
     """Read and concatenate manifests, resolving paths and checking `path` and `split`.
 
     csv_paths: one path or a list. Returns a DataFrame with absolute `path`, `split`,
     `source` (the CSV) and `source_row` (its line number), plus every other column as
-    text ("" for empty cells). Raises ManifestError naming file, line and column.
+    text ("" for empty cells). Relative paths are read from the CSV's own folder.
+    Raises ManifestError naming file, line and column, and saying what a folder, an
+    audio file, a binary file, another separator or a Windows path given by mistake is.
     """
     if isinstance(csv_paths, (str, os.PathLike)):
         csv_paths = [csv_paths]
     frames = []
     for csv_path in csv_paths:
         csv_path = str(csv_path)
-        if not os.path.isfile(csv_path):
-            raise ManifestError(f"{csv_path}: manifest not found")
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True)
-        if "path" not in frame.columns:
-            raise ManifestError(f"{csv_path}: no 'path' column (columns: {list(frame.columns)})")
+        frame = _read_csv(csv_path)
+        _check_path_column(csv_path, frame)
         if "split" not in frame.columns:
             frame["split"] = "train"
         frame["split"] = frame["split"].str.strip().str.lower().replace({"valid": "val", "validation": "val"})
@@ -209,10 +262,11 @@ def read_manifest(csv_paths):
             if not path.strip():
                 raise ManifestError(f"{_where(csv_path, row, 'path')}: empty path")
             if split not in SPLITS:
-                raise ManifestError(f"{_where(csv_path, row, 'split')}: unknown split {split!r}; use one of {SPLITS}")
+                raise ManifestError(f"{_where(csv_path, row, 'split')}: unknown split {split!r}"
+                                    f"{utils.close_match(split, SPLITS)}; use one of {SPLITS} (an empty "
+                                    f"column or none at all means train)")
         folder = os.path.dirname(os.path.abspath(csv_path))
-        frame["path"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(folder, p))
-                         for p in frame["path"].str.strip()]
+        frame["path"] = [_resolve_path(csv_path, folder, row, p) for row, p in enumerate(frame["path"].str.strip())]
         frame["source"] = csv_path
         frame["source_row"] = np.arange(len(frame)) + 2
         frames.append(frame)
@@ -241,9 +295,10 @@ def parse_labels(manifest, columns, task, kind="generic", similarity=None):
     if kind not in LABEL_KINDS:
         raise ManifestError(f"unknown label kind {kind!r}; use one of {LABEL_KINDS}")
     for name in names:
-        if name not in manifest.columns:
-            raise ManifestError(f"label column {name!r} is not in the manifest(s) "
-                                f"{sorted(set(manifest['source']))}; columns: {list(manifest.columns)}")
+        if name not in manifest.columns or name in INTERNAL_COLUMNS:
+            own = [c for c in manifest.columns if c not in INTERNAL_COLUMNS + ("path", "split")]
+            raise ManifestError(f"label column {name!r} is not in {', '.join(sorted(set(manifest['source'])))}"
+                                f"{utils.close_match(name, own)}; its label columns: {own or 'none'}")
     if len(names) > 1 and task != "regression":
         raise ManifestError(f"several label columns {names} in one signal need --task regression")
     column = LabelColumn(columns=names, task=task, kind=kind)
@@ -487,7 +542,7 @@ def read_source_crops(path, num_views, clip_samples, sample_rate, rng):
     Returns (crops `[num_views, L]` float32, source rate in Hz).
     """
     try:
-        with open_audio(path) as f:
+        with decoder_messages(path), open_audio(path) as f:
             source_rate, frames = f.samplerate, f.frames
             # One extra source frame absorbs rounding of the resampled length.
             crop = math.ceil(clip_samples * source_rate / sample_rate) + 1
@@ -569,7 +624,7 @@ def read_clips(path, clip_samples, sample_rate, max_clips=None):
     evenly spread over the file). Returns `[K, clip_samples]` float32.
     """
     try:
-        with open_audio(path) as f:
+        with decoder_messages(path), open_audio(path) as f:
             audio, source_rate = f.read(-1, dtype="float32", always_2d=True), f.samplerate
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
         if isinstance(error, AudioError):
@@ -598,14 +653,18 @@ def check_file(path, min_seconds, sample_rate, block_seconds=30.0):
     min_seconds: shortest usable length (half a crop: shorter files cannot be padded).
     sample_rate: the training rate; other rates are noted (they are resampled).
     Returns a dict with CHECK_COLUMNS: status "ok" (usable, maybe with notes), or "bad"
-    (unreadable, empty, too short, NaN/Inf samples: excluded from training); problems
+    ("does not exist", "cannot be decoded (decoder's reason)", empty, too short, NaN/Inf
+    samples: excluded from training); problems
     is a ";"-joined list such as "silent" or "sample rate 8000 Hz (resampled)".
     The file is decoded block by block, so memory stays small for long files.
     """
     report = {"path": path, "status": "ok", "problems": "", "seconds": 0.0, "sample_rate": 0, "channels": 0}
     problems, bad = [], False
+    if not os.path.exists(path):
+        report.update(status="bad", problems="does not exist")
+        return report
     try:
-        with open_audio(path) as f:
+        with decoder_messages(path), open_audio(path) as f:
             report.update(sample_rate=f.samplerate, channels=f.channels)
             frames, peak, finite = 0, 0.0, True
             block = max(1, int(block_seconds * f.samplerate))
@@ -619,7 +678,9 @@ def check_file(path, min_seconds, sample_rate, block_seconds=30.0):
                     data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
                 peak = max(peak, float(np.abs(data).max()))
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
-        report.update(status="bad", problems=f"unreadable ({str(error).splitlines()[0][:120]})")
+        # The decoder's whole reason, on one line (it would break the CSV report otherwise).
+        reason = " ".join(str(error).split()) or type(error).__name__
+        report.update(status="bad", problems=f"cannot be decoded ({reason})")
         return report
     report["seconds"] = frames / report["sample_rate"] if report["sample_rate"] else 0.0
     if frames == 0:
@@ -869,7 +930,8 @@ def _cache_one(task):
     """Decode, mix to mono, resample and store one file as int16 .npy; (row, error or None)."""
     row, source, target, sample_rate = task
     try:
-        audio, source_rate = sf.read(source, dtype="float32", always_2d=True)
+        with decoder_messages(source):
+            audio, source_rate = sf.read(source, dtype="float32", always_2d=True)
         if not len(audio):
             raise AudioError(f"{source}: empty audio")
         wave = _resample(audio.mean(1, keepdims=True).T, source_rate, sample_rate)[0]  # [T]
@@ -924,6 +986,282 @@ def write_cache(csv_paths, folder, sample_rate, workers=2):
     for row, error in list(failed.items())[:10]:
         print(f"  {error}")
     return os.path.join(folder, "manifest.csv")
+
+
+# ---------------------------------------------------------------- folders to manifests
+
+# Extensions of audio files that soundfile's decoder reads (a failure there is "unreadable").
+AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".aifc", ".au",
+                    ".caf", ".w64", ".rf64")
+SCAN_CACHE = os.path.join(".cache", "scans")
+# The settings a folder given as --train-csv / --csv is scanned with (see manifest_or_scan).
+AUTO_SPLIT = (0.8, 0.1, 0.1)
+AUTO_LABEL_PREFIX = "folder"
+
+
+def folder_parts(relative):
+    """The folder names of a path relative to the scanned folder, without the file name."""
+    return relative.replace(os.sep, "/").split("/")[:-1]
+
+
+def folder_level(relative, level):
+    """Folder `level` of a relative path: 1 the first folder below the scanned one, -1 the
+    file's own folder, -2 the one above it. Returns "" when the path is not that deep."""
+    parts = folder_parts(relative)
+    index = level - 1 if level > 0 else len(parts) + level
+    return parts[index] if 0 <= index < len(parts) else ""
+
+
+def group_key(relative, level):
+    """The folder path down to `level` (folder_level's numbering): files of one album under
+    two artists stay two groups. Files not that deep group by the folders they have."""
+    parts = folder_parts(relative)
+    end = level if level > 0 else len(parts) + level + 1
+    return "/".join(parts[:max(0, min(end, len(parts)))])
+
+
+def parse_folder_labels(specs):
+    """["genre=1", "album=-1"] -> [("genre", 1), ("album", -1)]; UserError on a bad spec."""
+    pairs = []
+    for spec in specs:
+        name, _, level = spec.partition("=")
+        if not name.strip() or not re.fullmatch(r"-?[1-9]\d*", level.strip()):
+            raise utils.UserError(f"--label-from-folder {spec!r}: write COLUMN=LEVEL, e.g. genre=1 (the first "
+                                  f"folder below DIR) or album=-1 (the file's own folder)")
+        pairs.append((name.strip(), int(level)))
+    return pairs
+
+
+def parse_fractions(text):
+    """"0.8,0.1,0.1" -> (0.8, 0.1, 0.1) for train, val, test; UserError unless they sum to 1."""
+    try:
+        fractions = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise utils.UserError(f"--split {text!r}: give three shares for train,val,test that sum to 1, "
+                              f"e.g. 0.8,0.1,0.1")
+    return fractions
+
+
+def assign_splits(groups, fractions, seed=0):
+    """A split per file from its group, so that no group straddles train/val/test.
+
+    groups: per-file group keys; fractions: shares of train, val, test. Groups are taken
+    in the order of a hash of (seed, key), and each goes to the split furthest below
+    its share of the files assigned so far (its own files included): the result depends
+    only on the keys, their sizes and the seed, and the shares hold to within about one
+    group. Returns a list of split names, one per file.
+    """
+    sizes = {}
+    for key in groups:
+        sizes[key] = sizes.get(key, 0) + 1
+    order = sorted(sizes, key=lambda k: hashlib.sha1(f"{seed}:{k}".encode()).hexdigest())
+    counts, total, chosen = [0, 0, 0], 0, {}
+    for key in order:
+        total += sizes[key]
+        deficits = [fraction * total - count for fraction, count in zip(fractions, counts)]
+        best = max((s for s in range(3) if fractions[s] > 0), key=lambda s: deficits[s])
+        counts[best] += sizes[key]
+        chosen[key] = SPLITS[best]
+    return [chosen[key] for key in groups]
+
+
+def probe_audio(path, min_seconds):
+    """Open one file as scan does: (info dict, None) if usable, else (None, reason).
+
+    Reads the header (sf.info) and decodes the first second, so a file with a valid
+    header but undecodable data is caught too, at little cost.
+    """
+    is_audio_name = path.lower().endswith(AUDIO_EXTENSIONS)
+    try:
+        with decoder_messages(path), sf.SoundFile(path) as f:
+            rate, frames, channels = f.samplerate, f.frames, f.channels
+            f.read(min(max(frames, 0), rate), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        return None, f"unreadable ({reason})" if is_audio_name else "not audio"
+    seconds = frames / rate if rate else 0.0
+    if frames <= 0:
+        return None, "empty"
+    if seconds < min_seconds:
+        return None, f"too short ({seconds:.2f} s < --min-seconds {min_seconds:g})"
+    return {"seconds": round(seconds, 3), "sample_rate": rate, "channels": channels}, None
+
+
+def file_digest(path, block=1 << 20):
+    """SHA-1 of a file's bytes, read in blocks."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def join_labels(frame, relatives, labels_csv, join_on, join_column):
+    """Add the columns of the user's CSV to a scan's frame, matched by file name or stem.
+
+    relatives: per-row paths relative to the scanned folder. labels_csv: a CSV whose
+    `join_column` (default: its first column) names each labeled file; join_on: "stem"
+    (file name without extension), "name" (with it) or "path" (relative to the scanned
+    folder) says how both sides are compared. Files without a row stay unlabeled (empty
+    cells). Returns (frame, CSV rows that matched no file, files sharing a key with another).
+    """
+    if not os.path.isfile(labels_csv):
+        raise utils.UserError(f"--labels {labels_csv}: file not found")
+    table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    join_column = join_column or table.columns[0]
+    if join_column not in table.columns:
+        raise utils.UserError(f"--join-column {join_column!r} is not a column of {labels_csv} "
+                              f"(columns: {list(table.columns)})")
+    clash = sorted({"path", "split"} & (set(table.columns) - {join_column}))
+    if clash:
+        raise utils.UserError(f"{labels_csv}: columns {clash} would overwrite the scan's own; rename them")
+
+    def key(value):
+        value = value.strip().replace("\\", "/")
+        if join_on == "path":
+            return os.path.normpath(value).replace(os.sep, "/")
+        name = os.path.basename(value)
+        return name if join_on == "name" else os.path.splitext(name)[0]
+
+    keys = table[join_column].map(key)
+    repeated = sorted(keys[keys.duplicated()].unique())
+    if repeated:
+        raise utils.UserError(f"{labels_csv}: {len(repeated)} {join_on}(s) appear on several rows, e.g. "
+                              f"{repeated[0]!r}; keep one row per file")
+    table = table.drop(columns=[join_column]).set_index(keys)
+    file_keys = pd.Series([key(r) for r in relatives])
+    for column in table.columns:
+        frame[column] = [table[column].get(k, "") for k in file_keys]
+    unmatched = int((~keys.isin(set(file_keys))).sum())
+    shared = int((file_keys.duplicated(keep=False) & file_keys.isin(set(table.index))).sum())
+    return frame, unmatched, shared
+
+
+def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="stem", join_column=None, split=None,
+                group_by=-1, split_seed=0, min_seconds=0.0, keep_duplicates=False, log=print):
+    """Walk `folder` for every file soundfile can read and write a manifest to `out_csv`.
+
+    folder_labels: (column, level) pairs, each folder level (folder_level's numbering)
+    becoming a label column. labels_csv, join_on, join_column: see join_labels.
+    split: None (no split column) or (train, val, test) shares, assigned per group
+    (the folder at `group_by`, by default the file's own folder) by assign_splits.
+    min_seconds: shorter files are skipped. Exact duplicates (same bytes) keep the first
+    path in sorted order unless keep_duplicates. Hidden files and folders (".name") are
+    left out. The manifest has path (relative to out_csv's folder), split, the label
+    columns, seconds, sample_rate and channels; skipped files go to OUT.skipped.csv
+    (path, reason). Returns a dict with the counts that the report prints.
+    """
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise utils.UserError(f"{folder}: not a folder; give the folder that holds your audio files")
+    names = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        names.extend(os.path.relpath(os.path.join(root, f), folder) for f in sorted(files))
+    rows, skipped = [], []
+    for relative in tqdm(names, desc="scan", unit="file", disable=len(names) < 50):
+        if os.path.basename(relative).startswith("."):
+            skipped.append({"path": relative, "reason": "hidden file"})
+            continue
+        info, reason = probe_audio(os.path.join(folder, relative), min_seconds)
+        if reason:
+            skipped.append({"path": relative, "reason": reason})
+        else:
+            rows.append({"relative": relative, **info})
+    # Only files of equal size can be equal: hash those alone.
+    sizes = {}
+    for row in rows:
+        sizes.setdefault(os.path.getsize(os.path.join(folder, row["relative"])), []).append(row)
+    first_of, duplicates = {}, set()
+    for same_size in (group for group in sizes.values() if len(group) > 1):
+        for row in same_size:
+            digest = file_digest(os.path.join(folder, row["relative"]))
+            if digest in first_of:
+                duplicates.add(row["relative"])
+                skipped.append({"path": row["relative"], "reason": f"duplicate of {first_of[digest]}"
+                                + (" (kept: --keep-duplicates)" if keep_duplicates else "")})
+            else:
+                first_of[digest] = row["relative"]
+    if not keep_duplicates:
+        rows = [row for row in rows if row["relative"] not in duplicates]
+    if not rows:
+        raise utils.UserError(f"{folder}: no readable audio file among {len(names)} files")
+    out_folder = os.path.dirname(os.path.abspath(out_csv))
+    frame = pd.DataFrame({"path": [os.path.relpath(os.path.join(folder, r["relative"]), out_folder).replace(os.sep, "/")
+                                   for r in rows]})
+    relatives = [r["relative"] for r in rows]
+    if split is not None:
+        frame["split"] = assign_splits([group_key(r, group_by) for r in relatives], split, split_seed)
+    for column, level in folder_labels:
+        frame[column] = [folder_level(r, level) for r in relatives]
+    unmatched = shared = 0
+    if labels_csv:
+        frame, unmatched, shared = join_labels(frame, relatives, labels_csv, join_on, join_column)
+    for column in ("seconds", "sample_rate", "channels"):
+        frame[column] = [r[column] for r in rows]
+    os.makedirs(out_folder, exist_ok=True)
+    frame.to_csv(out_csv + ".tmp", index=False)
+    os.replace(out_csv + ".tmp", out_csv)
+    skipped_csv = os.path.splitext(out_csv)[0] + ".skipped.csv"
+    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(skipped_csv, index=False)
+    reasons = {}
+    for entry in skipped:
+        kind = entry["reason"].split(" (")[0].split(" of ")[0]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    splits = frame["split"].value_counts().to_dict() if split is not None else {}
+    report = {"manifest": out_csv, "files": len(names), "rows": len(frame), "skipped": reasons,
+              "skipped_csv": skipped_csv, "splits": {s: int(splits.get(s, 0)) for s in SPLITS} if splits else {},
+              "unmatched_labels": unmatched, "shared_keys": shared,
+              "labeled": {c: int((frame[c] != "").sum()) for c in frame.columns
+                          if c not in ("path", "split", "seconds", "sample_rate", "channels")}}
+    split_text = (" (" + ", ".join(f"{s} {n}" for s, n in report["splits"].items()) + ")") if splits else ""
+    skip_text = ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items())) or "none"
+    log(f"scanned {folder}: {len(names)} files, {len(frame)} rows in {out_csv}{split_text}; skipped: {skip_text}"
+        + (f" (listed in {skipped_csv})" if skipped else ""))
+    for entry in skipped[:10]:
+        log(f"  skipped {entry['path']}: {entry['reason']}")
+    if len(skipped) > 10:
+        log(f"  ... {len(skipped) - 10} more in {skipped_csv}")
+    for column, count in report["labeled"].items():
+        log(f"  column {column!r}: {count} of {len(frame)} rows labeled")
+    if unmatched:
+        log(f"  {unmatched} row(s) of {labels_csv} matched no file (compared by {join_on})")
+    if shared:
+        log(f"  {shared} files share their {join_on} with another file, so one --labels row labels each of them; "
+            f"use --join-on path to tell them apart")
+    for name, count in report["splits"].items():
+        if split[SPLITS.index(name)] > 0 and count == 0:
+            log(f"  split {name} got no file: too few groups (folders at level {group_by}) for the shares "
+                f"{','.join(f'{f:g}' for f in split)}; try --group-by with a deeper level")
+    return report
+
+
+def manifest_or_scan(path, out_dir, write=True, log=print):
+    """A manifest path as it is, or a folder scanned into a manifest inside `out_dir`.
+
+    A folder is scanned as `python datasets.py scan` does with AUTO_SPLIT shares grouped
+    by the file's own folder and each folder level as a column (folder1 the first
+    folder below it, folder2 the next, ...). write: False returns the manifest's path
+    without scanning (the other processes under torchrun, after the main one wrote it).
+    """
+    if not os.path.isdir(path):
+        return path
+    folder = os.path.abspath(path)
+    name = re.sub(r"[^\w.-]+", "_", os.path.basename(folder)) or "folder"
+    out_csv = os.path.join(out_dir, f"scan-{name}-{hashlib.sha1(folder.encode()).hexdigest()[:8]}.csv")
+    if write:
+        depth = 0
+        for root, dirs, _ in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            depth = max(depth, len(os.path.relpath(root, folder).split(os.sep)) if root != folder else 0)
+        levels = [(f"{AUTO_LABEL_PREFIX}{k}", k) for k in range(1, depth + 1)]
+        log(f"{path} is a folder: scanning it into {out_csv} (split {','.join(f'{f:g}' for f in AUTO_SPLIT)} by "
+            f"the file's folder; columns {', '.join(c for c, _ in levels) or 'none'} from the folder levels); "
+            f"`python datasets.py scan` sets labels and splits yourself")
+        scan_folder(folder, out_csv, folder_labels=levels, split=AUTO_SPLIT, log=log)
+    return out_csv
 
 
 # ---------------------------------------------------------------- synthetic music
@@ -1002,9 +1340,35 @@ def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, se
     return manifest
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    scan = commands.add_parser("scan", help="walk a folder of audio files and write a manifest",
+                               description="Walk DIR for every file soundfile can read and write a manifest with "
+                                           "paths relative to the CSV; skipped files and duplicates are reported "
+                                           "and listed in OUT.skipped.csv.")
+    scan.add_argument("folder", metavar="DIR", help="folder of audio files, searched with its subfolders")
+    scan.add_argument("--out", required=True, help="manifest to write (CSV); paths are relative to its folder")
+    scan.add_argument("--label-from-folder", action="append", default=[], metavar="COLUMN=LEVEL",
+                      help="a label column from a folder level, repeatable: 1 the first folder below DIR (e.g. "
+                           "artist=1 album=2), -1 the file's own folder, -2 the one above")
+    scan.add_argument("--labels", default=None, help="your CSV of labels, joined to the files by --join-on")
+    scan.add_argument("--join-on", default="stem", choices=("stem", "name", "path"),
+                      help="compare files and --labels rows by file name without extension (stem), with it "
+                           "(name), or by the path below DIR (path) (default %(default)s)")
+    scan.add_argument("--join-column", default=None,
+                      help="column of --labels holding the file name, stem or path (default: its first column)")
+    scan.add_argument("--split", default=None, metavar="TRAIN,VAL,TEST",
+                      help="shares of files for train, val and test, e.g. 0.8,0.1,0.1 (default: no split column, "
+                           "every file train)")
+    scan.add_argument("--group-by", type=int, default=-1, metavar="LEVEL",
+                      help="folder level whose files share a split (numbered as --label-from-folder; default -1, "
+                           "the file's own folder, e.g. the album)")
+    scan.add_argument("--split-seed", type=int, default=0, help="seed of the split's group order (default 0)")
+    scan.add_argument("--min-seconds", type=float, default=0.0,
+                      help="skip files shorter than this many seconds (default %(default)s)")
+    scan.add_argument("--keep-duplicates", action="store_true",
+                      help="keep files whose bytes equal an earlier file's (default: keep the first only)")
     synth = commands.add_parser("synth", help="write the built-in synthetic music set")
     synth.add_argument("--out", default=".cache/synthetic", help="folder for audio and manifest.csv")
     synth.add_argument("--num-files", type=int, default=480, help="number of files")
@@ -1015,12 +1379,16 @@ def main():
     cache.add_argument("--out", required=True, help="cache folder (gets audio/, manifest.csv, cache.json)")
     cache.add_argument("--sample-rate", type=int, default=22050, help="rate to store, the training rate (Hz)")
     cache.add_argument("--workers", type=int, default=2, help="decoding processes")
-    args = parser.parse_args()
-    if args.command == "synth":
+    args = parser.parse_args(argv)
+    if args.command == "scan":
+        split = parse_fractions(args.split) if args.split else None
+        scan_folder(args.folder, args.out, parse_folder_labels(args.label_from_folder), args.labels, args.join_on,
+                    args.join_column, split, args.group_by, args.split_seed, args.min_seconds, args.keep_duplicates)
+    elif args.command == "synth":
         print(make_synthetic_set(args.out, args.num_files, args.seconds, args.sample_rate))
     elif args.command == "cache":
         print(write_cache(args.train_csv, args.out, args.sample_rate, args.workers))
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_cli(main)

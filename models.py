@@ -23,7 +23,10 @@ Size table (parameters, multiply-accumulates per clip, embedding size):
 """
 
 import argparse
+import glob
 import math
+import os
+import re
 from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 
@@ -640,6 +643,120 @@ def build_encoder(name: str, num_samples: int, sample_rate: int, width: float = 
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
     return ENCODERS[name](num_samples, sample_rate, width)
+
+
+# ---------------------------------------------------------------- a trained encoder in one's own code
+
+def consecutive_clips(wave: torch.Tensor, clip_samples: int, max_clips: int | None = None) -> torch.Tensor:
+    """Cut a mono waveform into consecutive clips, as probing and export do.
+
+    The last partial clip is kept (zero-padded) when it is at least half a clip long; a
+    waveform shorter than that gives one padded clip. max_clips keeps that many clips
+    spread evenly over the file (None: all).
+    Args:
+        wave: `[T]` mono waveform at the model's rate.
+    Returns:
+        (clips `[K, clip_samples]`, index of each kept clip among all consecutive clips `[K]`).
+    """
+    count = max(1, int(wave.shape[0] / clip_samples + 0.5))
+    padded = F.pad(wave, (0, max(0, count * clip_samples - wave.shape[0])))[:count * clip_samples]
+    clips = padded.reshape(count, clip_samples)  # [K, clip_samples]
+    kept = torch.arange(count)
+    if max_clips is not None and count > max_clips:
+        kept = torch.linspace(0, count - 1, max_clips).round().long()
+        clips = clips[kept]
+    return clips, kept
+
+
+class Pretrained(nn.Module):
+    """A trained encoder for one's own code: any waveform in, clip embeddings out.
+
+    Holds the ContrastiveModel of a checkpoint and the clip settings it was trained with
+    (sample_rate in Hz, clip_samples). `layer` picks the encoder output h (default) or
+    the projection z. Built by load_pretrained, in eval mode.
+    """
+
+    def __init__(self, model: ContrastiveModel, sample_rate: int, clip_samples: int, layer: str = "encoder"):
+        super().__init__()
+        if layer not in ("encoder", "projection"):
+            raise ValueError(f"layer must be 'encoder' or 'projection', got {layer!r}")
+        self.model = model
+        self.sample_rate = sample_rate
+        self.clip_samples = clip_samples
+        self.layer = layer
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """Args:
+            clips: `[B, clip_samples]` mono waveforms at `sample_rate`.
+        Returns:
+            `[B, D]` embeddings h (or projections z with layer "projection").
+        """
+        h = self.model.encoder(clips)
+        return self.model.head(h) if self.layer == "projection" else h
+
+    @torch.no_grad()
+    def embed(self, waveform, sample_rate: int, max_clips: int | None = None, batch_size: int = 64) -> torch.Tensor:
+        """Embeddings of a whole recording's consecutive clips (the clips probe.py uses).
+
+        The audio is mixed to mono, resampled to the model's rate (torchaudio's sinc
+        resampler, as datasets.read_clips) and cut by consecutive_clips.
+        Args:
+            waveform: float tensor or numpy array, `[T]` or `[channels, T]`, any rate.
+            sample_rate: its rate in Hz.
+            max_clips: keep this many clips spread over the recording (None: all).
+            batch_size: clips per forward pass.
+        Returns:
+            `[clips, D]` float32 on the CPU.
+        """
+        wave = torch.as_tensor(waveform).detach().to("cpu", torch.float32)
+        if wave.dim() == 1:
+            wave = wave[None]  # [1, T]
+        if wave.dim() != 2 or wave.shape[1] == 0:
+            raise ValueError(f"waveform must be [T] or [channels, T] with T > 0, got shape {tuple(wave.shape)}")
+        mono = wave.mean(0, keepdim=True)  # [1, T]
+        if sample_rate != self.sample_rate:
+            mono = torchaudio.functional.resample(mono, int(sample_rate), self.sample_rate)
+        clips, _ = consecutive_clips(mono[0], self.clip_samples, max_clips)  # [K, clip_samples]
+        device = next(self.parameters()).device
+        out = [self(batch.to(device)).float().cpu() for batch in clips.split(batch_size)]
+        return torch.cat(out)  # [K, D]
+
+
+def checkpoint_file(path: str) -> str:
+    """A checkpoint file as given, or a run folder's latest checkpoint-STEP.pt."""
+    if os.path.isdir(path):
+        found = sorted(p for p in glob.glob(os.path.join(path, "checkpoint-*.pt"))
+                       if re.fullmatch(r"checkpoint-\d+\.pt", os.path.basename(p)))
+        if not found:
+            raise FileNotFoundError(f"{path}: no checkpoint-*.pt in this folder")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
+    return path
+
+
+def load_pretrained(path: str, layer: str = "encoder", device: str | torch.device | None = None) -> Pretrained:
+    """Load a train.py checkpoint for embedding: the only file access in this module.
+
+    Builds the encoder and projection head from the settings saved in the checkpoint
+    (encoder, width, sample_rate, clip_samples, hidden_dim, projection_dim) and loads
+    the weights strictly.
+    Args:
+        path: a checkpoint-STEP.pt file, or a run folder (its latest checkpoint).
+        layer: "encoder" (h, the default) or "projection" (z).
+        device: where the model runs (default: the GPU when there is one, else the CPU).
+    Returns:
+        a Pretrained in eval mode; `model.embed(waveform, sample_rate)` -> `[clips, D]`.
+    """
+    state = torch.load(checkpoint_file(path), map_location="cpu", weights_only=False)
+    if "model" not in state or "args" not in state:
+        raise KeyError(f"{path}: not a train.py checkpoint (needs 'model' and 'args')")
+    saved = state["args"]
+    encoder = build_encoder(saved["encoder"], saved["clip_samples"], saved["sample_rate"], saved["width"])
+    model = ContrastiveModel(encoder, saved["hidden_dim"], saved["projection_dim"])
+    model.load_state_dict(state["model"])
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Pretrained(model, saved["sample_rate"], saved["clip_samples"], layer).to(device).eval()
 
 
 # ---------------------------------------------------------------- size and cost

@@ -12,30 +12,42 @@ The experiments of the paper's evaluation:
     --corrupt noise,reverb --severity-sweep 0,1,2   robustness to corrupted test audio
     --prototypes                        no head: cosine similarity to class-mean embeddings
     --plot                              TensorBoard embedding projector and confusion matrix
-One GPU: the same commands (the GPU is used when present). Results print as JSON and go to --out.
+One GPU: the same commands (the GPU is used when present). The tables print; the full
+results (JSON) go to --out, with the tables next to it as .md and .csv.
 
-Protocol (METHOD.md): every file is cut into consecutive clips; the head trains on clip
-embeddings of the train split, early-stops on the val split's track-level metric, and the
-test metric averages clip outputs per track. Frozen embeddings are extracted once per
-(checkpoint, manifest, layer, corruption) and cached on disk under the checkpoint's SHA-1.
+Protocol, by default the authors' (docs/probing.md): every file is cut into consecutive
+clips (--max-clips of them, evenly spread); each epoch the head trains on one randomly
+drawn clip per train track, early-stops on the clip-level val loss (one fixed clip per
+val track), and scores a test track by applying the head to the mean of its clip
+embeddings. Frozen embeddings are extracted once per (checkpoint, manifest, layer,
+corruption) and cached on disk under the checkpoint's SHA-256.
 """
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import re
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 import augment
 import datasets
 import models
 import utils
+
+
+HEADS = ("linear", "mlp")
 
 
 def build_parser():
@@ -53,10 +65,12 @@ def build_parser():
                       help="what each label means (one value, or one per --label-column; default generic); "
                            "key adds the MIREX key score")
     data.add_argument("--tasks", default=None,
-                      help="CSV of probes to run (columns csv, label_column, task; optional label_kind, name and "
-                           "patience); replaces --csv/--label-column")
+                      help="CSV of probes to run (columns csv, label_column, task; optional label_kind, name, "
+                           "head (linear or mlp) and patience; an empty cell means the flag); replaces "
+                           "--csv/--label-column")
     data.add_argument("--max-clips", type=int, default=16,
-                      help="consecutive clips kept per file, evenly spread (default %(default)s)")
+                      help="consecutive clips kept per file, evenly spread: a test track's clips, and the "
+                           "candidates its random train crop is drawn from (default %(default)s)")
     data.add_argument("--label-fraction", action="append", default=[],
                       help="share of the labeled train tracks the probe learns from, in (0, 1]; repeatable or "
                            "comma-separated (one result each); stratified: per class, per tag (iterative "
@@ -77,8 +91,25 @@ def build_parser():
                        help="random only: clip length in seconds (default %(default)s)")
     model.add_argument("--sample-rate", type=int, default=22050,
                        help="random only: sample rate in Hz (default %(default)s)")
+    model.add_argument("--hidden-dim", type=int, default=512,
+                       help="random only: projection head hidden size (default %(default)s)")
+    model.add_argument("--projection-dim", type=int, default=128,
+                       help="random only: projection size D (default %(default)s)")
     head = parser.add_argument_group("head")
-    head.add_argument("--head", default="mlp", choices=("linear", "mlp"), help="probe head (MLP: 512 hidden, ReLU)")
+    head.add_argument("--head", default="mlp", choices=HEADS,
+                      help="probe head where the tasks file has no head cell (default %(default)s; the paper: mlp, "
+                           "and linear for GiantSteps, EmoMusic, MedleyDB and VocalSet)")
+    head.add_argument("--head-hidden", type=int, default=512,
+                      help="hidden units of the MLP head, ReLU (default %(default)s, the paper's)")
+    head.add_argument("--aggregate", default="embeddings", choices=("embeddings", "outputs"),
+                      help="a track's prediction: the head applied to the mean of its clip embeddings (default, "
+                           "the authors'), or the mean of the head's outputs on each clip")
+    head.add_argument("--train-clips", default="random", choices=("random", "all"),
+                      help="random (default, the authors'): each epoch one clip per train track, drawn among its "
+                           "--max-clips clips, and the val loss on one fixed clip per val track; all: every clip")
+    head.add_argument("--early-stop", default="loss", choices=("loss", "metric"),
+                      help="what early stopping watches on val: the clip-level loss (default, the authors') or "
+                           "the track-level main metric (accuracy, ROC-AUC, R2)")
     head.add_argument("--prototypes", action="store_true",
                       help="no head: score each class by cosine similarity to its mean train embedding "
                            "(multilabel: mean of a tag's positives minus mean of its negatives)")
@@ -94,8 +125,9 @@ def build_parser():
                       help="clips per step (crops with --finetune) (default %(default)s)")
     head.add_argument("--max-epochs", type=int, default=200, help="training epochs at most (default %(default)s)")
     head.add_argument("--patience", type=int, default=15,
-                      help="epochs without val improvement before stopping (default %(default)s; the paper: "
-                           "15, and 50 for small sets)")
+                      help="epochs without val improvement before stopping, where the tasks file has no "
+                           "patience cell (default %(default)s; the authors: MTAT 15, MTG 7, GTZAN / GiantSteps / "
+                           "VocalSet 50, NSynth 2, MedleyDB 10, EmoMusic 200)")
     robust = parser.add_argument_group("robustness")
     robust.add_argument("--corrupt", default="none",
                         help="transforms of augment.py applied to the test audio, comma-separated (e.g. "
@@ -111,11 +143,13 @@ def build_parser():
                              "%(default)s)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default=None,
-                     help="JSON results file; the summary goes next to it as .md, .csv and .summary.json "
-                          "(default: print only)")
+                     help="JSON results file; the tables go next to it as .md and .csv (default: print the "
+                          "tables only)")
     run.add_argument("--plot", action="store_true",
-                     help="write test embeddings with labels to TensorBoard's projector and, for multiclass, "
-                          "a confusion-matrix image")
+                     help="figures as PNG files in --plot-dir, also shown in TensorBoard: per probe a confusion "
+                          "matrix (multiclass) and the test embeddings in the projector (path, label, predicted); "
+                          "the few-label curve (several --label-fraction) and the robustness curve "
+                          "(--severity-sweep), one line per checkpoint")
     run.add_argument("--plot-dir", default=None,
                      help="TensorBoard folder for --plot (default: next to --out as NAME-plots, else "
                           "runs/probe-plots)")
@@ -124,6 +158,16 @@ def build_parser():
     run.add_argument("--workers", type=int, default=2, help="--finetune: data-loading processes (default %(default)s)")
     run.add_argument("--seed", type=int, default=0,
                      help="seed for the head, the label subset and the random encoder (default %(default)s)")
+    export = parser.add_argument_group("export")
+    export.add_argument("--export-embeddings", default=None, metavar="OUT",
+                        help="no probe: write the embeddings of every file of --csv (a manifest or a folder) to "
+                             "OUT.npy (float32, one row per clip, --layer) and OUT.csv (row i: path, clip, "
+                             "start_seconds and the manifest's columns); resumable (parts in OUT.parts)")
+    export.add_argument("--per-track", action="store_true",
+                        help="--export-embeddings: one row per file, the mean of its clips' embeddings")
+    export.add_argument("--export-part-files", type=int, default=256,
+                        help="--export-embeddings: files per part written to OUT.parts, the unit a rerun "
+                             "skips when it is done (default %(default)s)")
     return parser
 
 
@@ -134,23 +178,23 @@ def finish_args(args):
         for part in value.split(","):
             fraction = float(part)
             if not 0 < fraction <= 1:
-                raise SystemExit(f"--label-fraction {part}: must be in (0, 1]")
+                raise utils.UserError(f"--label-fraction {part}: must be in (0, 1]")
             fractions.append(fraction)
     args.label_fractions = list(dict.fromkeys(fractions))
     if args.seeds < 1:
-        raise SystemExit(f"--seeds {args.seeds}: must be at least 1")
+        raise utils.UserError(f"--seeds {args.seeds}: must be at least 1")
     names = list(augment.DEFAULT_AUGMENT) if args.corrupt.strip() == "default" else None
     try:
         args.corrupt_names = names if names is not None else augment.parse_augment(args.corrupt)
     except ValueError as error:
-        raise SystemExit(f"--corrupt: {error}") from None
+        raise utils.UserError(f"--corrupt: {error}") from None
     args.severities = [float(s) for s in args.severity_sweep.split(",")] if args.severity_sweep else []
     if args.severities and not args.corrupt_names:
-        raise SystemExit("--severity-sweep needs --corrupt (transform names, or 'default' for the paper's chain)")
+        raise utils.UserError("--severity-sweep needs --corrupt (transform names, or 'default' for the paper's chain)")
     if min(args.severities + [args.severity]) < 0:
-        raise SystemExit("severities must be >= 0")
+        raise utils.UserError("severities must be >= 0")
     if args.prototypes and args.finetune:
-        raise SystemExit("--prototypes has no head to fine-tune with; use one of --prototypes, --finetune")
+        raise utils.UserError("--prototypes has no head to fine-tune with; use one of --prototypes, --finetune")
     if args.plot_dir is None:
         args.plot_dir = os.path.splitext(args.out)[0] + "-plots" if args.out else os.path.join("runs", "probe-plots")
     return args
@@ -160,7 +204,7 @@ def finish_args(args):
 
 def accuracy(logits, labels):
     """Share of rows whose argmax equals the class index. logits `[M, C]`, labels `[M]`."""
-    return float((logits.argmax(1) == labels).float().mean())
+    return float((logits.argmax(1) == labels).double().mean())
 
 
 def macro_f1(logits, labels, num_classes):
@@ -218,11 +262,17 @@ def average_precision(scores, targets):
 
 
 def r2_score(predictions, targets):
-    """Coefficient of determination per output `[K]` (1 - SSE / SST), on `[M, K]` arrays."""
+    """Coefficient of determination per output `[K]` (1 - SSE / SST), on `[M, K]` arrays.
+
+    A constant target (SST = 0) scores 1 when predicted exactly and 0 otherwise, as
+    scikit-learn's r2_score (force_finite), instead of a huge negative number.
+    """
     predictions, targets = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
     residual = ((targets - predictions) ** 2).sum(0)
     total = ((targets - targets.mean(0)) ** 2).sum(0)
-    return 1 - residual / np.maximum(total, 1e-12)
+    constant = total == 0
+    score = 1 - residual / np.where(constant, 1.0, total)
+    return np.where(constant, np.where(residual == 0, 1.0, 0.0), score)
 
 
 def mirex_key_score(predicted, labels):
@@ -269,9 +319,11 @@ def metrics(task, outputs, labels, column=None):
             result["mirex"] = mirex_key_score(outputs.argmax(1).numpy(), labels.numpy())
         return result
     if task == "multilabel":
-        probabilities, tags = torch.sigmoid(outputs).numpy(), labels.numpy()
-        aucs = [roc_auc(probabilities[:, c], tags[:, c]) for c in range(tags.shape[1])]
-        aps = [average_precision(probabilities[:, c], tags[:, c]) for c in range(tags.shape[1])]
+        # Rank the logits themselves: float32 sigmoids of logits above ~17 all round to 1.0
+        # and would tie (the ranking, hence ROC-AUC and PR-AUC, is the same otherwise).
+        scores, tags = outputs.double().numpy(), labels.numpy()
+        aucs = [roc_auc(scores[:, c], tags[:, c]) for c in range(tags.shape[1])]
+        aps = [average_precision(scores[:, c], tags[:, c]) for c in range(tags.shape[1])]
         return {"roc_auc": float(np.nanmean(aucs)), "pr_auc": float(np.nanmean(aps))}
     per_output = r2_score(outputs.numpy(), labels.numpy())
     return {"r2": float(per_output.mean()), "r2_per_output": per_output.tolist()}
@@ -300,38 +352,47 @@ def load_encoder(checkpoint, args, device):
     """The model and its settings (from the checkpoint, or the flags for 'random').
 
     Returns (model, settings) with model a models.ContrastiveModel in eval mode and
-    settings holding encoder, width, sample_rate, clip_samples and a cache key (the
-    checkpoint file's SHA-1; for 'random', the flags and seed that build it).
+    settings holding encoder, width, sample_rate, clip_samples, hidden_dim, projection_dim,
+    a cache key (the checkpoint file's SHA-256; for 'random', the flags and seed that
+    build it) and what results record: file (the checkpoint file read, None for
+    'random'), step (training steps, 0 for 'random') and sha256 (its first 12 hex digits).
     """
     if checkpoint == "random":
         settings = {"encoder": args.encoder, "width": args.width, "sample_rate": args.sample_rate,
                     "clip_samples": int(round(args.clip_seconds * args.sample_rate)),
-                    "hidden_dim": 512, "projection_dim": 128}
-        key = "random-" + hashlib.sha1(f"{sorted(settings.items())}-{args.seed}".encode()).hexdigest()
-        state = None
+                    "hidden_dim": args.hidden_dim, "projection_dim": args.projection_dim}
+        key = "random-" + hashlib.sha256(f"{sorted(settings.items())}-{args.seed}".encode()).hexdigest()
+        state, path = None, None
     else:
-        path = checkpoint
-        if os.path.isdir(path):
-            found = utils.list_checkpoints(path)
-            if not found:
-                raise SystemExit(f"{path}: no checkpoint-*.pt in this folder")
-            path = found[-1]
-        state = utils.load_checkpoint(path)
+        # A folder gives its newest checkpoint that loads; a broken file is one line naming it.
+        path, state = utils.find_checkpoint(checkpoint)
+        if state is None:
+            raise utils.UserError(f"{checkpoint}: no loadable checkpoint-*.pt in this folder; give a checkpoint "
+                                  f"file, a run folder of train.py, or 'random'")
         saved = state["args"]
         settings = {k: saved[k] for k in ("encoder", "width", "sample_rate", "clip_samples",
                                           "hidden_dim", "projection_dim")}
-        with open(path, "rb") as f:
-            key = hashlib.sha1(f.read()).hexdigest()
+        key = file_digest(path)
     # A private RNG stream: building the random encoder leaves the caller's seed state alone.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed if args is not None else 0)
+        torch.manual_seed(args.seed)
         encoder = models.build_encoder(settings["encoder"], settings["clip_samples"], settings["sample_rate"],
                                        settings["width"])
         model = models.ContrastiveModel(encoder, settings["hidden_dim"], settings["projection_dim"])
     if state is not None:
-        model.load_state_dict(state["model"])
-    settings["key"] = key
+        utils.load_weights(model, state["model"], path)
+    settings.update(key=key, file=path, step=0 if state is None else int(state["step"]),
+                    sha256=None if state is None else key[:12])
     return model.to(device).eval(), settings
+
+
+def file_digest(path):
+    """SHA-256 of a file's bytes, as 64 hex digits (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def embed(model, audio, layer):
@@ -386,8 +447,127 @@ def embed_files(model, paths, settings, layer, device, max_clips, corruption=Non
     if pending:
         flush()
     if not chunks:
-        raise SystemExit(f"none of the {len(paths)} files could be read, e.g. {failed[0] if failed else ''}")
+        raise utils.UserError(f"none of the {len(paths)} files could be read, e.g. {failed[0] if failed else ''}; "
+                              f"check them with `python train.py --check-data`")
     return torch.cat(chunks).numpy(), np.array(owners), failed
+
+
+def export_embeddings(args, device):
+    """--export-embeddings: frozen embeddings of every file of --csv, written for one's own use.
+
+    Writes OUT.npy (float32 `[rows, E]`) and OUT.csv, whose row i describes row i: path
+    (relative to OUT.csv's folder, so OUT.csv reads as a manifest), clip (its index among
+    the file's consecutive clips), start_seconds, then the manifest's own columns; with
+    --per-track one row per file (the mean of its clips; columns path, clips, ...). The
+    clips and values are those of embed_files (the probe's). Files are embedded in parts
+    of --export-part-files, each saved in OUT.parts/ as it finishes, so a rerun with the
+    same inputs skips finished parts; the parts are removed once OUT is complete.
+    Returns {"npy", "csv", "rows", "dim", "skipped"}.
+    """
+    if len(args.checkpoint) != 1:
+        raise utils.UserError(f"--export-embeddings takes one --checkpoint, got {len(args.checkpoint)}")
+    if args.export_part_files < 1:
+        raise utils.UserError(f"--export-part-files {args.export_part_files}: must be at least 1")
+    csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
+        datasets.make_synthetic_set(args.synthetic_dir)
+    manifest = datasets.read_manifest(csv)
+    model, settings = load_encoder(args.checkpoint[0], args, device)
+    out = args.export_embeddings[:-4] if args.export_embeddings.endswith((".npy", ".csv")) else args.export_embeddings
+    out_folder = os.path.dirname(os.path.abspath(out))
+    parts = out + ".parts"
+    paths = list(manifest["path"])
+    job = {"checkpoint": settings["key"], "layer": args.layer, "max_clips": args.max_clips,
+           "per_track": args.per_track, "part_files": args.export_part_files,
+           "files": hashlib.sha256(json.dumps(paths).encode()).hexdigest()}
+    job_file = os.path.join(parts, "job.json")
+    if os.path.isfile(job_file):
+        with open(job_file) as f:
+            if json.load(f) != job:
+                print(f"export: {parts} holds parts of other inputs (checkpoint, files or flags); starting over")
+                for name in os.listdir(parts):
+                    os.remove(os.path.join(parts, name))
+    os.makedirs(parts, exist_ok=True)
+    with open(job_file, "w") as f:
+        json.dump(job, f)
+    extra = [c for c in manifest.columns if c not in ("path", "source", "source_row")]
+    clip_seconds = settings["clip_samples"] / settings["sample_rate"]
+    starts = range(0, len(paths), args.export_part_files)
+    done = [k for k in range(len(starts)) if os.path.isfile(os.path.join(parts, f"part-{k:05d}.csv"))]
+    if done:
+        print(f"export: {len(done)} of {len(starts)} parts already in {parts}; continuing")
+    skipped = []
+    with tqdm(total=len(paths), initial=min(len(paths), len(done) * args.export_part_files), desc="embed",
+              unit="file") as bar:
+        for k, start in enumerate(starts):
+            part = os.path.join(parts, f"part-{k:05d}")
+            if k in done:
+                continue
+            rows = list(range(start, min(start + args.export_part_files, len(paths))))
+            chunks, records, pending, pending_records = [], [], [], []
+            for row in rows:
+                try:
+                    clips = datasets.read_clips(paths[row], settings["clip_samples"], settings["sample_rate"])
+                except datasets.AudioError as error:
+                    skipped.append(str(error))
+                    bar.update(1)
+                    continue
+                kept = torch.arange(len(clips))
+                if args.max_clips is not None and len(clips) > args.max_clips:
+                    # The same evenly spread clips as datasets.read_clips(..., max_clips).
+                    kept = torch.linspace(0, len(clips) - 1, args.max_clips).round().long()
+                pending.append(clips[kept])  # [K, T]
+                pending_records.extend((row, int(c)) for c in kept)
+                if sum(len(p) for p in pending) >= args.batch_size or row == rows[-1]:
+                    with torch.no_grad():
+                        chunks.append(embed(model, torch.cat(pending).to(device), args.layer).float().cpu())
+                    records.extend(pending_records)
+                    pending, pending_records = [], []
+                bar.update(1)
+            if pending:
+                with torch.no_grad():
+                    chunks.append(embed(model, torch.cat(pending).to(device), args.layer).float().cpu())
+                records.extend(pending_records)
+            x = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)  # [rows, E]
+            table = pd.DataFrame(records, columns=["row", "clip"])
+            if args.per_track and len(table):
+                owners = table["row"].to_numpy()
+                tracks = np.unique(owners)
+                x = track_embeddings(x, owners, tracks).numpy()  # [tracks, E]
+                table = pd.DataFrame({"row": tracks, "clips": np.bincount(owners)[tracks]})
+            else:
+                table["start_seconds"] = (table["clip"] * clip_seconds).round(6)
+            np.save(part + ".tmp.npy", x.astype(np.float32))
+            os.replace(part + ".tmp.npy", part + ".npy")
+            table.to_csv(part + ".tmp.csv", index=False)
+            os.replace(part + ".tmp.csv", part + ".csv")
+    arrays = [np.load(os.path.join(parts, f"part-{k:05d}.npy")) for k in range(len(starts))]
+    tables = [pd.read_csv(os.path.join(parts, f"part-{k:05d}.csv")) for k in range(len(starts))]
+    arrays = [a for a in arrays if a.size]
+    if not arrays:
+        raise utils.UserError(f"none of the {len(paths)} files of {csv} could be read, e.g. "
+                              f"{skipped[0] if skipped else ''}")
+    x = np.concatenate(arrays).astype(np.float32)  # [rows, E]
+    table = pd.concat(tables, ignore_index=True)
+    owners = table.pop("row").to_numpy()
+    table.insert(0, "path", [os.path.relpath(paths[r], out_folder).replace(os.sep, "/") for r in owners])
+    for column in extra:
+        table[column] = manifest[column].to_numpy()[owners]
+    os.makedirs(out_folder, exist_ok=True)
+    np.save(out + ".tmp.npy", x)
+    os.replace(out + ".tmp.npy", out + ".npy")
+    table.to_csv(out + ".tmp.csv", index=False)
+    os.replace(out + ".tmp.csv", out + ".csv")
+    for name in os.listdir(parts):
+        os.remove(os.path.join(parts, name))
+    os.rmdir(parts)
+    unit = "track" if args.per_track else "clip"
+    step = f", step {settings['step']}" if "step" in settings else ""
+    print(f"embeddings: {x.shape[0]} {unit}s x {x.shape[1]} ({args.layer}, {args.checkpoint[0]}{step}) -> {out}.npy, "
+          f"row i described by row i of {out}.csv; {len(skipped)} unreadable file(s) skipped")
+    for message in skipped[:10]:
+        print(f"  skipped: {message}")
+    return {"npy": out + ".npy", "csv": out + ".csv", "rows": int(x.shape[0]), "dim": int(x.shape[1]),
+            "skipped": skipped}
 
 
 def corruption_name(corruption):
@@ -398,7 +578,7 @@ def corruption_name(corruption):
 def cached_embeddings(model, paths, settings, args, device, corruption=None):
     """embed_files over `paths`, cached in --cache-dir as DIGEST.npy plus a DIGEST.json index.
 
-    The digest covers the checkpoint's SHA-1 (settings["key"]), the files and their
+    The digest covers the checkpoint's SHA-256 (settings["key"]), the files and their
     modification times, the layer, the clip settings and the corruption, so embeddings of
     another checkpoint (even one saved under the same file name) are never reused: a new
     checkpoint gets its own entry, and the message says so. The index records these
@@ -423,11 +603,8 @@ def cached_embeddings(model, paths, settings, args, device, corruption=None):
             owners = np.repeat(np.arange(len(paths)), saved["clips"])
             return np.load(base + ".npy"), owners, saved["failed"]
         print(f"embedding cache: {base}.json was written for other inputs; rebuilding it")
-    others = other_checkpoint_entries(args.cache_dir, index)
-    note = (f"; {others} entr{'y' if others == 1 else 'ies'} of other checkpoints for these files left alone"
-            if others else "")
     print(f"embedding cache: extracting {len(paths)} files with checkpoint {settings['key'][:12]} "
-          f"({corruption_name(corruption)}) into {base}.npy{note}")
+          f"({corruption_name(corruption)}) into {base}.npy")
     embeddings, owners, failed = embed_files(model, paths, settings, args.layer, device, args.max_clips, corruption)
     os.makedirs(args.cache_dir, exist_ok=True)
     index["clips"] = np.bincount(owners, minlength=len(paths)).tolist()
@@ -440,28 +617,75 @@ def cached_embeddings(model, paths, settings, args, device, corruption=None):
     return embeddings, owners, failed
 
 
-def other_checkpoint_entries(folder, index):
-    """Count cache entries for the same files and settings made with another checkpoint."""
-    if not os.path.isdir(folder):
-        return 0
-    count = 0
-    for name in os.listdir(folder):
-        if not name.endswith(".json") or name.endswith(".tmp.json"):
-            continue
-        with open(os.path.join(folder, name)) as f:
-            saved = json.load(f)
-        same_inputs = all(saved.get(k) == v for k, v in index.items() if k != "checkpoint")
-        count += same_inputs and saved.get("checkpoint") != index["checkpoint"]
-    return count
+
 
 
 def track_embeddings(embeddings, owners, tracks):
-    """Track-level embeddings: the mean of each track's clip embeddings -> `[len(tracks), E]`."""
-    index = torch.as_tensor(np.searchsorted(tracks, owners))
+    """Track-level embeddings: the mean of each track's clip embeddings -> `[len(tracks), E]`.
+
+    embeddings `[M, E]` (on any device; the result stays there), owners `[M]` track
+    indices, tracks: the sorted distinct owners.
+    """
     x = torch.as_tensor(embeddings, dtype=torch.float32)
-    summed = torch.zeros(len(tracks), x.shape[1]).index_add_(0, index, x)
-    counts = torch.zeros(len(tracks)).index_add_(0, index, torch.ones(len(owners)))
+    index = torch.as_tensor(np.searchsorted(tracks, owners), device=x.device)
+    summed = torch.zeros(len(tracks), x.shape[1], device=x.device).index_add_(0, index, x)
+    counts = torch.zeros(len(tracks), device=x.device).index_add_(0, index, torch.ones(len(owners), device=x.device))
     return summed / counts[:, None]
+
+
+@dataclasses.dataclass
+class ClipSet:
+    """Clip embeddings of some tracks: x `[M, E]` float32, owners `[M]` their track indices."""
+    x: torch.Tensor
+    owners: np.ndarray
+
+    @property
+    def tracks(self):
+        """The distinct track indices, sorted `[n]`."""
+        return np.unique(self.owners)
+
+    def subset(self, rows):
+        """The clips at `rows` (indices `[m]` or a boolean mask `[M]`)."""
+        return ClipSet(self.x[torch.as_tensor(rows)], self.owners[rows])
+
+    def one_per_track(self, rng):
+        """Row indices `[n]` of one clip per track, each drawn uniformly among the track's clips."""
+        order = np.argsort(self.owners, kind="stable")
+        _, first, counts = np.unique(self.owners[order], return_index=True, return_counts=True)
+        return order[first + (rng.random(len(counts)) * counts).astype(np.int64)]
+
+
+@dataclasses.dataclass
+class ProbeData:
+    """One probe's labeled tracks, their settings and frozen clip embeddings.
+
+    name, csv, task, column (datasets.LabelColumn), head ("linear" or "mlp") and patience as
+    the probe list gives them; rows: the labeled manifest rows `[N]`, with paths and split `[N]`;
+    labels `[N]` class indices or `[N, C]` float targets; out_dim: classes or outputs C;
+    clips: every readable track's clips; mean, std `[E]`: train-clip statistics the head
+    standardizes with; manifest_digest: the manifest file's SHA-256 (12 hex digits);
+    failed: messages of files that could not be read.
+    """
+    name: str
+    csv: str
+    task: str
+    column: datasets.LabelColumn
+    head: str
+    patience: int
+    rows: pd.DataFrame
+    paths: list
+    split: np.ndarray
+    labels: torch.Tensor
+    out_dim: int
+    clips: ClipSet
+    mean: torch.Tensor
+    std: torch.Tensor
+    manifest_digest: str
+    failed: list
+
+    def split_clips(self, name):
+        """The clips of the split called `name` (train, val or test)."""
+        return self.clips.subset(self.split[self.clips.owners] == name)
 
 
 # ---------------------------------------------------------------- heads and prototypes
@@ -478,11 +702,19 @@ class Standardize(torch.nn.Module):
         return (x - self.mean) / self.std
 
 
-def make_head(kind, in_dim, out_dim):
-    """Linear head, or the paper's MLP: in_dim -> 512 (ReLU) -> out_dim."""
+def make_head(kind, in_dim, out_dim, hidden):
+    """Linear head, or the paper's MLP: in_dim -> hidden (ReLU) -> out_dim."""
     if kind == "linear":
         return torch.nn.Linear(in_dim, out_dim)
-    return torch.nn.Sequential(torch.nn.Linear(in_dim, 512), torch.nn.ReLU(), torch.nn.Linear(512, out_dim))
+    return torch.nn.Sequential(torch.nn.Linear(in_dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, out_dim))
+
+
+def new_head(args, data, seed, device):
+    """A fresh head for `data` (its head kind, standardizing with its train statistics), seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = make_head(data.head, len(data.mean), data.out_dim, args.head_hidden)
+        return torch.nn.Sequential(Standardize(data.mean, data.std), head).to(device)
 
 
 def head_loss(task, outputs, labels):
@@ -495,45 +727,104 @@ def head_loss(task, outputs, labels):
 
 
 @torch.no_grad()
-def track_outputs(predictor, x, owners, tracks):
-    """Predictor outputs of clips `[m, E]`, averaged per track -> `[len(tracks), C]` (METHOD.md)."""
-    return track_embeddings(predictor(torch.as_tensor(x)).cpu(), owners, tracks)
+def track_outputs(predictor, clips, aggregate, device=None):
+    """Track-level outputs `[len(clips.tracks), C]` on the CPU, one row per track of `clips`.
 
-
-def fit_head(args, task, train_set, val_set, out_dim, seed, mean, std, device):
-    """Train a head on frozen clip embeddings, Adam with early stopping on val.
-
-    train_set: (x `[M, E]` raw embeddings, y `[M, ...]`) clip-level; val_set: (x,
-    owners, tracks, y_tracks). The head standardizes its input with mean, std `[E]`.
-    Training runs on `device` (the embeddings are moved there once).
-    Returns (best head on CPU, best val main metric, epochs run).
+    aggregate "embeddings": the predictor applied to each track's mean clip embedding (the
+    authors' protocol); "outputs": the predictor's clip outputs averaged per track.
     """
-    x, y = train_set[0].to(device), train_set[1].to(device)
-    val_x = val_set[0].to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = torch.nn.Sequential(Standardize(mean, std), make_head(args.head, x.shape[1], out_dim)).to(device)
-    order = torch.Generator().manual_seed(seed)
+    x = clips.x.to(device) if device is not None else clips.x
+    if aggregate == "embeddings":
+        return predictor(track_embeddings(x, clips.owners, clips.tracks)).float().cpu()
+    return track_embeddings(predictor(x).float(), clips.owners, clips.tracks).cpu()
+
+
+@torch.no_grad()
+def val_scores(predictor, data, val, val_crops, aggregate, device=None):
+    """What early stopping reads: {"loss": clip-level loss on val_crops, main metric: on val tracks}.
+
+    val: every val clip (the track-level metric, aggregated as `aggregate`); val_crops: the
+    clips the loss is taken on, or None for the metric alone (prototype scores are not
+    logits, so they have no loss).
+    """
+    metric = MAIN_METRIC[data.task]
+    scores = {metric: metrics(data.task, track_outputs(predictor, val, aggregate, device), data.labels[val.tracks],
+                              data.column)[metric]}
+    if val_crops is not None:
+        x = val_crops.x.to(device) if device is not None else val_crops.x
+        labels = data.labels[val_crops.owners]
+        scores["loss"] = float(head_loss(data.task, predictor(x).float(), labels.to(x.device)))
+    return scores
+
+
+class EarlyStopping:
+    """Keeps the best epoch's scores and state; says when to stop.
+
+    monitor: "loss" (lower is better) or a metric name (higher is better). A non-finite
+    value never counts as an improvement, except on the first epoch.
+    """
+
+    def __init__(self, patience, monitor):
+        self.patience, self.monitor = patience, monitor
+        self.best, self.best_state, self.best_epoch, self.waited = None, None, 0, 0
+
+    def update(self, epoch, scores, state):
+        """Record one epoch's val `scores` (a dict holding the monitored key); `state()` makes
+        a copy of what to keep if this epoch is the best so far. Returns True to stop."""
+        value, best = scores[self.monitor], None if self.best is None else self.best[self.monitor]
+        improved = best is None or (value < best if self.monitor == "loss" else value > best)
+        if improved:
+            self.best, self.best_state, self.best_epoch, self.waited = dict(scores), state(), epoch, 0
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+
+def monitor_name(args, task):
+    """The val score early stopping watches: "loss", or the task's main metric."""
+    return "loss" if args.early_stop == "loss" else MAIN_METRIC[task]
+
+
+def val_crop_rows(args, val, seed):
+    """The val clips the loss is taken on: one per track drawn once with `seed`
+    (--train-clips random), or every clip (all). Row indices into `val`."""
+    if args.train_clips == "all":
+        return np.arange(len(val.owners))
+    return val.one_per_track(np.random.default_rng([seed, 2]))
+
+
+def fit_head(args, data, chosen, seed, device):
+    """Train data.head on frozen embeddings of the `chosen` train tracks; Adam, early stopping on val.
+
+    --train-clips random (the authors'): each epoch one clip per chosen track, drawn anew
+    among its cached clips; all: every cached clip. The monitored val score (--early-stop)
+    is checked after every epoch; the head of the best epoch is kept. Training runs on
+    `device` (the embeddings are moved there once).
+    Returns (head on CPU in eval mode, val scores of the best epoch, epochs run).
+    """
+    train = data.clips.subset(np.isin(data.clips.owners, chosen))
+    val = data.split_clips("val")
+    val_crops = val.subset(val_crop_rows(args, val, seed))
+    x, labels = train.x.to(device), data.labels[train.owners].to(device)  # [M, E], [M] or [M, C]
+    head = new_head(args, data, seed, device)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    best, best_state, waited, epoch = -float("inf"), None, 0, 0
+    rng, order = np.random.default_rng([seed, 1]), torch.Generator().manual_seed(seed)
+    stopper = EarlyStopping(data.patience, monitor_name(args, data.task))
     for epoch in range(1, args.max_epochs + 1):
+        rows = torch.as_tensor(train.one_per_track(rng) if args.train_clips == "random" else np.arange(len(x)))
         head.train()
-        for batch in torch.randperm(len(x), generator=order).split(args.batch_size):
+        for batch in rows[torch.randperm(len(rows), generator=order)].split(args.batch_size):
             batch = batch.to(device)
-            loss = head_loss(task, head(x[batch]), y[batch])
+            loss = head_loss(data.task, head(x[batch]), labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         head.eval()
-        score = metrics(task, track_outputs(head, val_x, *val_set[1:3]), val_set[3])[MAIN_METRIC[task]]
-        if best_state is None or score > best:
-            best, best_state, waited = score, copy.deepcopy(head.state_dict()), 0
-        else:
-            waited += 1
-            if waited >= args.patience:
-                break
-    head.load_state_dict(best_state)
-    return head.cpu().eval(), best, epoch
+        scores = val_scores(head, data, val, val_crops, args.aggregate, device)
+        if stopper.update(epoch, scores, lambda: copy.deepcopy(head.state_dict())):
+            break
+    head.load_state_dict(stopper.best_state)
+    return head.cpu().eval(), stopper.best, epoch
 
 
 def collate_crops(items):
@@ -542,32 +833,35 @@ def collate_crops(items):
     return audio, torch.tensor([item["clip"] for item in items]), sum(item["failed"] for item in items)
 
 
-def finetune(args, model, settings, task, paths, y_tracks, train_tracks, val_tracks, out_dim, seed, mean, std,
-             device):
+def finetune(args, model, settings, data, chosen, seed, device):
     """Fine-tune the model's encoder together with a new head, Adam with early stopping on val.
 
-    Every epoch reads one random crop (datasets.read_source_crops) of each train track in
-    `train_tracks` (indices into paths and y_tracks `[N, ...]`); the encoder runs in train
-    mode (batch-norm statistics update). Val: the track-level main metric over all
-    consecutive clips of `val_tracks`, re-embedded each epoch. The encoder learns at
-    --finetune-lr, the head at --lr; with --layer projection the projection head is
-    trained too. On return, model holds the weights of the best val epoch.
-    Returns (best head on CPU, best val main metric, epochs run, unreadable crops replaced).
+    Every epoch reads one random crop (datasets.read_source_crops) of each `chosen` train
+    track from the audio; the encoder runs in train mode (batch-norm statistics update).
+    Val: every val track's consecutive clips, re-embedded each epoch, scored as in
+    fit_head (loss on one fixed clip per track, or on all with --train-clips all; the
+    track metric). The encoder learns at --finetune-lr, the head at --lr; with --layer
+    projection the projection head is trained too. A progress bar shows the epochs, the
+    last train loss and the val scores. On return, model holds the best epoch's weights.
+    Returns (head on CPU, val scores of the best epoch, epochs run, unreadable crops replaced).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = torch.nn.Sequential(Standardize(mean, std), make_head(args.head, len(mean), out_dim)).to(device)
+    head = new_head(args, data, seed, device)
     tuned = [model.encoder] + ([model.head] if args.layer == "projection" else [])
     optimizer = torch.optim.Adam([{"params": head.parameters(), "lr": args.lr},
                                   {"params": [p for m in tuned for p in m.parameters()], "lr": args.finetune_lr}],
                                  weight_decay=args.weight_decay)
-    dataset = datasets.ClipDataset(paths, [], {0: np.asarray(train_tracks)}, 1, settings["clip_samples"],
+    dataset = datasets.ClipDataset(data.paths, [], {0: np.asarray(chosen)}, 1, settings["clip_samples"],
                                    settings["sample_rate"])
     rng = np.random.default_rng(seed)
-    val_paths = [paths[t] for t in val_tracks]
-    best, best_state, waited, epoch, replaced = -float("inf"), None, 0, 0, 0
-    for epoch in range(1, args.max_epochs + 1):
-        order = rng.permutation(train_tracks)
+    val_tracks = np.flatnonzero(data.split == "val")
+    val_paths = [data.paths[t] for t in val_tracks]
+    stopper = EarlyStopping(data.patience, monitor_name(args, data.task))
+    predictor = lambda x: head(x.to(device))  # noqa: E731 (val clips stay on the CPU)
+    progress = tqdm(range(1, args.max_epochs + 1), desc=f"fine-tune {data.name} seed {seed}", unit="epoch",
+                    dynamic_ncols=True)
+    replaced, val_rows, epoch, train_loss = 0, None, 0, float("nan")
+    for epoch in progress:
+        order = rng.permutation(chosen)
         crop_seeds = rng.integers(0, 2**62, size=len(order))
         draws = [(int(t), int(s), 0, True) for t, s in zip(order, crop_seeds)]
         # Batch norm needs two clips to train on, so a final batch of one is left out.
@@ -579,27 +873,25 @@ def finetune(args, model, settings, task, paths, y_tracks, train_tracks, val_tra
         head.train()
         for audio, rows, failed in loader:
             replaced += failed
-            loss = head_loss(task, head(embed(model, audio.to(device), args.layer)), y_tracks[rows].to(device))
+            loss = head_loss(data.task, head(embed(model, audio.to(device), args.layer)), data.labels[rows].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            train_loss = loss.item()
         model.eval()
         head.eval()
         embeddings, owners, _ = embed_files(model, val_paths, settings, args.layer, device, args.max_clips)
-        owners = np.asarray(val_tracks)[owners]
-        tracks = np.unique(owners)
-        outputs = track_outputs(lambda x: head(x.to(device)), embeddings, owners, tracks)
-        score = metrics(task, outputs, y_tracks[tracks])[MAIN_METRIC[task]]
-        if best_state is None or score > best:
-            best, waited = score, 0
-            best_state = (copy.deepcopy(head.state_dict()), copy.deepcopy(model.state_dict()))
-        else:
-            waited += 1
-            if waited >= args.patience:
-                break
-    head.load_state_dict(best_state[0])
-    model.load_state_dict(best_state[1])
-    return head.cpu().eval(), best, epoch, replaced
+        val = ClipSet(torch.from_numpy(embeddings), val_tracks[owners])
+        val_rows = val_crop_rows(args, val, seed) if val_rows is None else val_rows
+        scores = val_scores(predictor, data, val, val.subset(val_rows), args.aggregate)
+        progress.set_postfix({"train loss": f"{train_loss:.3f}", **{f"val {k}": f"{v:.3f}" for k, v in scores.items()}})
+        if stopper.update(epoch, scores, lambda: (copy.deepcopy(head.state_dict()),
+                                                 copy.deepcopy(model.state_dict()))):
+            break
+    progress.close()
+    head.load_state_dict(stopper.best_state[0])
+    model.load_state_dict(stopper.best_state[1])
+    return head.cpu().eval(), stopper.best, epoch, replaced
 
 
 def class_prototypes(x, y, task, num_classes):
@@ -681,35 +973,71 @@ def label_subset(tracks, labels, task, fraction, seed):
 
 # ---------------------------------------------------------------- plots
 
-def confusion_image(counts, cell=None):
-    """Confusion-matrix heatmap `[3, H, W]` in [0, 1] (CHW, for SummaryWriter.add_image).
+def confusion_figure(counts, class_names, title):
+    """A confusion matrix as a matplotlib Figure: true class down, predicted class across.
 
-    counts: `[C, C]` (row = true, column = predicted). Each row is divided by its total,
-    then shaded from white (0) to dark blue (1); each class pair is a square of `cell`
-    pixels (default: 512 // C, kept between 4 and 32).
+    counts `[C, C]` (row = true, column = predicted); each cell is shaded by its share of
+    the row (white 0 to dark blue 1, colour bar at the side) and shows its count (every
+    cell up to 15 classes, the non-zero ones beyond). class_names label both axes.
     """
-    counts = torch.as_tensor(counts, dtype=torch.float32)
-    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)  # [C, C]
-    cell = cell or max(4, min(32, 512 // len(counts)))
-    white, blue = torch.ones(3), torch.tensor([0.03, 0.19, 0.42])
-    image = white[:, None, None] + (blue - white)[:, None, None] * rates[None]  # [3, C, C]
-    return image.repeat_interleave(cell, 1).repeat_interleave(cell, 2)  # [3, C * cell, C * cell]
+    counts = np.asarray(counts)
+    n = len(counts)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # [C, C]
+    side = min(24.0, max(4.5, 0.32 * n + 2.5))  # inches: room for the names as classes grow
+    figure, axes = plt.subplots(figsize=(side + 1.2, side), dpi=120)
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    axes.set_xticks(range(n), labels=class_names, rotation=90 if n > 5 else 45, ha="center" if n > 5 else "right",
+                    rotation_mode="anchor" if n <= 5 else "default")
+    axes.set_yticks(range(n), labels=class_names)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title)
+    font = max(4.0, min(10.0, 160 / n))
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j] or n <= 15:
+                axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=font,
+                          color="white" if rates[i, j] > 0.5 else "black")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class's test tracks")
+    figure.tight_layout()
+    return figure
 
 
-def write_plots(folder, embeddings, metadata, header, counts=None, class_names=None):
-    """Write one run's test set to TensorBoard in `folder`.
+def curve_figure(lines, xlabel, ylabel, title, log_x=False):
+    """Metric curves as a Figure: lines {label: (x `[n]`, mean `[n]`, std `[n]`)}, one line each,
+    with ± std error bars and a shaded band where std is non-zero."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for label, (x, mean, std) in lines.items():
+        x, mean, std = (np.asarray(v, dtype=np.float64) for v in (x, mean, std))
+        axes.errorbar(x, mean, yerr=std if std.any() else None, marker="o", capsize=3, label=label)
+        if std.any():
+            axes.fill_between(x, mean - std, mean + std, alpha=0.15)
+    if log_x:
+        axes.set_xscale("log")
+        ticks = sorted({float(v) for x, _, _ in lines.values() for v in x})
+        axes.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
+        axes.minorticks_off()
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
 
-    embeddings: `[N, E]` track-level test embeddings; metadata: N rows of label text
-    (lists when header names several columns); counts: optional `[C, C]` confusion matrix,
-    written as the image 'confusion_matrix' and as confusion_matrix.csv (class names
-    as header and index). Open with `tensorboard --logdir FOLDER` (Projector and Images tabs).
-    """
+
+def save_figure(figure, path, writer, tag):
+    """Write `figure` as a PNG at `path` and as image `tag` to a TensorBoard writer, then close it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path)
+    writer.add_figure(tag, figure, close=True)
+
+
+def write_projector(folder, embeddings, metadata, header):
+    """Test embeddings `[N, E]` for TensorBoard's projector in `folder`, one metadata row
+    (a list of header's columns) per embedding. Open with `tensorboard --logdir FOLDER`."""
     writer = SummaryWriter(log_dir=folder)
     writer.add_embedding(torch.as_tensor(embeddings), metadata=metadata, metadata_header=header, tag="test")
-    if counts is not None:
-        writer.add_image("confusion_matrix", confusion_image(counts), dataformats="CHW")
-        pd.DataFrame(counts, index=class_names, columns=class_names).to_csv(
-            os.path.join(folder, "confusion_matrix.csv"), index_label="true \\ predicted")
     writer.close()
 
 
@@ -718,40 +1046,89 @@ def safe_name(text):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "probe"
 
 
+def checkpoint_label(result):
+    """How figures name a result's checkpoint: as typed, with its step when it has one."""
+    step = result.get("checkpoint_step")
+    return result["checkpoint"] if not result.get("checkpoint_file") else f"{result['checkpoint']} (step {step})"
+
+
+def plot_curves(args, results):
+    """--plot after every probe: per probe, the few-label curve (with several label fractions)
+    and the robustness curve (with --severity-sweep; one per label fraction), one line per
+    checkpoint, as PNGs in --plot-dir and in its TensorBoard log. Returns the PNG paths."""
+    written = []
+    writer = SummaryWriter(log_dir=args.plot_dir)
+    for probe in dict.fromkeys(r["probe"] for r in results):
+        mine = [r for r in results if r["probe"] == probe]
+        metric = MAIN_METRIC[mine[0]["task"]]
+        seeds = len(mine[0]["seeds"])
+        spread = f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""
+        if len({r["label_fraction"] for r in mine}) > 1:
+            lines = {}
+            for checkpoint in dict.fromkeys(r["checkpoint"] for r in mine):
+                ordered = sorted((r for r in mine if r["checkpoint"] == checkpoint), key=lambda r: r["label_fraction"])
+                lines[checkpoint_label(ordered[0])] = ([r["label_fraction"] for r in ordered],
+                                                       [r["test"][metric] for r in ordered],
+                                                       [r["test_std"][metric] for r in ordered])
+            path = os.path.join(args.plot_dir, f"few-labels__{safe_name(probe)}.png")
+            save_figure(curve_figure(lines, "share of labeled train tracks", f"test {metric}",
+                                     f"{probe}: test {metric} against label fraction{spread}", log_x=True),
+                        path, writer, f"few-labels/{probe}")
+            written.append(path)
+        for fraction in dict.fromkeys(r["label_fraction"] for r in mine if "sweep" in r):
+            swept = [r for r in mine if "sweep" in r and r["label_fraction"] == fraction]
+            names = ",".join(swept[0]["corrupt"]["names"])
+            lines = {checkpoint_label(r): ([float(s) for s in r["sweep"]], [m[metric] for m in r["sweep"].values()],
+                                           [d[metric] for d in r["sweep_std"].values()]) for r in swept}
+            suffix = "" if fraction == 1 else f"@{fraction:g}"
+            path = os.path.join(args.plot_dir, f"robustness__{safe_name(probe + suffix)}.png")
+            save_figure(curve_figure(lines, f"severity s of the test corruption ({names})", f"test {metric}",
+                                     f"{probe}{' ' + suffix if suffix else ''}: robustness{spread}"),
+                        path, writer, f"robustness/{probe}{suffix}")
+            written.append(path)
+    writer.close()
+    return written
+
+
 # ---------------------------------------------------------------- one probe
 
 def probe_list(args):
-    """The probes to run: dicts with csv, label_column, task, label_kind, name and patience.
+    """The probes to run: dicts with csv, label_column, task, label_kind, name, head and patience.
 
-    From --tasks, relative csv paths are read from the tasks file's folder and an empty
-    patience cell means --patience; otherwise one probe per --label-column.
+    From --tasks, relative csv paths are read from the tasks file's folder, and an empty
+    head or patience cell (or a missing column) means --head or --patience; otherwise one
+    probe per --label-column, with --head and --patience.
     """
     if args.tasks:
         table = pd.read_csv(args.tasks, dtype=str, keep_default_na=False)
         missing = {"csv", "label_column", "task"} - set(table.columns)
         if missing:
-            raise SystemExit(f"{args.tasks}: missing column(s) {sorted(missing)}")
+            raise utils.UserError(f"{args.tasks}: missing column(s) {sorted(missing)}; a tasks file has the columns "
+                                  f"csv, label_column, task (optional: label_kind, name, head, patience)")
         folder = os.path.dirname(os.path.abspath(args.tasks))
         probes = []
         for row, entry in table.iterrows():
+            where = f"{args.tasks}, line {row + 2}"
             if entry["task"] not in datasets.TASKS:
-                raise SystemExit(f"{args.tasks}, line {row + 2}, column 'task': {entry['task']!r} is not one of "
-                                 f"{datasets.TASKS}")
+                raise utils.UserError(f"{where}, column 'task': {entry['task']!r} is not one of {datasets.TASKS}")
+            head = entry.get("head", "").strip() or args.head
+            if head not in HEADS:
+                raise utils.UserError(f"{where}, column 'head': {head!r} is not one of {HEADS}")
             patience = entry.get("patience", "").strip() or str(args.patience)
             if not patience.isdigit():
-                raise SystemExit(f"{args.tasks}, line {row + 2}, column 'patience': {patience!r} is not a "
-                                 f"whole number of epochs")
+                raise utils.UserError(f"{where}, column 'patience': {patience!r} is not a whole number of epochs")
             csv = entry["csv"] if os.path.isabs(entry["csv"]) else os.path.join(folder, entry["csv"])
             probes.append({"csv": csv, "label_column": entry["label_column"], "task": entry["task"],
-                           "label_kind": entry.get("label_kind", "") or "generic", "patience": int(patience),
+                           "label_kind": entry.get("label_kind", "") or "generic", "head": head,
+                           "patience": int(patience),
                            "name": entry.get("name", "") or f"{os.path.basename(csv)}:{entry['label_column']}"})
         return probes
     columns = args.label_column or ["label"]
     tasks = utils.per_column(args.task or ["multiclass"], len(columns), "task")
     kinds = utils.per_column(args.label_kind or ["generic"], len(columns), "label-kind")
     csv = args.csv or datasets.make_synthetic_set(args.synthetic_dir)
-    return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c, "patience": args.patience}
-            for c, t, k in zip(columns, tasks, kinds)]
+    return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c, "head": args.head,
+             "patience": args.patience} for c, t, k in zip(columns, tasks, kinds)]
 
 
 def read_labels(args, probe):
@@ -759,27 +1136,28 @@ def read_labels(args, probe):
 
     Returns (rows: the labeled rows of the manifest, column: datasets.LabelColumn,
     split `[N]` per row). Raises datasets.ManifestError for labels that do not fit the
-    task (naming file, line and column) and SystemExit for a split without labeled
+    task (naming file, line and column) and utils.UserError for a split without labeled
     rows, test or val classes absent from train, or --prototypes on regression.
     """
     csv, task = probe["csv"], probe["task"]
     if args.prototypes and task == "regression":
-        raise SystemExit(f"{probe['name']}: --prototypes needs class labels (multiclass or multilabel), "
-                         f"not a regression task")
+        raise utils.UserError(f"{probe['name']}: --prototypes needs class labels (multiclass or multilabel), "
+                              f"not a regression task; drop --prototypes for this probe")
     manifest = datasets.read_manifest(csv)
     column = datasets.parse_labels(manifest, probe["label_column"], task, probe["label_kind"])
     labeled = manifest.index[column.labeled].to_numpy()
     split = manifest["split"].to_numpy()[labeled]
     for name in ("train", "val", "test"):
         if not (split == name).any():
-            raise SystemExit(f"{csv}: no labeled {name} rows for column {column.name!r}")
+            raise utils.UserError(f"{csv}: no labeled {name} rows for column {column.name!r}; a probe needs "
+                                  f"labeled train, val and test rows (split column)")
     if task == "multiclass":
         values = column.values[labeled]
         seen = set(values[split == "train"].tolist())
         unseen = sorted({column.classes[c] for c in values} - {column.classes[c] for c in seen})
         if unseen:
-            raise SystemExit(f"{csv}: classes {unseen} of column {column.name!r} appear in val or test "
-                             f"but have no train rows")
+            raise utils.UserError(f"{csv}: classes {unseen} of column {column.name!r} appear in val or test "
+                                  f"but have no train rows; move some of their rows to train")
     column.values, column.labeled = column.values[labeled], column.labeled[labeled]
     return manifest.iloc[labeled].reset_index(drop=True), column, split
 
@@ -796,115 +1174,138 @@ def test_conditions(args):
     return conditions or {"clean": None}
 
 
-def run_probe(args, model, settings, checkpoint, probe, device, initial_state=None):
-    """Evaluate one (checkpoint, probe): one results dict per label fraction.
-
-    Frozen (default) and --prototypes runs share cached embeddings; --finetune starts
-    each run from initial_state (the checkpoint's weights) and re-embeds val and test.
-    Every run is scored on each test condition: clean, or --corrupt at --severity, and
-    each --severity-sweep value.
-    """
-    task = probe["task"]
-    args = argparse.Namespace(**{**vars(args), "patience": probe["patience"]})
+def probe_data(args, model, settings, probe, device):
+    """A probe's ProbeData: its labels and the frozen (cached) clip embeddings of its files."""
     rows, column, split = read_labels(args, probe)
-    paths = list(rows["path"])
-    label_dtype = torch.long if task == "multiclass" else torch.float32
-    y_tracks = torch.as_tensor(column.values, dtype=label_dtype)  # [N] or [N, C]
-    out_dim = len(column.classes) if task != "regression" else len(column.columns)
-    if initial_state is not None:
-        model.load_state_dict(initial_state)
-
-    # ---- frozen embeddings of every labeled file, and the train statistics
-    embeddings, owners, failed = cached_embeddings(model, paths, settings, args, device)
+    task = probe["task"]
+    labels = torch.as_tensor(column.values, dtype=torch.long if task == "multiclass" else torch.float32)
+    embeddings, owners, failed = cached_embeddings(model, list(rows["path"]), settings, args, device)
     for message in failed:
         print(f"skipped: {message}")
-    is_train = split[owners] == "train"
-    mean, std = embeddings[is_train].mean(0), embeddings[is_train].std(0) + 1e-6
-    x_all = torch.from_numpy(embeddings)
+    train = embeddings[split[owners] == "train"]  # [M_train, E]
+    csv = probe["csv"]
+    return ProbeData(name=probe["name"], csv=csv, task=task, column=column, head=probe["head"], patience=probe["patience"],
+                     rows=rows, paths=list(rows["path"]), split=split, labels=labels,
+                     out_dim=len(column.columns) if task == "regression" else len(column.classes),
+                     clips=ClipSet(torch.from_numpy(embeddings), owners), mean=torch.from_numpy(train.mean(0)),
+                     std=torch.from_numpy(train.std(0) + 1e-6),
+                     manifest_digest=file_digest(csv)[:12] if os.path.isfile(csv) else None, failed=failed)
 
-    def clip_set(name):
-        mask = split[owners] == name
-        return x_all[mask], owners[mask], np.unique(owners[mask])
 
-    val_x, val_owners, val_tracks = clip_set("val")
-    val_set = (val_x, val_owners, val_tracks, y_tracks[val_tracks])
-    train_tracks = np.flatnonzero(split == "train")
-    test_rows = np.flatnonzero(split == "test")
+def fit_predictor(args, model, settings, data, chosen, seed, device, initial_state=None):
+    """Fit one predictor on the `chosen` train tracks: a head on frozen embeddings (default),
+    class prototypes (--prototypes), or a head with the encoder (--finetune, starting
+    from initial_state). Returns (predictor: embeddings `[m, E]` -> outputs `[m, C]` on
+    the CPU, val scores of the kept epoch, epochs run, unreadable crops replaced)."""
+    if args.finetune:
+        model.load_state_dict(initial_state)
+        return finetune(args, model, settings, data, chosen, seed, device)
+    if args.prototypes:
+        train = data.clips.subset(np.isin(data.clips.owners, chosen))
+        prototypes = class_prototypes(train.x, data.column.values[train.owners], data.task, data.out_dim)
+        predictor = lambda x: prototype_scores(prototypes, x)  # noqa: E731
+        return predictor, val_scores(predictor, data, data.split_clips("val"), None, args.aggregate), 0, 0
+    head, val, epochs = fit_head(args, data, chosen, seed, device)
+    return head, val, epochs, 0
 
-    corruptions = test_conditions(args)
-    main_condition = next(iter(corruptions))
 
-    def test_embeddings(corruption, cache):
-        if corruption is None and cache:
-            x, test_owners, _ = clip_set("test")
-            return x.numpy(), test_owners
-        test_paths = [paths[t] for t in test_rows]
-        if cache:
-            x, test_owners, _ = cached_embeddings(model, test_paths, settings, args, device, corruption)
-        else:
-            x, test_owners, _ = embed_files(model, test_paths, settings, args.layer, device, args.max_clips,
-                                            corruption)
-        return x, test_rows[test_owners]
+def test_clips(args, model, settings, data, corruption, cache, device):
+    """The test tracks' clip embeddings under one test condition -> ClipSet (owners index data's rows).
 
-    frozen_tests = {} if args.finetune else {k: test_embeddings(c, True) for k, c in corruptions.items()}
+    Clean and cached: taken from data.clips. Otherwise the test files are embedded again,
+    through the cache (frozen encoder) or not (after fine-tuning).
+    """
+    if corruption is None and cache:
+        return data.split_clips("test")
+    test_rows = np.flatnonzero(data.split == "test")
+    test_paths = [data.paths[t] for t in test_rows]
+    if cache:
+        x, owners, _ = cached_embeddings(model, test_paths, settings, args, device, corruption)
+    else:
+        x, owners, _ = embed_files(model, test_paths, settings, args.layer, device, args.max_clips, corruption)
+    return ClipSet(torch.from_numpy(x), test_rows[owners])
 
+
+def score_run(predictor, data, tests, aggregate, main_condition):
+    """Score one predictor on every test condition.
+
+    Returns (test metrics {condition: dict}, confusion matrix `[C, C]` of the main condition
+    (multiclass, else None), (track embeddings, tracks, outputs) of the main condition).
+    """
+    scores, confusion, shown = {}, None, None
+    for condition, clips in tests.items():
+        outputs = track_outputs(predictor, clips, aggregate)  # [tracks, C]
+        labels = data.labels[clips.tracks]
+        scores[condition] = metrics(data.task, outputs, labels, data.column)
+        if condition == main_condition:
+            if data.task == "multiclass":
+                confusion = confusion_matrix(outputs.argmax(1).numpy(), labels.numpy(), data.out_dim)
+            shown = (track_embeddings(clips.x, clips.owners, clips.tracks), clips.tracks, outputs)
+    return scores, confusion, shown
+
+
+def run_probe(args, model, settings, source, probe, device, initial_state=None):
+    """Evaluate one (checkpoint, probe): one results dict per label fraction.
+
+    source: what results record of the checkpoint (checkpoint_record). Frozen (default)
+    and --prototypes runs share cached embeddings; --finetune starts each run from
+    initial_state (the checkpoint's weights) and re-embeds val and test. Every run is
+    scored on each test condition: clean, or --corrupt at --severity, and each
+    --severity-sweep value.
+    """
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    data = probe_data(args, model, settings, probe, device)
+    conditions = test_conditions(args)
+    main_condition = next(iter(conditions))
+    frozen_tests = None if args.finetune else {
+        name: test_clips(args, model, settings, data, corruption, True, device) for name, corruption in conditions.items()}
+    train_tracks = np.flatnonzero(data.split == "train")
     results = []
     for fraction in args.label_fractions:
-        runs, plotted = [], None
+        runs, shown = [], None
         for seed in range(args.seed, args.seed + args.seeds):
-            chosen = label_subset(train_tracks, column.values[train_tracks], task, fraction, seed)
-            replaced = 0
-            if args.finetune:
-                model.load_state_dict(initial_state)
-                predictor, best_val, epochs, replaced = finetune(
-                    args, model, settings, task, paths, y_tracks, chosen, val_tracks, out_dim, seed, mean, std,
-                    device)
-                tests = {k: test_embeddings(c, False) for k, c in corruptions.items()}
-            else:
-                is_chosen = np.isin(owners, chosen)
-                if args.prototypes:
-                    prototypes = class_prototypes(x_all[is_chosen], column.values[owners[is_chosen]], task, out_dim)
-                    predictor, epochs = (lambda x, p=prototypes: prototype_scores(p, x)), 0
-                    best_val = metrics(task, track_outputs(predictor, *val_set[:3]), val_set[3])[MAIN_METRIC[task]]
-                else:
-                    train_set = (x_all[is_chosen], y_tracks[owners[is_chosen]])
-                    predictor, best_val, epochs = fit_head(args, task, train_set, val_set, out_dim, seed, mean, std,
-                                                           device)
-                tests = frozen_tests
-            run = {"seed": seed, "train_tracks": len(chosen), "val": {MAIN_METRIC[task]: best_val}, "epochs": epochs,
-                   "replaced_crops": replaced, "test": {}}
-            for condition, (x, test_owners) in tests.items():
-                tracks = np.unique(test_owners)
-                outputs = track_outputs(predictor, x, test_owners, tracks)  # [tracks, C]
-                run["test"][condition] = metrics(task, outputs, y_tracks[tracks], column)
-                if condition == main_condition and task == "multiclass":
-                    run["confusion_matrix"] = confusion_matrix(outputs.argmax(1).numpy(), y_tracks[tracks].numpy(),
-                                                               out_dim).tolist()
-                if condition == main_condition and plotted is None:
-                    plotted = (track_embeddings(x, test_owners, tracks), tracks, outputs)
+            chosen = label_subset(train_tracks, data.column.values[train_tracks], data.task, fraction, seed)
+            predictor, val, epochs, replaced = fit_predictor(args, model, settings, data, chosen, seed, device,
+                                                             initial_state)
+            tests = frozen_tests or {name: test_clips(args, model, settings, data, corruption, False, device)
+                                     for name, corruption in conditions.items()}
+            test, confusion, run_shown = score_run(predictor, data, tests, args.aggregate, main_condition)
+            run = {"seed": seed, "train_tracks": len(chosen), "val": val, "epochs": epochs,
+                   "replaced_crops": replaced, "test": test}
+            if confusion is not None:
+                run["confusion_matrix"] = confusion.tolist()
+            shown = shown or run_shown
             runs.append(run)
-        results.append(summarize_runs(args, checkpoint, probe, column, split, fraction, runs, main_condition,
-                                      len(failed)))
+        results.append(summarize_runs(args, source, data, fraction, runs, main_condition))
         if args.plot:
-            plot_run(args, results[-1], rows, column, plotted)
+            plot_run(args, results[-1], data, shown)
     return results
 
 
-def summarize_runs(args, checkpoint, probe, column, split, fraction, runs, main_condition, skipped):
+def checkpoint_record(checkpoint, settings):
+    """What each result says of its checkpoint: as typed, the file read, its step and SHA-256
+    (first 12 hex digits; None for 'random')."""
+    return {"checkpoint": checkpoint, "checkpoint_file": settings["file"], "checkpoint_step": settings["step"],
+            "checkpoint_sha256": settings["sha256"]}
+
+
+def summarize_runs(args, source, data, fraction, runs, main_condition):
     """One results dict from the runs (seeds) of one label fraction: mean and std over runs."""
-    task = probe["task"]
     test, test_std = mean_and_std([r["test"][main_condition] for r in runs])
     val, _ = mean_and_std([r["val"] for r in runs])
-    result = {"checkpoint": checkpoint, "probe": probe["name"], "csv": probe["csv"], "label_column": column.name,
-              "task": task, "head": "prototypes" if args.prototypes else args.head, "layer": args.layer,
-              "finetune": args.finetune, "patience": args.patience, "label_fraction": fraction,
-              "seeds": [r["seed"] for r in runs], "val": val, "epochs": [r["epochs"] for r in runs], "test": test,
-              "test_std": test_std,
+    result = {**source, "probe": data.name, "csv": data.csv,
+              "manifest_sha256": data.manifest_digest, "label_column": data.column.name, "task": data.task,
+              "head": "prototypes" if args.prototypes else data.head, "layer": args.layer, "finetune": args.finetune,
+              "aggregate": args.aggregate, "train_clips": "audio" if args.finetune else args.train_clips,
+              "early_stop": None if args.prototypes else args.early_stop, "patience": data.patience,
+              "label_fraction": fraction, "seeds": [r["seed"] for r in runs], "val": val,
+              "epochs": [r["epochs"] for r in runs], "test": test, "test_std": test_std,
               "corrupt": None if main_condition == "clean" else {"names": args.corrupt_names,
                                                                   "severity": args.severity},
-              "tracks": {"train": runs[0]["train_tracks"], "val": int((split == "val").sum()),
-                         "test": int((split == "test").sum())},
-              "skipped_files": skipped, "runs": runs}
+              "tracks": {"train": runs[0]["train_tracks"], "val": int((data.split == "val").sum()),
+                         "test": int((data.split == "test").sum())},
+              "skipped_files": len(data.failed), "runs": runs}
     if args.severities:
         sweep = {f"{s:g}": mean_and_std([r["test"][f"{s:g}"] for r in runs]) for s in args.severities}
         result["sweep"] = {s: m for s, (m, _) in sweep.items()}
@@ -912,22 +1313,43 @@ def summarize_runs(args, checkpoint, probe, column, split, fraction, runs, main_
     return result
 
 
-def plot_run(args, result, rows, column, plotted):
-    """--plot for one results dict: its first run's test embeddings and confusion matrix."""
-    embeddings, tracks, outputs = plotted
-    labels = [",".join(rows[c].iat[t] for c in column.columns) for t in tracks]
+def plot_run(args, result, data, shown):
+    """--plot for one results dict: its first run's test embeddings in the projector (path,
+    label and, for multiclass, predicted class) and, for multiclass, the confusion matrix
+    as confusion_matrix.png, .csv and a TensorBoard image, in its own folder of --plot-dir."""
+    embeddings, tracks, outputs = shown
+    column = data.column
+    labels = [",".join(data.rows[c].iat[t] for c in column.columns) for t in tracks]
+    paths = [display_path(data.paths[t], result["csv"]) for t in tracks]
     folder = [safe_name(result["checkpoint"]), safe_name(result["probe"])]
     if len(args.label_fractions) > 1 or result["label_fraction"] < 1:
         folder.append(f"fraction{result['label_fraction']:g}")
     folder = os.path.join(args.plot_dir, "__".join(folder))
     if column.task == "multiclass":
         predicted = [column.classes[c] for c in outputs.argmax(1).tolist()]
-        write_plots(folder, embeddings, [list(pair) for pair in zip(labels, predicted)], ["label", "predicted"],
-                    result["runs"][0]["confusion_matrix"], column.classes)
+        write_projector(folder, embeddings, [list(row) for row in zip(paths, labels, predicted)],
+                        ["path", "label", "predicted"])
+        counts = np.asarray(result["runs"][0]["confusion_matrix"])
+        pd.DataFrame(counts, index=column.classes, columns=column.classes).to_csv(
+            os.path.join(folder, "confusion_matrix.csv"), index_label="true \\ predicted")
+        title = (f"{checkpoint_label(result)} · {result['probe']}\ntest accuracy "
+                 f"{np.trace(counts) / max(counts.sum(), 1):.3f} on {counts.sum()} tracks")
+        writer = SummaryWriter(log_dir=folder)
+        save_figure(confusion_figure(counts, column.classes, title), os.path.join(folder, "confusion_matrix.png"),
+                    writer, "confusion_matrix")
+        writer.close()
     else:
-        write_plots(folder, embeddings, labels, None)
+        write_projector(folder, embeddings, [list(row) for row in zip(paths, labels)], ["path", "label"])
     result["plot_dir"] = folder
-    print(f"plots: tensorboard --logdir {folder}")
+    print(f"plots: {folder} (tensorboard --logdir {folder})")
+
+
+def display_path(path, csv):
+    """A file's path as the projector shows it: relative to its manifest's folder when inside it."""
+    folder = csv if os.path.isdir(csv) else os.path.dirname(os.path.abspath(csv))
+    relative = os.path.relpath(os.path.abspath(path), folder)
+    shown = path if relative.startswith("..") else relative
+    return shown.replace("\t", " ").replace("\n", " ")
 
 
 # ---------------------------------------------------------------- summary
@@ -975,21 +1397,30 @@ def summary_records(results):
 
 
 def summary_table(results):
-    """Markdown table: one row per checkpoint, one column per (probe, metric) on test."""
+    """The main table as Markdown, caption first: one row per checkpoint, one column per
+    (probe, metric) on test; below it, the file, step and SHA-256 of each checkpoint."""
     records = summary_records(results)
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in records))
     columns = list(dict.fromkeys(r["header"] for r in records))
     cells = {(r["checkpoint"], r["header"]): r for r in records}
-    lines = ["| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    caption = ("Test results: rows are checkpoints, columns probe (metric); mean ± sample std over seeds where "
+               "there are several.")
+    corrupted = next((r["corrupt"] for r in records if r["corrupt"]), None)
+    if corrupted:
+        caption += f" Test audio corrupted by {','.join(corrupted['names'])} at severity {corrupted['severity']:g}."
+    lines = [caption, "", "| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for checkpoint in checkpoints:
         values = []
         for c in columns:
             r = cells.get((checkpoint, c))
             values.append(cell_text(r["mean"], r["std"], r["seeds"]) if r else "-")
         lines.append(f"| {checkpoint} | " + " | ".join(values) + " |")
-    corrupted = next((r["corrupt"] for r in records if r["corrupt"]), None)
-    if corrupted:
-        lines.append(f"\nTest audio corrupted by {','.join(corrupted['names'])} at severity {corrupted['severity']:g}.")
+    lines.append("")
+    for checkpoint in checkpoints:
+        r = next(r for r in results if r["checkpoint"] == checkpoint)
+        lines.append(f"- {checkpoint}: " + (f"{r['checkpoint_file']}, step {r['checkpoint_step']}, sha256 "
+                                            f"{r['checkpoint_sha256']}" if r["checkpoint_file"] else
+                                            "random-init encoder"))
     return "\n".join(lines)
 
 
@@ -1006,13 +1437,15 @@ def summary_frame(results):
 
 
 def robustness_table(results):
-    """Markdown table of the main test metric per sweep severity: rows (checkpoint, probe)."""
+    """Markdown table of the main test metric per sweep severity, caption first: rows (checkpoint, probe)."""
     swept = [r for r in results if "sweep" in r]
     if not swept:
         return ""
     severities = list(swept[0]["sweep"])
     names = ",".join(swept[0]["corrupt"]["names"])
-    lines = [f"| checkpoint | probe ({names}) | " + " | ".join(f"s={s}" for s in severities) + " |",
+    lines = [f"Robustness: the main test metric with the test audio corrupted by {names}, per severity s "
+             f"(s=0: clean audio).", "",
+             f"| checkpoint | probe ({names}) | " + " | ".join(f"s={s}" for s in severities) + " |",
              "|---" * (len(severities) + 2) + "|"]
     for r in swept:
         metric = MAIN_METRIC[r["task"]]
@@ -1021,29 +1454,25 @@ def robustness_table(results):
     return "\n".join(lines)
 
 
-def write_summary(out, results, table, robustness):
-    """Write results JSON to `out` and the summary next to it: .md, .csv and .summary.json."""
+def write_summary(out, results, report):
+    """Write the full results (JSON) to `out`, the tables (`report`, Markdown) next to it as
+    .md and the main table as .csv. Returns the paths written."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = os.path.splitext(out)[0]
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(table + "\n" + (f"\n{robustness}\n" if robustness else ""))
+        f.write(report + "\n")
     summary_frame(results).to_csv(stem + ".csv", index=False)
-    summary = {"table": summary_records(results),
-               "robustness": [{"checkpoint": r["checkpoint"], "probe": r["probe"], "column": column_name(r, results),
-                               "metric": MAIN_METRIC[r["task"]], "corrupt": r["corrupt"]["names"],
-                               "mean": {s: m[MAIN_METRIC[r["task"]]] for s, m in r["sweep"].items()},
-                               "std": {s: m[MAIN_METRIC[r["task"]]] for s, m in r["sweep_std"].items()}}
-                              for r in results if "sweep" in r]}
-    with open(stem + ".summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    return [out, stem + ".md", stem + ".csv"]
 
 
 def main(argv=None):
-    """Run every (checkpoint, probe, label fraction); returns the list of results dicts."""
+    """Run every (checkpoint, probe, label fraction); print the tables; returns the list of results dicts."""
     args = finish_args(build_parser().parse_args(argv))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.export_embeddings:
+        return export_embeddings(args, device)
     probes = probe_list(args)
     # ---- check every probe's manifest and labels before any embedding or training
     for probe in probes:
@@ -1054,23 +1483,22 @@ def main(argv=None):
     for checkpoint in args.checkpoint:
         model, settings = load_encoder(checkpoint, args, device)
         initial_state = copy.deepcopy(model.state_dict()) if args.finetune else None
+        source = checkpoint_record(checkpoint, settings)
         for probe in probes:
-            results.extend(run_probe(args, model, settings, checkpoint, probe, device, initial_state))
+            results.extend(run_probe(args, model, settings, source, probe, device, initial_state))
 
-    # ---- report
-    print(json.dumps(results, indent=2))
-    table = summary_table(results)
-    print(table)
-    robustness = robustness_table(results)
-    if robustness:
-        print(robustness)
+    # ---- report: the tables on stdout, the full results in --out, the figures in --plot-dir
+    report = "\n\n".join(t for t in (summary_table(results), robustness_table(results)) if t)
+    print("\n" + report)
     if args.out:
-        write_summary(args.out, results, table, robustness)
+        print("results: " + ", ".join(write_summary(args.out, results, report)))
+    if args.plot:
+        figures = plot_curves(args, results)
+        if figures:
+            print(f"figures: {', '.join(figures)} (tensorboard --logdir {args.plot_dir})")
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except datasets.ManifestError as error:
-        raise SystemExit(f"error: {error}") from None
+    utils.run_cli(main)
+

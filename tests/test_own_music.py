@@ -1,0 +1,230 @@
+"""Your own music in, embeddings out: a folder laid out like a real library, scanned into a
+manifest, pretrained on, and embedded three ways (export, the probe's function, load_pretrained)."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+import datasets
+import models
+import probe
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--encoder", "samplecnn", "--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000",
+        "--batch-size", "8", "--workers", "0", "--log-every", "1", "--val-every", "0", "--augment", "none",
+        "--max-bad-fraction", "0.2"]
+# (artist, album, format, rate, channels, genre or "") per album; two tracks each.
+ALBUMS = [
+    ("Ånglar Trio", "First Light (2019)", "WAV", 22050, 1, "jazz"),
+    ("Ånglar Trio", "Nattsång (2021)", "FLAC", 44100, 2, "jazz"),
+    ("Ånglar Trio", "Live at Fasching (2022)", "OGG", 48000, 2, ""),
+    ("The Low Hum", "Static Bloom (2015)", "MP3", 44100, 2, "rock"),
+    ("The Low Hum", "Greatest Hits (2018)", "FLAC", 22050, 1, "rock"),
+    ("Café Orchestra", "Best Of (2018)", "WAV", 48000, 2, ""),
+    ("Café Orchestra", "Été (2020)", "MP3", 22050, 1, "pop"),
+    ("Müller & Söhne", "Zwei (2017)", "OGG", 44100, 1, ""),
+]
+SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS", "MP3": "MPEG_LAYER_III"}
+
+
+def tone(seconds, rate, channels, seed):
+    """A decaying chord with a little noise, `[T, channels]` float32."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wave = sum(np.sin(2 * np.pi * f * t) for f in rng.uniform(110, 880, size=3)) * np.exp(-t)
+    wave = 0.25 * wave + 0.01 * rng.standard_normal(len(t))
+    stereo = np.stack([wave, np.roll(wave, 40)], 1)[:, :channels]
+    return stereo.astype(np.float32)
+
+
+def build_library(root):
+    """My Music/<Artist>/<Album (year)>/NN - Track … .ext plus a non-audio file, an
+    unreadable file, a too-short file and a duplicate. Returns (folder, labels CSV)."""
+    music = os.path.join(root, "My Music")
+    labels = []
+    for a, (artist, album, fmt, rate, channels, genre) in enumerate(ALBUMS):
+        folder = os.path.join(music, artist, album)
+        os.makedirs(folder, exist_ok=True)
+        for n in (1, 2):
+            name = f"{n:02d} - Track {n} … {album.split(' (')[0]}.{fmt.lower()}"
+            sf.write(os.path.join(folder, name), tone(1.2 + 0.3 * n, rate, channels, 10 * a + n), rate,
+                     format=fmt, subtype=SUBTYPES[fmt])
+            if genre:
+                labels.append({"file": name, "genre": genre})
+    with open(os.path.join(music, "Ånglar Trio", "First Light (2019)", "cover.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not really a picture" * 10)
+    with open(os.path.join(music, "The Low Hum", "Static Bloom (2015)", "03 - Broken.flac"), "wb") as f:
+        f.write(b"fLaC" + bytes(range(256)) * 4)
+    sf.write(os.path.join(music, "Café Orchestra", "Été (2020)", "04 - Blip.wav"), tone(0.1, 22050, 1, 99), 22050)
+    original = os.path.join(music, "Ånglar Trio", "First Light (2019)", "01 - Track 1 … First Light.wav")
+    shutil.copy(original, os.path.join(music, "Müller & Söhne", "Zwei (2017)", "09 - Same Song.wav"))
+    labels_csv = os.path.join(root, "genres.csv")
+    pd.DataFrame(labels).to_csv(labels_csv, index=False)
+    return music, labels_csv
+
+
+def run_script(*args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("library"))
+    return (root, *build_library(root))
+
+
+def test_scan_skips_with_reasons_joins_labels_and_never_splits_an_album(library):
+    root, music, labels_csv = library
+    command = ["datasets.py", "scan", music, "--out", os.path.join(root, "music.csv"), "--label-from-folder",
+               "artist=1", "--labels", labels_csv, "--split", "0.5,0.25,0.25", "--group-by", "-1"]
+    result = run_script(*command, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    manifest = datasets.read_manifest(os.path.join(root, "music.csv"))
+    skipped = pd.read_csv(os.path.join(root, "music.skipped.csv"))
+    reasons = dict(zip(skipped["path"].map(os.path.basename), skipped["reason"]))
+    assert reasons["cover.jpg"] == "not audio"
+    assert reasons["03 - Broken.flac"].startswith("unreadable (")
+    assert reasons["01 - Track 1 … First Light.wav"] == "duplicate of Müller & Söhne/Zwei (2017)/09 - Same Song.wav"
+    assert len(manifest) == 2 * len(ALBUMS) - 1 + 2  # the too-short file is kept without --min-seconds
+    assert all(os.path.isfile(p) for p in manifest["path"])
+    assert set(manifest["sample_rate"]) == {"22050", "44100", "48000"} and set(manifest["channels"]) == {"1", "2"}
+    albums = manifest["path"].map(lambda p: os.path.dirname(p))
+    assert (manifest.groupby(albums)["split"].nunique() == 1).all()
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    genres = dict(zip(manifest["path"].map(os.path.basename), manifest["genre"]))
+    assert genres["01 - Track 1 … Static Bloom.mp3"] == "rock" and genres["01 - Track 1 … Zwei.ogg"] == ""
+    assert manifest["artist"].iloc[0] in {a for a, *_ in ALBUMS}
+    first = pd.read_csv(os.path.join(root, "music.csv"))
+    again = run_script(*command[:4], os.path.join(root, "again.csv"), *command[5:], "--min-seconds", "0.5", cwd=ROOT)
+    assert "1 too short" in again.stdout and "04 - Blip.wav: too short (0.10 s" in again.stdout
+    second = pd.read_csv(os.path.join(root, "again.csv"))
+    kept = first[~first["path"].str.endswith("04 - Blip.wav")].reset_index(drop=True)
+    assert kept["split"].tolist() == second["split"].tolist()  # deterministic: same groups, same splits
+    bad = run_script("datasets.py", "scan", music, "--out", os.path.join(root, "x.csv"), "--split", "0.9,0.2,0",
+                     cwd=ROOT)
+    assert bad.returncode == 2 and "datasets.py: error: --split" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_assign_splits_keeps_groups_whole_and_shares_close():
+    groups = [f"artist{g % 7}/album{g}" for g in range(60) for _ in range(g % 5 + 1)]
+    splits = assign_splits_checked = datasets.assign_splits(groups, (0.8, 0.1, 0.1), seed=3)
+    by_group = pd.Series(splits).groupby(pd.Series(groups)).nunique()
+    assert (by_group == 1).all()
+    shares = pd.Series(assign_splits_checked).value_counts(normalize=True)
+    assert abs(shares["train"] - 0.8) < 0.05 and abs(shares["val"] - 0.1) < 0.05
+    assert datasets.assign_splits(groups, (0.8, 0.1, 0.1), seed=3) == splits
+    assert datasets.assign_splits(groups, (0.8, 0.1, 0.1), seed=4) != splits
+
+
+def test_folder_to_pretraining_to_embeddings_three_ways_agree(library, tmp_path, capsys, monkeypatch):
+    root, music, _ = library
+    monkeypatch.chdir(tmp_path)  # the scans of --csv FOLDER go to ./.cache/scans
+    out = str(tmp_path / "run")
+    result = train.main(TINY + ["--train-csv", music, "--out", out, "--steps", "2"])
+    log = capsys.readouterr().out
+    assert f"{music} is a folder: scanning it into {out}" in log
+    assert result["out"] == out
+    export = str(tmp_path / "emb")
+    written = probe.main(["--checkpoint", out, "--csv", music, "--export-embeddings", export, "--max-clips", "100",
+                          "--export-part-files", "4"])
+    x, table = np.load(export + ".npy"), pd.read_csv(export + ".csv", keep_default_na=False)
+    assert x.dtype == np.float32 and x.shape == (len(table), written["dim"]) and not os.path.exists(export + ".parts")
+    assert list(table.columns[:3]) == ["path", "clip", "start_seconds"] and "folder1" in table.columns
+    paths = [os.path.normpath(os.path.join(str(tmp_path), p)) for p in table["path"]]
+    assert table.loc[table["clip"] == 1, "start_seconds"].eq(0.5).all()
+    model, settings = probe.load_encoder(out, probe.finish_args(probe.build_parser().parse_args(
+        ["--checkpoint", out])), torch.device("cpu"))
+    files = list(dict.fromkeys(paths))
+    reference, owners, failed = probe.embed_files(model, files, settings, "encoder", torch.device("cpu"), 100)
+    assert not failed and len(reference) == len(x)
+    assert np.allclose(x, reference, atol=1e-5)
+    pretrained = models.load_pretrained(out)
+    assert not pretrained.training
+    for k, path in enumerate(files):
+        audio, rate = sf.read(path, dtype="float32", always_2d=True)  # [T, channels]
+        h = pretrained.embed(audio.T, rate)  # [clips, D]
+        assert torch.allclose(h, torch.from_numpy(x[owners == k]), atol=1e-5), path
+    tracks = probe.main(["--checkpoint", out, "--csv", music, "--export-embeddings", str(tmp_path / "tracks"),
+                         "--per-track", "--layer", "projection"])
+    per_track = np.load(str(tmp_path / "tracks.npy"))
+    assert per_track.shape == (len(files), 128) and tracks["rows"] == len(files)
+    projection = models.load_pretrained(out, layer="projection")
+    audio, rate = sf.read(files[0], dtype="float32", always_2d=True)
+    assert torch.allclose(projection.embed(audio.T, rate, max_clips=16).mean(0), torch.from_numpy(per_track[0]),
+                          atol=1e-5)
+
+
+def test_export_resumes_from_finished_parts(library, tmp_path, monkeypatch):
+    root, music, _ = library
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--train-csv", music, "--out", out, "--steps", "1"])
+    flags = ["--checkpoint", out, "--csv", music, "--export-part-files", "5"]
+    probe.main(flags + ["--export-embeddings", str(tmp_path / "whole")])
+    original, reads = datasets.read_clips, []
+
+    def failing_read(path, *args, **kwargs):
+        reads.append(path)
+        if len(reads) == 8:
+            raise KeyboardInterrupt
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "read_clips", failing_read)
+    with pytest.raises(KeyboardInterrupt):
+        probe.main(flags + ["--export-embeddings", str(tmp_path / "resumed")])
+    assert sorted(os.listdir(tmp_path / "resumed.parts")) == ["job.json", "part-00000.csv", "part-00000.npy"]
+    reads.clear()
+    monkeypatch.setattr(datasets, "read_clips", lambda *a, **k: reads.append(a[0]) or original(*a, **k))
+    probe.main(flags + ["--export-embeddings", str(tmp_path / "resumed")])
+    total = len(pd.read_csv(str(tmp_path / "whole.csv"))["path"].unique())
+    assert len(reads) == total - 5  # the first part was not read again
+    assert np.array_equal(np.load(str(tmp_path / "whole.npy")), np.load(str(tmp_path / "resumed.npy")))
+    assert pd.read_csv(str(tmp_path / "whole.csv")).equals(pd.read_csv(str(tmp_path / "resumed.csv")))
+
+
+def test_torch_hub_loads_the_checkpoint_from_the_local_repository(library, tmp_path, monkeypatch):
+    root, music, _ = library
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--train-csv", music, "--out", out, "--steps", "1"])
+    hub = torch.hub.load(ROOT, "semisupcon", source="local", checkpoint=out)
+    direct = models.load_pretrained(out)
+    wave = torch.randn(2, 12345)
+    assert torch.equal(hub.embed(wave, 16000), direct.embed(wave, 16000))
+    assert hub.embed(wave, 16000).shape == (int(12345 / 16000 * 8000 / 4000 + 0.5), direct.model.encoder.embed_dim)
+
+
+def test_decoder_warnings_are_caught_counted_and_shown_once_per_file(tmp_path, capfd):
+    rate = 44100
+    path = str(tmp_path / "damaged.mp3")
+    sf.write(path, tone(3.0, rate, 2, 1), rate, format="MP3")
+    data = bytearray(open(path, "rb").read())
+    rng = np.random.default_rng(0)
+    for position in rng.integers(2000, len(data) - 2000, size=40):
+        data[position:position + 8] = rng.integers(0, 256, size=8).astype(np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    capfd.readouterr()
+    datasets.DECODER_WARNINGS.clear()
+    for _ in range(2):
+        clips = datasets.read_clips(path, 4000, 8000)
+    captured = capfd.readouterr()
+    assert clips.shape[1] == 4000 and datasets.DECODER_WARNINGS[path] > 2
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"decoder warnings: {path}: ")
+    assert "mpg123" in lines[0] or "Note:" in lines[0] or "error" in lines[0]
+    start = time.perf_counter()
+    for _ in range(1000):
+        with datasets.decoder_messages(path):
+            pass
+    assert (time.perf_counter() - start) / 1000 < 1e-3  # the redirect costs microseconds per read
