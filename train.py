@@ -10,6 +10,7 @@ Several GPUs (the batch size is global; projections are gathered across processe
 Resume: run the same command again; --out's latest checkpoint is picked up.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -406,25 +407,155 @@ def worker_paths(status_dir, error):
     return found
 
 
+# Flags that define the network: resuming with another value cannot load the weights.
+MODEL_FLAGS = ("encoder", "width", "clip_seconds", "sample_rate", "views", "hidden_dim", "projection_dim")
+# Flags a resume may change freely: length, logging, saving, validation, processes, speed knobs.
+RESUME_FREE_FLAGS = ("steps", "log_every", "image_every", "val_every", "val_batches", "save_every", "keep",
+                     "workers", "world_size", "resume", "out", "check_data", "skip_check", "max_bad_fraction",
+                     "max_bad_steps", "allow_changed_settings", "synthetic_dir", "train_csv", "compile",
+                     "activation_checkpointing", "resample_on", "precision_name")
+
+
+def check_flags(args):
+    """Refuse flag values that cannot train, before anything is written."""
+    if args.steps < 1:
+        raise utils.UserError(f"--steps {args.steps}: nothing to train; --steps is the total number of optimizer "
+                              f"steps (a resumed run continues up to it), give at least 1")
+    if args.batch_size < 2:
+        raise utils.UserError(f"--batch-size {args.batch_size}: a clip's negatives are the other clips of its "
+                              f"batch, so one clip has none and the loss is 0 from the first step; give at least "
+                              f"2 (the paper uses 96)")
+    for name in ("views", "log_every", "save_every", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
+    for name in ("labeled_fraction", "labeled_per_batch"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise utils.UserError(f"--{name.replace('_', '-')} {value}: a share between 0 and 1")
+
+
+def find_resume(args, device, is_main):
+    """(path, state) of the checkpoint to continue from, or (None, None) to start afresh.
+
+    --resume auto takes the newest checkpoint in --out that loads, naming each newer
+    file it skips and why; a path (file or folder) that gives no loadable checkpoint is
+    a UserError naming it.
+    """
+    if args.resume == "none" or (args.resume == "auto" and not utils.list_checkpoints(args.out)):
+        return None, None
+    folder = args.out if args.resume == "auto" else args.resume
+    path, state = utils.find_checkpoint(folder, device, print if is_main else None)
+    if state is None:
+        raise utils.UserError(f"no checkpoint in {folder} loads (each is named above); move the broken files "
+                              f"away to start afresh, or pass --resume none")
+    return path, state
+
+
+def check_model_flags(saved, args, path):
+    """UserError naming every model flag whose value differs from the checkpoint's."""
+    differences = [f"--{flag.replace('_', '-')} {saved[flag]} in the checkpoint, {getattr(args, flag)} given"
+                   for flag in MODEL_FLAGS if flag in saved and saved[flag] != getattr(args, flag)]
+    if differences:
+        raise utils.UserError(f"{path} holds another model ({'; '.join(differences)}); resume with the "
+                              f"checkpoint's values, or start afresh with another --out or --resume none")
+
+
+def check_settings(saved, args, path, is_main):
+    """Refuse a resume whose data, sampler or optimizer settings differ, unless allowed.
+
+    Compares every saved argument but the model flags (check_model_flags) and those a
+    resume may change (RESUME_FREE_FLAGS); the manifest rows are compared by digest.
+    """
+    current = saved_args(args)
+    differences = []
+    for name in sorted(set(saved) & set(current) - set(MODEL_FLAGS) - set(RESUME_FREE_FLAGS)):
+        if name == "manifest_rows" or saved[name] == current[name]:
+            continue
+        if name == "manifest_digest":
+            differences.append(f"manifest rows {saved.get('manifest_rows')} (digest {saved[name]}) -> "
+                               f"{current['manifest_rows']} (digest {current[name]})")
+        else:
+            differences.append(f"--{name.replace('_', '-')} {saved[name]} -> {current[name]}")
+    if not differences:
+        return
+    if not args.allow_changed_settings:
+        raise utils.UserError(f"{path} was trained with other settings: {'; '.join(differences)}; resuming would "
+                              f"continue on another sample stream or optimizer. Use the checkpoint's values, pass "
+                              f"--allow-changed-settings to resume anyway, or start afresh with another --out")
+    if is_main:
+        print(f"resuming {path} with changed settings (--allow-changed-settings): {'; '.join(differences)}")
+
+
+def check_labeled_pool(manifest, columns, named_columns, explicit_share, labeled_rows, args):
+    """Refuse labels that cannot fill the labeled share b_s of each batch, naming file and column.
+
+    named_columns: the --label-column values the user gave; explicit_share: the
+    --labeled-per-batch the user gave (None if not). A named column without any labeled
+    train row is refused unless b_s = 0 was asked for: that run is self-supervised.
+    """
+    if explicit_share == 0:
+        return
+    is_train = manifest["split"].to_numpy() == "train"
+    sources = ", ".join(sorted(set(manifest["source"])))
+    for column in columns:
+        if (column.labeled & is_train).any() or (column.name not in named_columns and args.labeled_per_batch == 0):
+            continue
+        elsewhere = int(column.labeled.sum())
+        raise utils.UserError(f"{sources}: label column {column.name!r} has no label on any of the "
+                              f"{int(is_train.sum())} train rows" + (f" ({elsewhere} labeled rows are in val/test)"
+                                                                     if elsewhere else " (every cell is empty)") +
+                              "; fill it in, or train self-supervised with --labeled-per-batch 0")
+    if args.labeled_per_batch > 0 and not len(labeled_rows):
+        raise utils.UserError(f"--labeled-fraction {args.labeled_fraction} keeps none of the labeled train rows; "
+                              f"raise it, or train self-supervised with --labeled-per-batch 0")
+
+
+def manifest_digest(manifest, columns):
+    """SHA-1 (16 hex digits) of the manifest rows a run trains on: path, split and label cells."""
+    names = ["path", "split"] + [name for column in columns for name in column.columns]
+    return hashlib.sha1(manifest[names].to_csv(index=False).encode()).hexdigest()[:16]
+
+
 def main(argv=None):
     # ---- arguments and process
     args = build_parser().parse_args(argv)
+    check_flags(args)
     stop = StopSignal()  # from the start: a signal during set-up saves after the first step
     rank, world_size, local_rank, device = utils.setup_process()
     is_main = rank == 0
     args.world_size = world_size
     if args.batch_size % world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} is global and must divide by {world_size} processes")
+        raise utils.UserError(f"--batch-size {args.batch_size} is global and must divide by {world_size} "
+                              f"processes; give a multiple of {world_size}")
+    named_columns, explicit_share = list(args.label_column), args.labeled_per_batch
     args.clip_samples = int(round(args.clip_seconds * args.sample_rate))
     if args.resample_on == "auto":
         args.resample_on = "device" if device.type == "cuda" else "workers"
     args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
-    args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
+    args.precision_name = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision_name)
     utils.seed_everything(args.seed + rank)
+    lock = None
     if is_main:
         check_out_folder(args.out, 64 << 20)
+        # One run per folder: a second one would resume from this run's checkpoints and prune them.
+        lock = utils.RunLock(args.out).acquire()
+        for path in utils.remove_stale_temporaries(args.out):
+            print(f"removed {path}: the partial file of a save that was killed")
     utils.barrier()
+
+    # ---- resume point: the newest checkpoint that loads, checked against these flags
+    resume_path, state = find_resume(args, device, is_main)
+    if state is not None:
+        check_model_flags(state["args"], args, resume_path)
+        if state["step"] >= args.steps:
+            if is_main:
+                print(f"{args.out} is finished: {resume_path} is at step {state['step']} and --steps is "
+                      f"{args.steps}; nothing to do (raise --steps to train on, or use another --out)")
+                lock.release()
+            stop.close()
+            utils.cleanup_process()
+            return {"out": args.out, "losses": [], "failed_files": 0, "skipped_steps": 0, "step": state["step"]}
 
     # ---- data
     manifest, columns, specs = load_data(args, is_main)
@@ -443,6 +574,10 @@ def main(argv=None):
         any_labeled |= column.labeled
     train_rows = np.flatnonzero(manifest["split"].to_numpy() == "train")
     labeled_rows, unlabeled_rows = datasets.split_pools(any_labeled, train_rows, args.labeled_fraction, args.seed)
+    check_labeled_pool(manifest, columns, named_columns, explicit_share, labeled_rows, args)
+    args.manifest_rows, args.manifest_digest = len(manifest), manifest_digest(manifest, columns)
+    if state is not None:
+        check_settings(state["args"], args, resume_path, is_main)
     if args.labeled_per_batch < 1 and not len(unlabeled_rows):
         # Every train row is labeled: the unlabeled share of each batch hides the labels of train rows.
         unlabeled_rows = train_rows
@@ -482,12 +617,8 @@ def main(argv=None):
     step, best_val = 0, float("inf")
 
     # ---- resume
-    checkpoints = utils.list_checkpoints(args.out)
-    resume_path = (checkpoints[-1] if checkpoints else None) if args.resume == "auto" else \
-        (None if args.resume == "none" else args.resume)
-    if resume_path:
-        state = utils.load_checkpoint(resume_path, map_location=device)
-        model.load_state_dict(state["model"])
+    if state is not None:
+        utils.load_weights(model, state["model"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -519,7 +650,8 @@ def main(argv=None):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(saved_args(args), f, indent=2)
         print(f"{args.encoder}: {utils.count_parameters(bare_model.encoder):,} parameters; "
-              f"{world_size} process(es) on {device}; out {args.out}")
+              f"{world_size} process(es) on {device}, {torch.get_num_threads()} threads and {args.workers} data "
+              f"workers each, precision {args.precision_name}; out {args.out}")
 
     def save(step, is_best=False):
         rngs, generators = utils.gather_objects(utils.rng_states()), utils.gather_objects(generator.get_state())
@@ -543,8 +675,9 @@ def main(argv=None):
                 batch = next(loader)
             except RuntimeError as error:
                 if "DataLoader worker" in str(error):
-                    raise SystemExit(f"a data-loading worker died ({error}); it was reading: "
-                                     f"{worker_paths(status_dir, error) or 'unknown'}") from error
+                    raise utils.UserError(f"a data-loading worker died ({' '.join(str(error).split())}); it was "
+                                          f"reading {worker_paths(status_dir, error) or 'an unknown file'}: check "
+                                          f"or remove that file and rerun (the run resumes)") from error
                 raise
             views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n]
             views = augment_batch(views, labeled, device_chains, generator)
@@ -591,7 +724,7 @@ def main(argv=None):
         if bad_steps >= args.max_bad_steps:
             # Skipped steps left the weights untouched: this saves the last good weights.
             save(step)
-            raise SystemExit(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped and saved "
+            raise utils.UserError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped and saved "
                              f"the last good weights at step {step} in {args.out}. Lower --lr, set --clip-grad, "
                              f"or check the data.")
         stopping = stop.any_process(device, world_size)
@@ -606,6 +739,8 @@ def main(argv=None):
     stop.close()
     if writer:
         writer.close()
+    if lock:
+        lock.release()
     utils.cleanup_process()
     return {"out": args.out, "losses": history, "failed_files": failed_files, "skipped_steps": skipped_steps,
             "step": step}
@@ -651,4 +786,4 @@ def log_images(writer, stats, step):
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_cli(main)

@@ -1,4 +1,5 @@
 """Short end-to-end runs of train.py and probe.py on a tiny synthetic set."""
+import argparse
 import glob
 import json
 import os
@@ -50,7 +51,7 @@ def test_short_run_lowers_the_loss_and_probe_loads_the_checkpoint(tiny_set, tmp_
                           str(tmp_path / "probe.json")])
     assert results[0]["test"]["accuracy"] >= 0.0 and results[0]["tracks"]["test"] == 6
     reloaded = utils.load_checkpoint(checkpoint)
-    model, _ = probe.load_encoder(checkpoint, None, torch.device("cpu"))
+    model, _ = probe.load_encoder(checkpoint, argparse.Namespace(seed=0), torch.device("cpu"))
     for name, value in model.state_dict().items():
         assert torch.equal(value, reloaded["model"][name]), f"probing changed {name}"
 
@@ -111,14 +112,14 @@ def test_bad_files_met_in_training_are_skipped_and_counted(tiny_set, tmp_path):
 
 def test_data_check_reports_every_kind_and_excludes_bad_files(tiny_set, tmp_path):
     csv = manifest_with_bad_files(tiny_set, tmp_path)
-    with pytest.raises(SystemExit, match="4 of 10 files are bad"):
+    with pytest.raises(utils.UserError, match="4 of 10 files are bad"):
         run(tmp_path, "refused", csv, steps=2)
     result = run(tmp_path, "checked", csv, "--max-bad-fraction", "0.5", steps=2)
     assert result["failed_files"] == 0  # the bad files never reach training
     report = pd.read_csv(os.path.join(result["out"], "data-check.csv"), keep_default_na=False)
     problems = dict(zip([os.path.basename(p) for p in report["path"]], report["problems"]))
     status = dict(zip([os.path.basename(p) for p in report["path"]], report["status"]))
-    assert status["broken.wav"] == "bad" and problems["broken.wav"].startswith("unreadable")
+    assert status["broken.wav"] == "bad" and problems["broken.wav"].startswith("cannot be decoded (")
     assert status["empty.wav"] == "bad" and problems["empty.wav"] == "empty"
     assert status["short.wav"] == "bad" and problems["short.wav"].startswith("too short")
     assert status["nan.wav"] == "bad" and "NaN/Inf" in problems["nan.wav"]
@@ -132,7 +133,7 @@ def test_data_check_reports_every_kind_and_excludes_bad_files(tiny_set, tmp_path
 
 
 def test_bad_flags_and_labels_fail_before_training(tiny_set, tmp_path):
-    with pytest.raises(SystemExit):
+    with pytest.raises(utils.UserError, match="--task was given 2 times for 1 label columns"):
         run(tmp_path, "flags", tiny_set, "--label-column", "timbre", "--task", "multiclass", "--task", "regression")
     with pytest.raises(datasets.ManifestError, match="not a number"):
         run(tmp_path, "flags", tiny_set, "--label-column", "timbre", "--task", "regression")
@@ -151,7 +152,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_set, tmp_path, monk
         return loss, stats
 
     monkeypatch.setattr(train, "contrastive_step", poisoned_step)
-    with pytest.raises(SystemExit, match="3 steps in a row"):
+    with pytest.raises(utils.UserError, match="3 steps in a row"):
         run(tmp_path, "nan", tiny_set, "--max-bad-steps", "3", "--save-every", "100", steps=10)
     state = utils.load_checkpoint(utils.list_checkpoints(str(tmp_path / "nan"))[-1])
     assert state["step"] == 6
@@ -222,7 +223,7 @@ def test_label_changing_transform_on_labeled_clips_warns(tiny_set, tmp_path, cap
 def test_unwritable_out_fails_at_start(tiny_set, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit, match="is not writable"):
+    with pytest.raises(utils.UserError, match="is not writable"):
         run(tmp_path, "a-file/run", tiny_set, steps=1)
 
 
@@ -260,7 +261,7 @@ def test_a_dead_worker_is_reported_with_its_file(tiny_set, tmp_path, monkeypatch
 
     # DataLoader workers are forked, so they inherit the patched reader.
     monkeypatch.setattr(datasets, "read_source_crops", crashing_read)
-    with pytest.raises(SystemExit, match="poison.wav"):
+    with pytest.raises(utils.UserError, match="poison.wav"):
         # A later flag wins in argparse: one worker instead of TINY's none.
         train.main(TINY + ["--workers", "1", "--train-csv", csv, "--out", str(tmp_path / "dead"), "--steps", "3",
                            "--skip-check"])
