@@ -1070,9 +1070,12 @@ def plot_curves(args, results):
                 lines[checkpoint_label(ordered[0])] = ([r["label_fraction"] for r in ordered],
                                                        [r["test"][metric] for r in ordered],
                                                        [r["test_std"][metric] for r in ordered])
+            corrupt = mine[0]["corrupt"]
+            audio = f"\ntest audio corrupted by {','.join(corrupt['names'])} at s={corrupt['severity']:g}" \
+                if corrupt else ""
             path = os.path.join(args.plot_dir, f"few-labels__{safe_name(probe)}.png")
             save_figure(curve_figure(lines, "share of labeled train tracks", f"test {metric}",
-                                     f"{probe}: test {metric} against label fraction{spread}", log_x=True),
+                                     f"{probe}: test {metric} against label fraction{spread}{audio}", log_x=True),
                         path, writer, f"few-labels/{probe}")
             written.append(path)
         for fraction in dict.fromkeys(r["label_fraction"] for r in mine if "sweep" in r):

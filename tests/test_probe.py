@@ -60,6 +60,26 @@ def test_roc_auc_and_average_precision_match_hand_computed_values():
     assert result["pr_auc"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
+def test_roc_auc_ranks_logits_that_saturate_float32_sigmoids():
+    # sigmoid(30) and sigmoid(20) are both 1.0 in float32: ranking the sigmoids would tie the
+    # positive (30) with a negative (20) and give (0.5 + 1) / 2 = 0.75.
+    logits = torch.tensor([[30.0], [20.0], [0.0]])
+    tags = torch.tensor([[1.0], [0.0], [0.0]])
+    assert torch.sigmoid(logits[0]) == torch.sigmoid(logits[1])
+    result = probe.metrics("multilabel", logits, tags)
+    assert result["roc_auc"] == 1.0 and result["pr_auc"] == 1.0
+
+
+def test_r2_of_a_constant_target_is_zero_as_scikit_learn():
+    targets = np.array([[3.0, 1.0], [3.0, 2.0], [3.0, 4.0]])
+    predictions = np.array([[2.5, 1.0], [3.5, 2.0], [3.0, 3.0]])
+    # Output 0: constant target, imperfect prediction -> 0 (scikit-learn), not -SSE / 1e-12.
+    # Output 1: targets 1, 2, 4 (SST 14/3), SSE 1 -> 1 - 3/14.
+    assert probe.r2_score(predictions, targets) == pytest.approx([0.0, 11 / 14])
+    # A constant target predicted exactly scores 1 (scikit-learn too).
+    assert probe.r2_score(targets[:, :1], targets[:, :1]).tolist() == [1.0]
+
+
 def test_accuracy_f1_r2_and_confusion_match_hand_computed_values():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     predicted = torch.tensor([0, 1, 1, 1, 0, 2])
@@ -140,7 +160,7 @@ def test_prototypes_option_runs_without_a_head(tiny_set, tmp_path):
     assert [r["head"] for r in results] == ["prototypes", "prototypes"]
     assert [r["epochs"] for r in results] == [[0], [0]]
     assert 0 <= results[0]["test"]["accuracy"] <= 1 and 0 <= results[1]["test"]["roc_auc"] <= 1
-    with pytest.raises(SystemExit, match="--prototypes needs class labels"):
+    with pytest.raises(utils.UserError, match="--prototypes needs class labels"):
         run_probe(tiny_set, tmp_path, "--prototypes", "--label-column", "brightness", "--task", "regression")
 
 
@@ -194,7 +214,8 @@ def test_label_fraction_with_seeds_reports_mean_and_std(tiny_set, tmp_path):
 
 # ---------------------------------------------------------------- fine-tuning
 
-def test_finetune_changes_the_encoder_and_frozen_probing_does_not(tiny_set, checkpoint, tmp_path, monkeypatch):
+def test_finetune_changes_the_encoder_and_frozen_probing_does_not(tiny_set, checkpoint, tmp_path, monkeypatch,
+                                                                 capsys):
     loaded = []
     load_encoder = probe.load_encoder
 
@@ -225,6 +246,9 @@ def test_finetune_changes_the_encoder_and_frozen_probing_does_not(tiny_set, chec
     # Two epochs of one crop per train track, read from the audio, not from the cache.
     assert len(crops) == 2 * 28
     assert results[0]["finetune"] and results[0]["tracks"]["test"] == 6
+    # Progress: a bar over epochs with the val scores.
+    progress = capsys.readouterr().err
+    assert "fine-tune timbre seed 0" in progress and "2/2" in progress and "val loss=" in progress
 
 
 # ---------------------------------------------------------------- robustness
@@ -256,9 +280,9 @@ def test_corruption_at_severity_zero_equals_clean_and_noise_changes_embeddings(t
 
 
 def test_severity_sweep_needs_a_corruption(tiny_set, tmp_path):
-    with pytest.raises(SystemExit, match="needs --corrupt"):
+    with pytest.raises(utils.UserError, match="needs --corrupt"):
         run_probe(tiny_set, tmp_path, "--severity-sweep", "0,1")
-    with pytest.raises(SystemExit, match="unknown augmentation"):
+    with pytest.raises(utils.UserError, match="unknown augmentation"):
         run_probe(tiny_set, tmp_path, "--corrupt", "thunder")
 
 
@@ -273,10 +297,12 @@ def test_plot_writes_projector_and_confusion_matrix(tiny_set, tmp_path):
     tensors = np.loadtxt(glob.glob(os.path.join(folder, "*", "test", "tensors.tsv"))[0], delimiter="\t")
     assert tensors.shape[0] == 6
     metadata = pd.read_csv(glob.glob(os.path.join(folder, "*", "test", "metadata.tsv"))[0], sep="\t")
-    assert list(metadata.columns) == ["label", "predicted"]
+    assert list(metadata.columns) == ["path", "label", "predicted"]
     manifest = pd.read_csv(tiny_set)
-    test_timbres = manifest.loc[manifest["split"] == "test", "timbre"]
-    assert sorted(metadata["label"]) == sorted(test_timbres)
+    test_rows = manifest[manifest["split"] == "test"]
+    test_timbres = test_rows["timbre"]
+    # Each track's file, as the manifest names it, next to its label.
+    assert sorted(zip(metadata["path"], metadata["label"])) == sorted(zip(test_rows["path"], test_timbres))
     events = glob.glob(os.path.join(folder, "events.out.tfevents.*"))
     assert events and any(b"confusion_matrix" in open(e, "rb").read() for e in events)
     # Confusion counts: rows are the test tracks of each true class, columns their predictions.
@@ -287,45 +313,89 @@ def test_plot_writes_projector_and_confusion_matrix(tiny_set, tmp_path):
         index=counts.index, columns=counts.columns, fill_value=0)
     assert np.array_equal(counts.to_numpy(), expected.to_numpy())
     assert np.trace(counts.to_numpy()) / 6 == pytest.approx(result["test"]["accuracy"])
+    # The same matrix as a picture: a PNG next to the CSV, and a TensorBoard image.
+    png = os.path.join(folder, "confusion_matrix.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 5000
 
 
-def test_confusion_image_shades_row_rates():
-    image = probe.confusion_image(np.array([[3, 1], [0, 0]]), cell=4)
-    assert image.shape == (3, 8, 8)
-    assert torch.allclose(image[:, 1, 1], torch.tensor([1 - 0.75 * 0.97, 1 - 0.75 * 0.81, 1 - 0.75 * 0.58]))
-    assert torch.allclose(image[:, 1, 5], torch.tensor([1 - 0.25 * 0.97, 1 - 0.25 * 0.81, 1 - 0.25 * 0.58]))
-    assert torch.all(image[:, 4:, :] == 1)  # an empty row stays white
+def test_confusion_figure_names_classes_and_writes_counts():
+    figure = probe.confusion_figure(np.array([[3, 1, 0], [0, 2, 0], [1, 0, 4]]), ["bass", "bell", "pluck"], "t")
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["bass", "bell", "pluck"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["bass", "bell", "pluck"]
+    assert axes.get_xlabel() == "predicted class" and axes.get_ylabel() == "true class"
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in axes.texts}
+    assert cells[(0, 0)] == "3" and cells[(0, 1)] == "1" and cells[(2, 2)] == "4" and cells[(1, 0)] == "0"
+    # Shading is the row share: row 0 is 3/4, 1/4, 0.
+    assert np.allclose(axes.images[0].get_array()[0], [0.75, 0.25, 0.0])
+    probe.plt.close(figure)
+
+
+def test_curve_figure_draws_one_line_per_checkpoint():
+    lines = {"random": ([0.1, 0.5, 1.0], [0.3, 0.4, 0.5], [0.05, 0.02, 0.0]),
+             "runs/x (step 9)": ([0.1, 0.5, 1.0], [0.5, 0.7, 0.8], [0.0, 0.0, 0.0])}
+    figure = probe.curve_figure(lines, "share of labeled train tracks", "test accuracy", "t", log_x=True)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["random", "runs/x (step 9)"]
+    drawn = [container.lines[0] for container in axes.containers]  # each errorbar's data line
+    assert len(drawn) == 2 and np.allclose(drawn[1].get_ydata(), [0.5, 0.7, 0.8])
+    assert [container.get_label() for container in axes.containers] == ["random", "runs/x (step 9)"]
+    assert axes.get_xscale() == "log"
+    probe.plt.close(figure)
+
+
+def test_plot_writes_few_label_and_robustness_curves(tiny_set, checkpoint, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    results = probe.main(["--checkpoint", "random", "--checkpoint", checkpoint, *MODEL, *FAST, "--csv", tiny_set,
+                          "--cache-dir", str(tmp_path / "cache"), "--label-column", "timbre", "--label-fraction",
+                          "0.3,1", "--corrupt", "noise", "--severity-sweep", "0,2", "--plot", "--plot-dir",
+                          str(plots)])
+    assert len(results) == 4
+    for name in ("few-labels__timbre.png", "robustness__timbre.png", "robustness__timbre_0.3.png"):
+        png = plots / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+    events = b"".join(open(e, "rb").read() for e in glob.glob(str(plots / "events.out.tfevents.*")))
+    assert b"few-labels/timbre" in events and b"robustness/timbre" in events
+    printed = capsys.readouterr().out
+    assert f"figures: {plots / 'few-labels__timbre.png'}" in printed
 
 
 # ---------------------------------------------------------------- tasks file and summary
 
-def test_tasks_file_writes_the_summary_as_markdown_csv_and_json(tiny_set, checkpoint, tmp_path):
+def test_tasks_file_writes_the_summary_as_markdown_and_csv(tiny_set, checkpoint, tmp_path, capsys):
     tasks = tmp_path / "tasks.csv"
     pd.DataFrame({"csv": [tiny_set, tiny_set], "label_column": ["timbre", "tags"], "task": ["multiclass", "multilabel"],
-                  "name": ["timbre", "tags"], "patience": ["1", ""]}).to_csv(tasks, index=False)
+                  "name": ["timbre", "tags"], "head": ["linear", ""], "patience": ["1", ""]}).to_csv(tasks, index=False)
     out = tmp_path / "table.json"
     results = probe.main(["--checkpoint", "random", "--checkpoint", checkpoint, *MODEL, *FAST, "--tasks", str(tasks),
                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert [(r["checkpoint"], r["probe"]) for r in results] == [("random", "timbre"), ("random", "tags"),
                                                                 (checkpoint, "timbre"), (checkpoint, "tags")]
     assert [r["patience"] for r in results] == [1, 3, 1, 3]  # the tasks file's cell, else --patience
+    assert [r["head"] for r in results] == ["linear", "mlp", "linear", "mlp"]  # the cell, else --head
+    # Stdout holds the tables, not the JSON results.
+    printed = capsys.readouterr().out
+    assert '"runs"' not in printed and "| checkpoint | timbre (accuracy) |" in printed
     # The paper's table shape: one row per checkpoint; tagging shows ROC-AUC and PR-AUC.
     table = pd.read_csv(tmp_path / "table.csv")
     assert list(table.columns) == ["checkpoint", "timbre (accuracy)", "tags (roc_auc)", "tags (pr_auc)"]
     assert list(table["checkpoint"]) == ["random", checkpoint]
     assert table.loc[1, "tags (pr_auc)"] == pytest.approx(results[3]["test"]["pr_auc"])
     assert table.loc[0, "timbre (accuracy)"] == pytest.approx(results[0]["test"]["accuracy"])
-    summary = json.loads((tmp_path / "table.summary.json").read_text())
-    assert [(r["checkpoint"], r["column"], r["metric"]) for r in summary["table"]] == [
-        ("random", "timbre", "accuracy"), ("random", "tags", "roc_auc"), ("random", "tags", "pr_auc"),
-        (checkpoint, "timbre", "accuracy"), (checkpoint, "tags", "roc_auc"), (checkpoint, "tags", "pr_auc")]
-    assert summary["table"][4]["mean"] == pytest.approx(results[3]["test"]["roc_auc"])
+    assert not os.path.exists(tmp_path / "table.summary.json")
+    # Caption, blank line, table, blank line, one line per checkpoint naming file, step and hash.
     markdown = (tmp_path / "table.md").read_text().splitlines()
-    assert markdown[0] == "| checkpoint | timbre (accuracy) | tags (roc_auc) | tags (pr_auc) |" and len(markdown) == 4
-    assert markdown[3].startswith(f"| {checkpoint} | {results[2]['test']['accuracy']:.3f} |")
+    assert markdown[0].startswith("Test results: rows are checkpoints") and markdown[1] == ""
+    assert markdown[2] == "| checkpoint | timbre (accuracy) | tags (roc_auc) | tags (pr_auc) |"
+    assert markdown[5].startswith(f"| {checkpoint} | {results[2]['test']['accuracy']:.3f} |")
+    digest = probe.file_digest(checkpoint)[:12]
+    assert markdown[7:] == ["- random: random-init encoder", f"- {checkpoint}: {checkpoint}, step 3, sha256 {digest}"]
     assert json.loads(out.read_text())[2]["test"] == results[2]["test"]
     tasks.write_text("csv,label_column,task\nmanifest.csv,timbre,classification\n")
-    with pytest.raises(SystemExit, match=r"tasks.csv, line 2, column 'task'"):
+    with pytest.raises(utils.UserError, match=r"tasks.csv, line 2, column 'task'"):
+        probe.main(["--checkpoint", "random", *MODEL, "--tasks", str(tasks)])
+    tasks.write_text(f"csv,label_column,task,head\n{tiny_set},timbre,multiclass,transformer\n")
+    with pytest.raises(utils.UserError, match=r"tasks.csv, line 2, column 'head': 'transformer' is not one of"):
         probe.main(["--checkpoint", "random", *MODEL, "--tasks", str(tasks)])
 
 
@@ -337,7 +407,7 @@ def test_test_classes_unseen_in_train_are_refused(tiny_set, tmp_path):
     manifest.loc[manifest.index[manifest["split"] == "test"][0], "timbre"] = "theremin"
     csv = tmp_path / "unseen.csv"
     manifest.to_csv(csv, index=False)
-    with pytest.raises(SystemExit, match=r"classes \['theremin'\] of column 'timbre' appear in val or test"):
+    with pytest.raises(utils.UserError, match=r"classes \['theremin'\] of column 'timbre' appear in val or test"):
         run_probe(str(csv), tmp_path, "--label-column", "timbre")
 
 
@@ -361,7 +431,7 @@ def test_cache_from_another_checkpoint_is_never_reused(tiny_set, checkpoint, tmp
     utils.write_atomic(state, path)
     run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=path)
     printed = capsys.readouterr().out
-    assert "extracting 40 files" in printed and "1 entry of other checkpoints" in printed
+    assert "extracting 40 files" in printed
     entries = sorted(glob.glob(str(tmp_path / "cache" / "*.npy")))
     assert len(entries) == 2
     first_embeddings, second_embeddings = (np.load(e) for e in entries)
@@ -398,3 +468,110 @@ def test_every_probe_is_checked_before_any_embedding(tiny_set, tmp_path):
         run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--label-column", "tags", "--task",
                   "multiclass", "--task", "regression")
     assert not os.path.exists(tmp_path / "cache"), "the first probe ran before the second was checked"
+
+
+# ---------------------------------------------------------------- the authors' protocol
+
+def test_track_outputs_aggregate_embeddings_before_the_head_or_outputs_after():
+    # Track 4: clips 1 and -1; track 7: clip 2. A non-linear predictor (squares) tells the two apart.
+    clips = probe.ClipSet(torch.tensor([[1.0], [-1.0], [2.0]]), np.array([4, 4, 7]))
+    square = lambda x: x ** 2  # noqa: E731
+    assert probe.track_outputs(square, clips, "embeddings").tolist() == [[0.0], [4.0]]  # head(mean of embeddings)
+    assert probe.track_outputs(square, clips, "outputs").tolist() == [[1.0], [4.0]]  # mean of head outputs
+
+
+def test_one_clip_per_track_is_drawn_among_all_its_clips():
+    owners = np.array([0, 0, 0, 5, 2, 2])
+    clips = probe.ClipSet(torch.arange(6.0)[:, None], owners)
+    rng = np.random.default_rng(0)
+    draws = [clips.one_per_track(rng) for _ in range(200)]
+    assert all(sorted(owners[d].tolist()) == [0, 2, 5] for d in draws)
+    assert set(np.concatenate(draws).tolist()) == set(range(6))  # every clip is a candidate
+
+
+def test_early_stopping_watches_val_loss_or_the_metric():
+    stopper = probe.EarlyStopping(patience=2, monitor="loss")
+    losses = [1.0, 0.8, 0.9, 0.85]  # lower is better: best at epoch 2, then two epochs without improvement
+    stops = [stopper.update(e, {"loss": v, "accuracy": 0.1 * e}, lambda e=e: e) for e, v in enumerate(losses, 1)]
+    assert stops == [False, False, False, True]
+    assert stopper.best_epoch == 2 and stopper.best_state == 2 and stopper.best["loss"] == 0.8
+    stopper = probe.EarlyStopping(patience=2, monitor="accuracy")
+    for epoch, value in enumerate([0.2, 0.5, 0.4, 0.6], 1):
+        assert not stopper.update(epoch, {"loss": 1.0, "accuracy": value}, lambda e=epoch: e)
+    assert stopper.best_epoch == 4 and stopper.best == {"loss": 1.0, "accuracy": 0.6}
+
+
+def probe_setup(tiny_set, *extra):
+    args = probe.finish_args(probe.build_parser().parse_args(["--checkpoint", "random", *MODEL, *FAST, "--cache-dir",
+                                                              "none", "--csv", tiny_set, *extra]))
+    model, settings = probe.load_encoder("random", args, torch.device("cpu"))
+    data = probe.probe_data(args, model, settings, probe.probe_list(args)[0], torch.device("cpu"))
+    return args, data
+
+
+def test_head_trains_on_one_random_clip_per_track_and_stops_on_val_loss(tiny_set, monkeypatch):
+    # 1.2 s files cut into 0.5 s clips: 2 clips each; 28 train tracks, 6 val tracks.
+    args, data = probe_setup(tiny_set, "--label-column", "timbre", "--max-epochs", "6", "--patience", "6")
+    assert len(data.split_clips("train").owners) == 56
+    seen, scores = [], []
+    head_loss, val_scores = probe.head_loss, probe.val_scores
+
+    def count_rows(task, outputs, labels):
+        seen.append(len(labels))
+        return head_loss(task, outputs, labels)
+
+    def keep_scores(*a, **k):
+        scores.append(val_scores(*a, **k))
+        return scores[-1]
+
+    monkeypatch.setattr(probe, "head_loss", count_rows)
+    monkeypatch.setattr(probe, "val_scores", keep_scores)
+    train_tracks = np.flatnonzero(data.split == "train")
+    head, best, epochs = probe.fit_head(args, data, train_tracks, 0, torch.device("cpu"))
+    # Per epoch: 28 train clips (one per track, batches of 16 and 12), then the val loss on 6 clips.
+    assert epochs == 6 and seen == [16, 12, 6] * 6
+    assert best["loss"] == min(s["loss"] for s in scores)
+    assert best == next(s for s in scores if s["loss"] == best["loss"])
+    seen.clear()
+    args.train_clips, args.early_stop = "all", "metric"
+    head, best, epochs = probe.fit_head(args, data, train_tracks, 0, torch.device("cpu"))
+    # Every clip: 56 train clips (16, 16, 16, 8), the val loss on all 12 val clips.
+    assert seen[:5] == [16, 16, 16, 8, 12]
+    assert best["accuracy"] == max(s["accuracy"] for s in scores[6:])
+
+
+def test_per_task_head_is_built_and_results_name_their_inputs(tiny_set, checkpoint, tmp_path, monkeypatch):
+    built = []
+    make_head = probe.make_head
+
+    def record(kind, *args):
+        built.append(kind)
+        return make_head(kind, *args)
+
+    monkeypatch.setattr(probe, "make_head", record)
+    tasks = tmp_path / "tasks.csv"
+    pd.DataFrame({"csv": [tiny_set, tiny_set], "label_column": ["timbre", "tags"], "task": ["multiclass", "multilabel"],
+                  "head": ["linear", "mlp"], "patience": ["2", "1"]}).to_csv(tasks, index=False)
+    results = probe.main(["--checkpoint", checkpoint, *MODEL, *FAST, "--tasks", str(tasks), "--head", "mlp",
+                          "--cache-dir", str(tmp_path / "cache")])
+    assert built == ["linear", "mlp"]
+    assert [r["patience"] for r in results] == [2, 1] and [r["head"] for r in results] == ["linear", "mlp"]
+    # Patience 1 stops after two epochs without improvement at most: epochs <= best epoch + 1.
+    assert results[1]["epochs"][0] <= 3
+    for r in results:
+        assert r["checkpoint_file"] == checkpoint and r["checkpoint_step"] == 3
+        assert r["checkpoint_sha256"] == probe.file_digest(checkpoint)[:12]
+        assert r["manifest_sha256"] == probe.file_digest(tiny_set)[:12]
+        assert (r["aggregate"], r["train_clips"], r["early_stop"]) == ("embeddings", "random", "loss")
+        assert set(r["val"]) == {"loss", probe.MAIN_METRIC[r["task"]]}
+
+
+def test_user_mistakes_are_one_line_with_exit_status_2(tiny_set, tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "probe.py"), "--checkpoint", "random", "--csv", tiny_set,
+                           "--label-fraction", "2"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "probe.py: error: --label-fraction 2: must be in (0, 1]\n"
