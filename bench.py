@@ -8,7 +8,9 @@ Usage:
     python bench.py augment --device cuda          # on a GPU
     python bench.py loss                           # target + loss, ours vs the reference formulation
     python bench.py train                          # data reading and the whole training step
-    python bench.py all
+    python bench.py all                            # every section but gpu
+    python bench.py gpu                            # make gpu-check: the CUDA path checked and timed
+    python bench.py gpu --tiny                     # the same on a CPU at a tiny size (CI)
 
 The loss section times building the target matrix plus the loss forward and backward
 (multilabel, half of each batch labeled) for N = 192 ... 16384 views and C = 50, 188,
@@ -30,9 +32,11 @@ this project; to install it for the comparison without touching torch:
 """
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -74,6 +78,16 @@ def build_parser():
     parser.add_argument("--train-sample-rate", type=int, default=16000, help="train: sample rate in Hz")
     parser.add_argument("--train-batch", type=int, default=64, help="train: clips per step (global)")
     parser.add_argument("--train-steps", type=int, default=30, help="train: steps per configuration")
+    parser.add_argument("--tiny", action="store_true",
+                        help="gpu: a small model on short clips instead of the paper's settings (the CPU variant)")
+    parser.add_argument("--gpu-steps", type=int, default=200, help="gpu: training steps of the timed run")
+    parser.add_argument("--gpu-batch-cap", type=int, default=8192, help="gpu: largest batch (clips) tried")
+    parser.add_argument("--report", default="", help="gpu: also write the table to this file")
+    parser.add_argument("--compare-clips", type=int, default=300, help="compare-augment: clips (2 views each) per case")
+    parser.add_argument("--reference-path", default=os.environ.get("SEMISUPCON_REFERENCE_PATH", ""),
+                        help="compare-augment: folder holding torch-audiomentations 0.12 and its dependencies "
+                             "(pip install --target DIR --no-deps ...), put on sys.path for this section only "
+                             "(default: $SEMISUPCON_REFERENCE_PATH)")
     return parser
 
 
@@ -469,13 +483,492 @@ def bench_train(args):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-SECTIONS = {"augment": bench_augment, "loss": bench_loss, "train": bench_train}
+# ---------------------------------------------------------------- compare-augment
+
+COMPARE_SEVERITIES = (0.5, 1.0, 2.0)
+COMPARE_NAMES = ("gain", "polarity", "noise", "filter", "pitch", "delay")
+
+
+def import_reference(path):
+    """torch-audiomentations 0.12 (the authors' chain), imported from `path` when given
+    (a `pip install --target` folder, put on sys.path only here), else from the
+    environment; None when it is not importable."""
+    if path:
+        sys.path.insert(0, path)
+    try:
+        import torch_audiomentations
+    except ImportError:
+        return None
+    return torch_audiomentations
+
+
+def authors_delay_class(ta):
+    """The authors' Delay (SemiSupCon, dataloading/custom_augmentations/delay.py),
+    re-implemented from reading it, as a torch-audiomentations transform (per-example mode).
+
+    Per selected view: lag uniform among whole samples int(min_ms·sr/1000) ...
+    int(max_ms·sr/1000); volume v0 ± 0.2, repeats r0 ± 1 (r0 = int(repeats)),
+    attenuation a0 ± 0.2, each side with equal chance; output
+    (x + v · sum_{i<repeats} a^i · x[t - i·lag]) / 2, the i = 0 copy undelayed.
+    """
+    from torch_audiomentations.core.transforms_interface import BaseWaveformTransform
+    from torch_audiomentations.utils.object_dict import ObjectDict
+
+    class AuthorsDelay(BaseWaveformTransform):
+        supported_modes = {"per_example"}
+
+        def __init__(self, min_delay_ms, max_delay_ms, volume_factor, repeats, attenuation, p, sample_rate):
+            super().__init__(mode="per_example", p=p, sample_rate=sample_rate, output_type="dict")
+            self.lags = range(int(min_delay_ms * sample_rate / 1000), int(max_delay_ms * sample_rate / 1000) + 1)
+            self.centres = (volume_factor, int(repeats), attenuation)
+
+        def randomize_parameters(self, samples=None, sample_rate=None, targets=None, target_rate=None):
+            n = samples.shape[0]
+            volume, repeats, attenuation = self.centres
+            self.transform_parameters.update(
+                lag=random.choices(self.lags, k=n),
+                volume=random.choices([volume - 0.2, volume + 0.2], k=n),
+                repeats=random.choices([repeats - 1, repeats + 1], k=n),
+                attenuation=random.choices([attenuation - 0.2, attenuation + 0.2], k=n),
+            )
+
+        def apply_transform(self, samples=None, sample_rate=None, targets=None, target_rate=None):
+            drawn = self.transform_parameters
+            length = samples.shape[-1]
+            for i in range(samples.shape[0]):
+                lag, repeats = drawn["lag"][i], max(0, drawn["repeats"][i])
+                delayed = torch.zeros(samples.shape[1], length + repeats * lag)
+                for k in range(repeats):
+                    delayed[:, k * lag : k * lag + length] += samples[i] * drawn["attenuation"][i] ** k
+                samples[i] = (samples[i] + drawn["volume"][i] * delayed[:, :length]) / 2
+            return ObjectDict(samples=samples, sample_rate=sample_rate, targets=targets, target_rate=target_rate)
+
+    return AuthorsDelay
+
+
+def authors_transform(ta, name, s, sample_rate):
+    """One transform of the authors' chain at severity s, with their configuration's
+    formulas (SemiSupCon datamodules.get_aug_chain, severity_modifier = s)."""
+    common = {"sample_rate": sample_rate, "output_type": "dict"}
+    if name == "gain":
+        return ta.Gain(min_gain_in_db=-15.0 * s, max_gain_in_db=5.0 * s, p=min(0.7, 0.4 * s), **common)
+    if name == "polarity":
+        return ta.PolarityInversion(p=min(0.8, 0.6 * s), **common)
+    if name == "noise":
+        return ta.AddColoredNoise(p=min(0.8, 0.6 * s), min_snr_in_db=3 / s, max_snr_in_db=30 / s,
+                                  min_f_decay=-2 * s, max_f_decay=2 * s, **common)
+    if name == "filter":
+        p = min(0.6, 0.3 * s)
+        return ta.OneOf([
+            ta.BandPassFilter(p=p, min_center_frequency=200, max_center_frequency=4000,
+                              min_bandwidth_fraction=0.5 * s, max_bandwidth_fraction=1.99, **common),
+            ta.BandStopFilter(p=p, min_center_frequency=200, max_center_frequency=4000,
+                              min_bandwidth_fraction=0.5 * s, max_bandwidth_fraction=1.99, **common),
+            ta.HighPassFilter(p=p, min_cutoff_freq=200 * s, max_cutoff_freq=min(0.5 * sample_rate, 2400 * s), **common),
+            ta.LowPassFilter(p=p, min_cutoff_freq=max(75, 150 / s), max_cutoff_freq=7500 / max(1, s), **common),
+        ], output_type="dict")
+    if name == "pitch":
+        return ta.PitchShift(p=min(0.75, 0.6 * s), min_transpose_semitones=-4 * s, max_transpose_semitones=4 * s,
+                             **common)
+    if name == "delay":
+        return authors_delay_class(ta)(100 / s, 500, 0.5 * s, 2 * s, min(1, 0.5 * s), min(0.6, 0.6 * s), sample_rate)
+    raise ValueError(name)
+
+
+def run_authors_chain(ta, names, s, clips, sample_rate):
+    """The authors' Compose called once per clip on `[2, 1, T]`, as their datasets do.
+
+    Returns (outputs `[N, 2, T]`, filter kind per view `[N, 2]`: the index into
+    augment.FILTER_KINDS of the filter that changed the view, -1 for none)."""
+    transforms = [authors_transform(ta, name, s, sample_rate) for name in names]
+    chain = ta.Compose(transforms, p=min(1.0, 0.8 * s), output_type="dict")
+    one_of = transforms[names.index("filter")] if "filter" in names else None
+    outputs, kinds = [], torch.full(clips.shape[:2], -1)
+    for k, clip in enumerate(clips):
+        if one_of is not None:
+            one_of.transform_indexes = []
+            for transform in one_of.transforms:
+                transform.transform_parameters = {}
+        outputs.append(chain(clip[:, None].clone()).samples[:, 0])
+        if one_of is not None and one_of.transform_indexes:
+            kind = one_of.transform_indexes[0]
+            applied = one_of.transforms[kind].transform_parameters.get("should_apply")
+            if applied is not None:
+                kinds[k][applied.cpu()] = kind
+    return torch.stack(outputs), kinds
+
+
+def run_our_chain(names, s, clips, sample_rate, seed):
+    """Our chain on all clips at once, views of a clip in adjacent rows: (outputs `[N, 2, T]`,
+    filter kind per view `[N, 2]`, -1 for none)."""
+    chain = augment.build_chain(list(names), s, sample_rate)
+    record = {}
+    outputs = chain(clips.reshape(-1, clips.shape[-1]), torch.Generator().manual_seed(seed), views=2, record=record)
+    kinds = torch.full((clips.shape[0] * 2,), -1)
+    if "filter" in record:
+        kinds[record["filter"]["index"]] = record["filter"]["kind"]
+    return outputs.reshape(clips.shape), kinds.reshape(clips.shape[:2])
+
+
+def octave_bands(x, sample_rate, low_hz, high_hz, per_octave):
+    """Power of each row in bands `per_octave` to the octave: (centres Hz `[K]`, power `[..., K]`)."""
+    power = torch.fft.rfft(x.double()).abs().pow(2)  # [..., F]
+    frequency = torch.fft.rfftfreq(x.shape[-1], 1 / sample_rate)
+    edges = low_hz * 2 ** (torch.arange(round(per_octave * math.log2(high_hz / low_hz)) + 1) / per_octave)
+    band = torch.bucketize(frequency, edges) - 1  # [F], -1 or K outside
+    inside = (band >= 0) & (band < len(edges) - 1)
+    totals = torch.zeros(*power.shape[:-1], len(edges) - 1, dtype=power.dtype)
+    totals.index_add_(-1, band[inside], power[..., inside])
+    return torch.sqrt(edges[:-1] * edges[1:]), totals
+
+
+def level_db(x):
+    """RMS level of each row in dB: `[..., T]` -> `[...]`."""
+    return 20 * torch.log10(x.double().pow(2).mean(-1).sqrt().clamp(min=1e-12))
+
+
+def summary(values, digits=2):
+    """'median (10th-90th percentile)' of a 1-D tensor, or '-' when empty."""
+    if values.numel() == 0:
+        return "-"
+    q = torch.quantile(values.double(), torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)).tolist()
+    return f"{q[0]:.{digits}f} ({q[1]:.{digits}f} to {q[2]:.{digits}f})"
+
+
+def shares(values, digits=2):
+    """'value: share' of each distinct value of a 1-D tensor, most frequent first."""
+    distinct, counts = torch.unique(values, return_counts=True)
+    ranked = sorted(zip(counts.tolist(), distinct.tolist()), reverse=True)
+    return ", ".join(f"{value:.{digits}f}: {count / len(values):.2f}" for count, value in ranked)
+
+
+def transform_statistics(name, x, y, kinds, sample_rate):
+    """Output statistics of one transform alone: {statistic: text} from inputs and
+    outputs `[N, 2, T]` (and the filter kind per view)."""
+    is_changed = (y != x).flatten(2).any(-1)  # [N, 2]
+    stats = {"views changed": f"{is_changed.float().mean():.3f}"}
+    x, y = x[is_changed], y[is_changed]  # [M, T]
+    if name == "gain":
+        stats["gain dB"] = summary(level_db(y) - level_db(x))
+    elif name == "polarity":
+        stats["inverted share"] = f"{((y * x).sum(-1) < 0).double().mean():.3f}"
+    elif name == "noise":
+        residual = y - x
+        stats["SNR dB"] = summary(level_db(x) - level_db(residual))
+        centres, power = octave_bands(residual, sample_rate, 125.0, 8000.0, 3)
+        octaves = torch.log2(centres / 1000)
+        level = 10 * torch.log10(power.clamp(min=1e-30))  # [M, K]
+        slope = ((level - level.mean(-1, keepdim=True)) * (octaves - octaves.mean())).sum(-1) / (octaves - octaves.mean()).pow(2).sum()
+        stats["|slope| dB/octave, 125 Hz-8 kHz"] = summary(slope.abs())
+    elif name == "filter":
+        kinds = kinds[is_changed]
+        stats["kind shares (bp, bs, hp, lp)"] = ", ".join(f"{(kinds == k).double().mean():.2f}" for k in range(4))
+        centres, power_out = octave_bands(y, sample_rate, 10.0, 0.95 * sample_rate / 2, 12)
+        _, power_in = octave_bands(x, sample_rate, 10.0, 0.95 * sample_rate / 2, 12)
+        response = (power_out / power_in.clamp(min=1e-30)).sqrt()  # [M, K] magnitude
+        octaves = torch.log2(centres)
+        for k, kind in enumerate(augment.FILTER_KINDS):
+            rows = response[kinds == k]
+            if kind in ("band_pass", "band_stop"):
+                inside = rows >= 0.5 if kind == "band_pass" else rows < 0.5  # -6 dB
+                stats[f"{kind} width, octaves"] = summary(inside.double().sum(-1) / 12)
+            else:
+                passed = rows >= 0.5
+                first = passed.double().argmax(-1) if kind == "high_pass" else passed.double().cumsum(-1).argmax(-1)
+                stats[f"{kind} cut-off, log2 kHz"] = summary(octaves[first] - math.log2(1000))
+    elif name == "pitch":
+        spectrum = torch.fft.rfft(y.double() * torch.hann_window(y.shape[-1], dtype=torch.float64), n=10 * sample_rate)
+        peak = spectrum.abs().argmax(-1).double() / 10
+        semitones = torch.round(12 * torch.log2(peak / PITCH_TONE_HZ) * 20) / 20
+        stats["shifts (semitones, 0.05 steps)"] = f"{torch.unique(semitones.abs()).tolist()}"
+        stats["distinct shifts"] = f"{torch.unique(semitones).numel()}"
+        stats["|shift| > 3.25 share"] = f"{(semitones.abs() > 3.25).double().mean():.3f}"
+        stats["level change dB"] = summary(level_db(y) - level_db(x))
+    elif name == "delay":
+        size = 2 * x.shape[-1]
+        correlation = torch.fft.irfft(torch.fft.rfft(y.double(), n=size) * torch.fft.rfft(x.double(), n=size).conj(), n=size)
+        correlation = correlation[:, : x.shape[-1]] / x.double().pow(2).sum(-1, keepdim=True)  # [M, T]: gain of x(t - k)
+        direct = correlation[:, 0]
+        stats["direct-path gain dB"] = summary(20 * torch.log10(direct.abs()))
+        # The first echo is the strongest delayed copy; later ones sit at multiples of its lag.
+        first = correlation[:, 1:].abs().max(-1)
+        lag = first.indices + 1  # [M]
+        multiples = torch.arange(1, x.shape[-1])[None, :] * lag[:, None]  # [M, T - 1]
+        at_multiples = correlation.gather(1, multiples.clamp(max=x.shape[-1] - 1)).abs() * (multiples < x.shape[-1])
+        has_echo = first.values > ECHO_THRESHOLD
+        stats["first echo dB below direct"] = summary(20 * torch.log10(direct[has_echo].abs() / first.values[has_echo]))
+        stats[f"echoes above {ECHO_THRESHOLD} of the clip (shares)"] = shares(
+            (at_multiples > ECHO_THRESHOLD).sum(-1).double(), digits=0)
+    return stats
+
+
+PITCH_TONE_HZ = 440.0
+ECHO_THRESHOLD = 0.02  # echo gain counted as an echo: 34 dB below the clip, 6 standard errors of a 2.7 s correlation
+
+
+def compare_inputs(name, clips, length, sample_rate, generator):
+    """`[clips, 2, T]` inputs: a 440 Hz tone for pitch, quiet white noise otherwise (peak
+    about 0.1, so that no gain reaches our chain's peak guard)."""
+    if name == "pitch":
+        t = torch.arange(length) / sample_rate
+        return (0.3 * torch.sin(2 * math.pi * PITCH_TONE_HZ * t)).repeat(clips, 2, 1)
+    return 0.02 * torch.randn(clips, 2, length, generator=generator)
+
+
+def bench_compare_augment(args):
+    """Each transform of the paper's chain alone, ours next to the authors' (torch-audiomentations
+    0.12 plus a re-implementation of their Delay), at severities 0.5, 1 and 2: output
+    statistics on the same inputs, then the whole chain's untouched-view shares."""
+    ta = import_reference(args.reference_path)
+    if ta is None:
+        print("compare-augment: torch-audiomentations 0.12 is not importable; install it apart from the project's "
+              "environment with\n  .venv/bin/pip install --target DIR --no-deps torch-audiomentations==0.12.0 "
+              "julius torch-pitch-shift primePy\nand pass --reference-path DIR")
+        return
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    length = round(args.clip_seconds * args.sample_rate)
+    generator = torch.Generator().manual_seed(args.seed)
+    clips = args.compare_clips
+    print(f"\ncompare-augment: {clips} clips x 2 views of {length} samples ({args.clip_seconds} s at "
+          f"{args.sample_rate} Hz), each transform alone (its own probability, inside the chain's per-clip "
+          f"probability); the authors' Compose called once per clip on [2, 1, T]; statistics over changed views, "
+          f"median (10th to 90th percentile)\n")
+    print("| transform | s | statistic | authors (torch-audiomentations 0.12) | ours |")
+    print("|---|---:|---|---|---|")
+    for name in COMPARE_NAMES:
+        for s in COMPARE_SEVERITIES:
+            x = compare_inputs(name, clips, length, args.sample_rate, generator)
+            theirs = transform_statistics(name, x, *run_authors_chain(ta, [name], s, x, args.sample_rate), args.sample_rate)
+            ours = transform_statistics(name, x, *run_our_chain([name], s, x, args.sample_rate, args.seed), args.sample_rate)
+            for statistic in theirs:
+                print(f"| {name} | {s:g} | {statistic} | {theirs[statistic]} | {ours[statistic]} |", flush=True)
+    names = list(augment.DEFAULT_AUGMENT)
+    for s in COMPARE_SEVERITIES:
+        x = 0.5 * compare_inputs("pitch", clips, length, args.sample_rate, generator) + \
+            0.5 * compare_inputs("gain", clips, length, args.sample_rate, generator)
+        rows = {}
+        for who, (y, kinds) in (("authors", run_authors_chain(ta, names, s, x, args.sample_rate)),
+                                ("ours", run_our_chain(names, s, x, args.sample_rate, args.seed))):
+            untouched = (y == x).flatten(2).all(-1)  # [N, 2]
+            both_filtered = (kinds >= 0).all(-1)
+            rows[who] = {
+                "both views untouched": f"{untouched.all(-1).double().mean():.3f}",
+                "exactly one view untouched": f"{(untouched.sum(-1) == 1).double().mean():.3f}",
+                "same filter kind, of clips with both views filtered":
+                    f"{(kinds[:, 0] == kinds[:, 1])[both_filtered].double().mean():.2f}" if both_filtered.any() else "-",
+            }
+        for statistic in rows["ours"]:
+            print(f"| chain | {s:g} | {statistic} | {rows['authors'][statistic]} | {rows['ours'][statistic]} |",
+                  flush=True)
+
+
+# ---------------------------------------------------------------- gpu (make gpu-check)
+
+SYNC_COUNTER = """
+import sys, warnings, torch, train
+torch.cuda.set_sync_debug_mode("warn")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train.main(sys.argv[1:])
+torch.cuda.set_sync_debug_mode("default")
+print(sum("synchroniz" in str(w.message) for w in caught))
+"""
+
+LARGEST_BATCH = """
+import sys, torch, models
+encoder, width, samples, rate, checkpointing, cap = sys.argv[1:]
+device = torch.device("cuda")
+model = models.ContrastiveModel(models.build_encoder(encoder, int(samples), int(rate), float(width))).to(device)
+models.set_activation_checkpointing(model.encoder, checkpointing == "1")
+best, clips = 0, 96
+while clips <= int(cap):
+    try:
+        views = torch.randn(2 * clips, int(samples), device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(views).float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        best, clips = clips, clips * 2
+    except torch.OutOfMemoryError:
+        break
+    finally:
+        views = None
+        torch.cuda.empty_cache()
+print(best)
+"""
+
+
+def logged_scalars(folder):
+    """{tag: [(step, value)]} of the TensorBoard scalars train.py wrote in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(folder)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def run_checked(command, environment):
+    """Run a command in the repository; its stdout, or SystemExit with its last lines."""
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"gpu-check: {' '.join(command)} failed (exit {result.returncode}):\n"
+                         f"{(result.stdout + result.stderr)[-4000:]}")
+    return result.stdout
+
+
+def bench_gpu(args):
+    """The real training path on this machine's device, checked and timed: `make gpu-check`.
+
+    At the paper's settings (SampleCNN full width, 96 clips x 2 views of 2.7 s at 22,050 Hz;
+    --tiny: a small model on short clips, the variant CI runs on a CPU) from the
+    pre-decoded cache of a synthetic set written at another rate, so resampling runs on
+    the device too: the CUDA tests, a run with device augmentation (bf16 on a GPU), a
+    resume that must continue it, the same with --compile, the probe, then one table.
+    """
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if args.tiny:
+        model_flags = ["--encoder", "samplecnn", "--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000"]
+        batch, steps, files, seconds, source_rate = 8, 20, 64, 1.2, 16000
+    else:
+        model_flags = ["--encoder", "samplecnn", "--width", "1", "--clip-seconds", "2.7", "--sample-rate", "22050"]
+        batch, steps, files, seconds, source_rate = 96, args.gpu_steps, 384, 6.0, 16000
+    sample_rate, clip_seconds = int(model_flags[-1]), float(model_flags[5])
+    clip_samples = int(round(clip_seconds * sample_rate))
+    environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES=os.environ.get(
+        "CUDA_VISIBLE_DEVICES", "0"))
+    started = time.time()
+    name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"gpu-check {time.strftime('%Y-%m-%d')}: {name}; torch {torch.__version__}, "
+          f"{'tiny settings' if args.tiny else 'paper settings'}")
+
+    # ---- the tests that need CUDA (they skip on a CPU, with the reason)
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                            "tests/test_cuda.py"], cwd=ROOT, env=environment, capture_output=True, text=True)
+    summary = (tests.stdout.strip().splitlines() or ["no output"])[-1]
+    print(f"CUDA tests: {summary}")
+    if tests.returncode not in (0, 5):
+        raise SystemExit(f"gpu-check: CUDA tests failed:\n{tests.stdout[-4000:]}{tests.stderr[-2000:]}")
+
+    # ---- data: a synthetic set, pre-decoded at another rate than the training rate
+    folder = tempfile.mkdtemp(prefix="gpu-check-")
+    corpus = datasets.make_synthetic_set(os.path.join(folder, "corpus"), num_files=files, seconds=seconds,
+                                         sample_rate=source_rate)
+    cache = datasets.write_cache(corpus, os.path.join(folder, "cache"), source_rate, workers=min(8, os.cpu_count()))
+    log_every = max(1, steps // 10)
+    loop = [sys.executable, "train.py", "--train-csv", cache, *model_flags, "--batch-size", str(batch),
+            "--log-every", str(log_every), "--val-every", "0", "--skip-check", "--augment-on", "device",
+            "--resample-on", "device", "--workers", str(min(8, max(1, os.cpu_count() - 2)))]
+
+    # ---- a run, and a run stopped halfway then resumed: the resumed steps must continue it
+    whole, half = os.path.join(folder, "whole"), os.path.join(folder, "half")
+    run_checked(loop + ["--steps", str(steps), "--save-every", str(steps // 2), "--out", whole], environment)
+    run_checked(loop + ["--steps", str(steps // 2), "--save-every", str(steps // 2), "--out", half], environment)
+    run_checked(loop + ["--steps", str(steps), "--save-every", str(steps // 2), "--out", half], environment)
+    whole_log, half_log = logged_scalars(whole), logged_scalars(half)
+    whole_loss, resumed_loss = dict(whole_log["loss/total"]), dict(half_log["loss/total"])
+    after = [s for s in whole_loss if s > steps // 2 and s in resumed_loss]
+    resume_gap = max(abs(whole_loss[s] - resumed_loss[s]) for s in after)
+    # bf16 sums in another order after a restart (autotuned kernels): equal to its rounding.
+    tolerance = 0.0 if not on_gpu else 5e-2
+    first, last = whole_log["loss/total"][0][1], whole_log["loss/total"][-1][1]
+    speed = statistics.median(v for _, v in whole_log["speed/clips_per_s"][1:] or whole_log["speed/clips_per_s"])
+    wait = whole_log.get("speed/data_wait_share")
+    wait_share = statistics.median(v for _, v in wait[1:] or wait) if wait else float("nan")
+    peak = whole_log.get("memory/peak_mib")
+    peak_mib = max(v for _, v in peak) if peak else float("nan")
+
+    # ---- --compile
+    compiled = os.path.join(folder, "compiled")
+    run_checked(loop + ["--steps", str(steps), "--save-every", str(10 * steps), "--compile", "--out", compiled],
+                environment)
+    compiled_log = logged_scalars(compiled)
+    compiled_speed = statistics.median(v for _, v in compiled_log["speed/clips_per_s"][2:] or
+                                       compiled_log["speed/clips_per_s"])
+
+    # ---- host-device syncs per non-logging step: two run lengths, the difference per step
+    syncs = "n/a (CPU)"
+    if on_gpu:
+        counts = []
+        for length in (steps // 4, steps // 2):
+            out = os.path.join(folder, f"syncs-{length}")
+            flags = loop[2:] + ["--steps", str(length), "--log-every", str(10 * steps), "--save-every",
+                                str(10 * steps), "--out", out]
+            counts.append(int(run_checked([sys.executable, "-c", SYNC_COUNTER, *flags], environment).split()[-1]))
+        syncs = f"{(counts[1] - counts[0]) / (steps // 2 - steps // 4):.2f}"
+
+    # ---- the encoder alone, the augmentation alone, FLOP/s against the matmul peak
+    encoder_args = ["samplecnn", model_flags[3], str(clip_samples), str(sample_rate)]
+    alone = float(run_checked([sys.executable, "-c", ENCODER_ALONE, *encoder_args, str(batch), "5",
+                               str(args.threads)], environment).split()[-1])
+    chain = augment.build_chain(augment.DEFAULT_AUGMENT, 1.0, sample_rate)
+    views = torch.randn(2 * batch, clip_samples, device=device) * 0.3
+    generator = torch.Generator(device=device).manual_seed(0)
+    (augment_seconds,) = median_seconds([lambda: chain(views, generator)], 5, device)
+    step_seconds = batch / speed
+    flags = argparse.Namespace(train_encoder="samplecnn", train_sample_rate=sample_rate,
+                               train_width=float(model_flags[3]))
+    flops = step_flops_per_clip(flags, clip_samples) * speed
+    peak_flops = matmul_peak(args.threads, 5)
+    largest = {}
+    for checkpointing in ("0", "1"):
+        largest[checkpointing] = int(run_checked([sys.executable, "-c", LARGEST_BATCH, *encoder_args, checkpointing,
+                                                  str(args.gpu_batch_cap)], environment).split()[-1]) \
+            if on_gpu else "n/a (CPU)"
+
+    # ---- the probe on the device
+    probe_out = os.path.join(folder, "probe.json")
+    run_checked([sys.executable, "probe.py", "--checkpoint", whole, "--csv", corpus, "--label-column", "timbre",
+                 "--max-epochs", "20", "--cache-dir", os.path.join(folder, "probe-cache"), "--out", probe_out],
+                environment)
+    with open(probe_out) as f:
+        probed = json.load(f)
+    probe_accuracy = probed[0]["test"]["accuracy"]
+    if isinstance(probe_accuracy, dict):
+        probe_accuracy = probe_accuracy.get("mean")
+
+    rows = [
+        ("device", name),
+        ("settings", f"{' '.join(model_flags)} --batch-size {batch}; {steps} steps, "
+                     f"{'bf16' if on_gpu else 'fp32'}, augmentation and resampling ({source_rate} Hz cache) on the device"),
+        ("loss, first -> last logged step", f"{first:.3f} -> {last:.3f}"),
+        ("resume at step %d: largest loss difference after it" % (steps // 2), f"{resume_gap:.2g} "
+         f"({'ok' if resume_gap <= tolerance else 'FAILED'}, tolerance {tolerance:g})"),
+        ("full step (ms)", f"{1000 * step_seconds:.1f}"),
+        ("encoder + head forward and backward alone (ms)", f"{1000 * batch / alone:.1f}"),
+        ("full step / encoder alone", f"{alone / speed:.2f}x"),
+        ("--compile: full step (ms)", f"{1000 * batch / compiled_speed:.1f}"),
+        ("augmentation alone, share of a step", f"{augment_seconds / step_seconds:.1%}"),
+        ("data wait, share of a step", f"{wait_share:.1%}"),
+        ("model FLOP/s, share of the measured matmul peak",
+         f"{flops / 1e12:.2f} TFLOP/s of {peak_flops / 1e12:.1f} ({flops / peak_flops:.1%})"),
+        ("peak memory (MiB)", f"{peak_mib:,.0f}"),
+        ("host-device syncs per non-logging step", syncs),
+        ("largest batch that fits (clips), without / with activation checkpointing",
+         f"{largest['0']} / {largest['1']}"),
+        ("probe (timbre, linear head): test accuracy", f"{probe_accuracy:.3f}"),
+        ("wall time of the check (s)", f"{time.time() - started:.0f}"),
+    ]
+    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    print(table)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(f"gpu-check {time.strftime('%Y-%m-%d %H:%M')}, {name}, torch {torch.__version__}\n\n{table}\n")
+        print(f"written to {args.report}")
+    shutil.rmtree(folder, ignore_errors=True)
+    if resume_gap > tolerance:
+        raise SystemExit(f"gpu-check: the resumed run differs from the uninterrupted one by {resume_gap:.3g}")
+
+
+SECTIONS = {"augment": bench_augment, "loss": bench_loss, "train": bench_train,
+            "compare-augment": bench_compare_augment}
 
 
 def main():
     args = build_parser().parse_args()
     for name, section in SECTIONS.items():
-        if args.section in (name, "all"):
+        if args.section == name or (args.section == "all" and name != "gpu"):
             section(args)
 
 
