@@ -962,7 +962,7 @@ def bench_gpu(args):
 
 
 SECTIONS = {"augment": bench_augment, "loss": bench_loss, "train": bench_train,
-            "compare-augment": bench_compare_augment}
+            "compare-augment": bench_compare_augment, "gpu": bench_gpu}
 
 
 def main():
