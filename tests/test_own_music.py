@@ -2,6 +2,7 @@
 manifest, pretrained on, and embedded three ways (export, the probe's function, load_pretrained)."""
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import datasets
 import models
 import probe
 import train
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--encoder", "samplecnn", "--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000",
@@ -83,7 +85,7 @@ def library(tmp_path_factory):
     return (root, *build_library(root))
 
 
-def test_scan_skips_with_reasons_joins_labels_and_never_splits_an_album(library):
+def test_scan_skips_with_reasons_joins_labels_and_never_splits_an_album(library, capsys):
     root, music, labels_csv = library
     command = ["datasets.py", "scan", music, "--out", os.path.join(root, "music.csv"), "--label-from-folder",
                "artist=1", "--labels", labels_csv, "--split", "0.5,0.25,0.25", "--group-by", "-1"]
@@ -105,14 +107,16 @@ def test_scan_skips_with_reasons_joins_labels_and_never_splits_an_album(library)
     assert genres["01 - Track 1 … Static Bloom.mp3"] == "rock" and genres["01 - Track 1 … Zwei.ogg"] == ""
     assert manifest["artist"].iloc[0] in {a for a, *_ in ALBUMS}
     first = pd.read_csv(os.path.join(root, "music.csv"))
-    again = run_script(*command[:4], os.path.join(root, "again.csv"), *command[5:], "--min-seconds", "0.5", cwd=ROOT)
-    assert "1 too short" in again.stdout and "04 - Blip.wav: too short (0.10 s" in again.stdout
+    capsys.readouterr()
+    datasets.main(command[1:4] + [os.path.join(root, "again.csv")] + command[5:] + ["--min-seconds", "0.5"])
+    again = capsys.readouterr().out
+    assert "1 too short" in again and "04 - Blip.wav: too short (0.10 s" in again
     second = pd.read_csv(os.path.join(root, "again.csv"))
     kept = first[~first["path"].str.endswith("04 - Blip.wav")].reset_index(drop=True)
     assert kept["split"].tolist() == second["split"].tolist()  # deterministic: same groups, same splits
-    bad = run_script("datasets.py", "scan", music, "--out", os.path.join(root, "x.csv"), "--split", "0.9,0.2,0",
-                     cwd=ROOT)
-    assert bad.returncode == 2 and "datasets.py: error: --split" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_cli(datasets.main, ["scan", music, "--out", os.path.join(root, "x.csv"), "--split", "0.9,0.2,0"])
+    assert exit_status.value.code == 2 and "error: --split '0.9,0.2,0': give three shares" in capsys.readouterr().err
 
 
 def test_assign_splits_keeps_groups_whole_and_shares_close():
@@ -228,3 +232,40 @@ def test_decoder_warnings_are_caught_counted_and_shown_once_per_file(tmp_path, c
         with datasets.decoder_messages(path):
             pass
     assert (time.perf_counter() - start) / 1000 < 1e-3  # the redirect costs microseconds per read
+
+
+def doc_blocks(language):
+    with open(os.path.join(ROOT, "docs", "own-music.md"), encoding="utf-8") as f:
+        text = f.read()
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+# Added to the docs' commands to keep the test to seconds: a tiny model, two steps, and
+# album shares that give this small library labeled files in every split.
+SMALL = {"datasets.py": ["--split", "0.5,0.25,0.25"], "train.py": TINY + ["--steps", "2"],
+         "probe.py": ["--max-epochs", "2"]}
+
+
+def test_the_docs_commands_and_python_snippet_run_as_written(library, tmp_path, monkeypatch, capsys):
+    root, music, labels_csv = library
+    shutil.copytree(music, tmp_path / "My Music")
+    shutil.copy(labels_csv, tmp_path / "genres.csv")
+    monkeypatch.chdir(tmp_path)
+    commands = [line for line in doc_blocks("bash")[0].splitlines() if line.startswith("python ")]
+    scripts = {"datasets.py": datasets.main, "train.py": train.main, "probe.py": probe.main}
+    assert [c.split()[1] for c in commands] == ["datasets.py", "train.py", "probe.py", "probe.py"]
+    for command in commands:  # in this process: `python X.py ARGS` is X.main(ARGS)
+        words = shlex.split(command)[1:]
+        scripts[words[0]](words[1:] + SMALL[words[0]])
+    printed = capsys.readouterr().out
+    assert "| checkpoint |" in printed and os.path.isfile(tmp_path / "runs" / "my-music-probe.json")
+    x = np.load(tmp_path / "runs" / "my-music-embeddings.npy")
+    table = pd.read_csv(tmp_path / "runs" / "my-music-embeddings.csv")
+    assert len(x) == len(table) and table["path"].map(lambda p: os.path.isfile(tmp_path / "runs" / p)).all()
+    song = next(p for p in table["path"] if p.endswith(".flac"))
+    shutil.copy(tmp_path / "runs" / song, tmp_path / "song.flac")
+    result = subprocess.run([sys.executable, "-c", doc_blocks("python")[0]], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    clips = int((table["path"] == song).sum())
+    assert result.stdout.strip() == f"torch.Size([{clips}, {x.shape[1]}])"
