@@ -519,14 +519,14 @@ def make_emomusic(root, in_annotations_folder=True):
     # Song 2's artist field holds a quoted comma; both spellings must hash to train.
     train_artist = next(a for a in artists if emomusic_split(a) == emomusic_split(f"{a}, feat. X") == "train")
     folder = os.path.join(root, "annotations") if in_annotations_folder else root
-    # Padded fields (a tab after an artist), a byte-order mark and Windows line ends, as the
-    # JukeMIR and SemiSupCon readers expect (both strip every field).
+    # Text fields padded with tabs, as in the official songs_info.csv (JukeMIR's and
+    # SemiSupCon's readers strip every field), a byte-order mark and Windows line ends.
     write_text(os.path.join(folder, "songs_info.csv"),
                "\ufeffsong_id,file_name,Artist,Song title,start of the segment (min.sec),end of the segment (min.sec),"
                "Genre,Mediaeval 2013 set\n"
                f"2,2.mp3,\"{train_artist}, feat. X\",Song,0.00,0.45,Blues,development\n"
                f"3,3.mp3,{val_artist}\t,Song,0.00,0.45,Blues,development\t\n"
-               f"4,4.mp3,{train_artist},Song,0.00,0.45,Rock,evaluation\n"
+               f"4,4.mp3\t,{train_artist}\t,Song\t,0.00,0.45,Rock\t,evaluation\n"
                f"5,5.mp3,{train_artist},Song,0.00,0.45,Rock,development\n")
     write_text(os.path.join(folder, "static_annotations.csv"),
                "song_id, mean_arousal, std_arousal, mean_valence, std_valence\r\n"
