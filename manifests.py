@@ -257,7 +257,7 @@ def _keep_present(name, rows, extra=None):
         kept.append({**row, "path": found})
     if rows and not kept:
         raise MissingFileError(f"{name}: none of the {len(rows)} referenced audio files exists, "
-                                f"e.g. {rows[0]['path']}; check --root and the layout in the README")
+                                f"e.g. {rows[0]['path']}; check --root and the layout in docs/datasets.md")
     if absent:
         print(f"{name}: dropped {len(absent)} of {len(rows)} rows whose audio is absent, e.g. {absent[0]}")
     if empty:
