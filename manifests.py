@@ -903,6 +903,9 @@ def build_manifest(name, root):
     """
     if name not in BUILDERS:
         raise FormatError(f"unknown data set {name!r}; choose one of {sorted(BUILDERS)}")
+    if not os.path.isdir(root):
+        raise MissingFileError(f"{name}: {root} is not a folder; pass --root, the folder holding the data set's "
+                               f"official files (docs/datasets.md)")
     return BUILDERS[name](root)
 
 

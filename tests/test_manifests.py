@@ -759,8 +759,15 @@ def test_medleydb_reads_the_official_metadata_files_when_a_copy_is_at_hand():
 
 # ---------------------------------------------------------------- registry and command line
 
+@pytest.mark.parametrize("name", sorted(manifests.BUILDERS))
+def test_a_missing_root_is_a_user_error_for_every_builder(tmp_path, name):
+    with pytest.raises(manifests.MissingFileError, match="is not a folder; pass --root"):
+        manifests.build_manifest(name, str(tmp_path / "absent"))
+
+
 def test_builders_cover_the_documented_names():
-    assert set(manifests.BUILDERS) == set(manifests.LABELS)
+    assert set(manifests.BUILDERS) == set(manifests.LABELS) == set(manifests.DATA_FOLDERS)
+    assert {data_set for data_set, *_ in manifests.PAPER_PROBES} <= set(manifests.BUILDERS)
     with pytest.raises(ValueError, match="unknown data set 'fma'"):
         manifests.build_manifest("fma", "anywhere")
 
