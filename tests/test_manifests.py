@@ -86,7 +86,8 @@ def make_magnatagatune(root, extra_line=None):
             write_placeholder(os.path.join(root, mp3_path))
     if extra_line is not None:
         lines.append(extra_line)
-    write_text(os.path.join(root, "annotations_final.csv"), "\n".join(lines) + "\n")
+    # As the official file: every field quoted, tab-separated, Windows line ends.
+    write_text(os.path.join(root, "annotations_final.csv"), "\r\n".join(lines) + "\r\n")
     return tags
 
 
