@@ -2,10 +2,14 @@
 
 Every transform is a plain function of the audio and explicit per-example parameter
 tensors (so tests can call it with known values), paired with a sampler that draws those
-parameters. `build_chain(names, severity)` turns a list of transform names into a `Chain`
-that, for each example of a batch, decides whether to augment it at all (probability
-min(1, 0.8·s)), then whether to apply each transform (its own probability), draws the
-parameters per example and applies the transform to all chosen examples at once. A final
+parameters. `build_chain(names, severity)` turns a list of transform names into a `Chain`.
+
+The chain samples what the authors' chain samples (torch-audiomentations 0.12 plus their
+own Delay, called once per clip on its views; METHOD.md, "What the authors' code actually
+samples"): whether to augment at all is decided once per clip (probability min(1, 0.8·s)),
+so a clip's views are augmented together or both left clean; the filter type is drawn once
+per clip; each transform's own probability and parameters are drawn per view. The caller
+says which rows are views of one clip (`views`: rows [k·V, (k+1)·V) are clip k). A final
 peak guard scales down any example whose peak exceeds 1.
 
 Severity s scales every range and probability in one place only: `SEVERITY_TABLE` below.
@@ -15,14 +19,22 @@ extra transforms of the robustness study, the strong end of each range at s = 1 
 study's setting, ranges widen with s, and each applies with probability min(1, s) (the
 study applies them with p = 1).
 
+No host-device synchronisation happens inside a chain call: every decision and small
+parameter is drawn on the host (a CPU generator derived from the caller's), so the chain
+knows which rows each transform touches without reading the device; only the noise
+tensors are drawn on the batch's device. docs/augmentations.md compares the chain with the
+authors' side by side.
+
 Usage:
     chain = build_chain(parse_augment("gain,noise,pitch"), severity=1.0, sample_rate=22050)
-    views = chain(views, generator)          # [B, T] -> [B, T], same dtype and device
+    views = chain(views, generator, views=2)   # [B, T] -> [B, T], same dtype and device
 """
 
 import bisect
 import contextlib
+import hashlib
 import math
+from fractions import Fraction
 from functools import lru_cache
 
 import torch
@@ -34,7 +46,7 @@ import torch.nn.functional as F
 # Frequencies in Hz, times in ms unless named otherwise.
 # ---------------------------------------------------------------------------------------
 SEVERITY_TABLE = {
-    # The paper's chain (METHOD.md).
+    # The paper's chain (METHOD.md), as the authors' configuration builds it.
     "gain": lambda s: {"p": min(0.7, 0.4 * s), "gain_db": (-15 * s, 5 * s)},
     "polarity": lambda s: {"p": min(0.8, 0.6 * s)},
     "noise": lambda s: {"p": min(0.8, 0.6 * s), "snr_db": (3 / s, 30 / s), "decay": (-2 * s, 2 * s)},
@@ -42,15 +54,17 @@ SEVERITY_TABLE = {
         "p": min(0.6, 0.3 * s),
         "band_centre_hz": (200.0, 4000.0),
         "band_fraction": (min(0.5 * s, 1.99), 1.99),
-        "high_pass_hz": (200 * s, 2400 * s),
+        "high_pass_hz": (200 * s, 2400 * s),  # the top is also capped at half the sample rate
         "low_pass_hz": (min(max(75, 150 / s), 7500 / max(1, s)), 7500 / max(1, s)),
     },
     "pitch": lambda s: {"p": min(0.75, 0.6 * s), "semitones": (-4 * s, 4 * s)},
+    # Volume, repeats and attenuation are centres: each view draws centre - step or
+    # centre + step with equal chance (DELAY_STEPS), as the authors' Delay does.
     "delay": lambda s: {
         "p": min(0.6, 0.6 * s),
         "delay_ms": (min(100 / s, 500.0), 500.0),
         "volume": 0.5 * s,
-        "repeats": max(1, round(2 * s)),
+        "repeats": int(2 * s),
         "attenuation": min(1.0, 0.5 * s),
     },
     # The robustness study's extra transforms (study setting = strong end at s = 1).
@@ -85,61 +99,114 @@ LABEL_CHANGES = {name: set() for name in TRANSFORM_NAMES}
 LABEL_CHANGES["pitch"] = {"pitch", "pitch_class", "key"}
 LABEL_CHANGES["stretch"] = {"tempo"}
 
-CHAIN_PROBABILITY_SLOPE = 0.8  # the whole chain applies with probability min(1, 0.8·s)
+CHAIN_PROBABILITY_SLOPE = 0.8  # the whole chain applies with probability min(1, 0.8·s), per clip
+DELAY_STEPS = {"volume": 0.2, "repeats": 1, "attenuation": 0.2}  # each view: centre ± step
+
+# Pitch-shift sets: "fast" (default) draws uniformly among the ratios torch-pitch-shift
+# calls fast for the sample rate (what the authors' chain applied, so what the paper's
+# numbers come from); "continuous" draws semitones uniformly in the range (the paper's
+# description), quantized to PITCH_STEP so that examples can be resampled in groups.
+PITCH_SHIFT_SETS = ("fast", "continuous")
+PITCH_STEP = 0.25  # semitones
 
 # WSOLA time scaling (pitch shift and time stretch): 93 ms grains at 22.05 kHz overlapping
 # by half (long grains mean few sequential alignment steps); each grain may move up to
 # 256 samples (one period of an 86 Hz tone) to line up with its predecessor.
 WSOLA_GRAIN = 2048
 WSOLA_SEARCH = 256
-PITCH_STEP = 0.25  # semitones; shifts are quantized so that examples can be resampled in groups
+
+# Parameters a transform needs on the host (loop bounds, FFT sizes, groups); the chain
+# passes them as CPU tensors and the transform moves what it computes with itself.
+HOST_PARAMETERS = {"pitch": {"semitones"}, "delay": {"lag", "repeats"}, "stretch": {"rate"}}
 
 
 # ---------------------------------------------------------------------------------------
 # Random draws
 # ---------------------------------------------------------------------------------------
+def host_generator(generator):
+    """A CPU generator for the host-side draws of one chain call.
+
+    A CPU generator is used as it is. A device generator seeds a fresh CPU generator from
+    its state (which torch keeps on the host: reading it does not synchronise) and is
+    then advanced by one draw, so that the next call gets another seed and a restored
+    generator state replays the same draws. None means torch's global CPU generator.
+    """
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    digest = hashlib.sha256(generator.get_state().numpy().tobytes()).digest()
+    torch.rand(1, generator=generator, device=generator.device)  # advance: the next call differs
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 class Draw:
     """Random draws for one chain call, reproducible under a `torch.Generator`.
 
-    Small per-example parameters are drawn on the generator's own device (CPU or the
-    batch's device) and then moved to the batch's device. Large noise tensors are drawn
-    directly on the batch's device, from a generator seeded once from the given one when
-    the two devices differ, so no large tensor crosses devices.
+    Decisions and per-example parameters are small: they are drawn on the host, from
+    `host_generator(generator)`, and returned as CPU tensors, so that choosing rows and
+    sizing loops never reads the device. Large noise tensors are drawn directly on the
+    batch's device: from the given generator when it lives there, otherwise from a
+    generator seeded once from the host draws, so that no large tensor crosses devices.
     """
 
     def __init__(self, generator, device):
         self.generator = generator
         self.device = torch.device(device)
-        self.draw_device = generator.device if generator is not None else self.device
+        self.host = host_generator(generator)
         self.noise_generator = None
 
     def uniform(self, low, high, n):
-        """`[n]` floats uniform in [low, high] on the batch's device."""
-        u = torch.rand(n, generator=self.generator, device=self.draw_device)
-        return (low + (high - low) * u).to(self.device)
+        """`[n]` floats uniform in [low, high], on the host."""
+        return low + (high - low) * torch.rand(n, generator=self.host)
 
     def log_uniform(self, low, high, n):
         """`[n]` floats whose logarithm is uniform between log(low) and log(high)."""
         return torch.exp(self.uniform(math.log(low), math.log(high), n))
 
+    def mel_uniform(self, low, high, n):
+        """`[n]` frequencies (Hz) uniform on the mel scale between low and high Hz, as
+        torch-audiomentations draws filter frequencies."""
+        return mels_to_hz(self.uniform(hz_to_mels(low), hz_to_mels(high), n))
+
     def integers(self, low, high, n):
-        """`[n]` int64 uniform in [low, high] inclusive."""
-        values = torch.randint(low, high + 1, (n,), generator=self.generator, device=self.draw_device)
-        return values.to(self.device)
+        """`[n]` int64 uniform in [low, high] inclusive, on the host."""
+        return torch.randint(low, high + 1, (n,), generator=self.host)
+
+    def choice(self, values, n):
+        """`[n]` elements of the sequence `values`, each uniformly chosen, on the host."""
+        return torch.as_tensor(values)[self.integers(0, len(values) - 1, n)]
 
     def chance(self, p, n):
-        """`[n]` booleans, each True with probability p."""
-        return self.uniform(0.0, 1.0, n) < p
+        """`[n]` booleans, each True with probability p, on the host."""
+        return torch.rand(n, generator=self.host) < p
 
     def normal(self, shape):
         """Standard normal float32 tensor of `shape` drawn on the batch's device."""
-        if self.generator is None or self.generator.device == self.device:
+        if self.generator is not None and self.generator.device == self.device:
             return torch.randn(shape, generator=self.generator, device=self.device)
+        if self.generator is None:
+            return torch.randn(shape, device=self.device)
         if self.noise_generator is None:
-            seed = torch.randint(2**62, (1,), generator=self.generator, device=self.draw_device)
-            self.noise_generator = torch.Generator(device=self.device)
-            self.noise_generator.manual_seed(int(seed))
+            seed = int(torch.randint(2**62, (1,), generator=self.host))
+            self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)
         return torch.randn(shape, generator=self.noise_generator, device=self.device)
+
+
+def hz_to_mels(f):
+    """Hz to mels (the HTK formula torch-audiomentations uses); float or tensor."""
+    return 2595.0 * (torch.log10(1.0 + f / 700.0) if torch.is_tensor(f) else math.log10(1.0 + f / 700.0))
+
+
+def mels_to_hz(m):
+    """Mels to Hz, the inverse of `hz_to_mels`."""
+    return 700.0 * (10 ** (m / 2595.0) - 1.0)
+
+
+def to_device(value, device):
+    """Move a tensor to `device` without blocking the host (a host-to-device copy needs
+    no synchronisation); other values pass through."""
+    if not torch.is_tensor(value):
+        return value
+    return value.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,7 +281,9 @@ def time_scale(x, rate, length):
 
     Args:
         x: `[B, L]` input.
-        rate: `[B]` input samples consumed per output sample (> 1 faster, < 1 slower).
+        rate: `[B]` input samples consumed per output sample (> 1 faster, < 1 slower), on
+            the host: the padding depends on it (a device tensor is copied to the host,
+            which synchronises).
         length: output length T.
     Returns:
         `[B, T]`.
@@ -224,9 +293,10 @@ def time_scale(x, rate, length):
     grain, search = WSOLA_GRAIN, WSOLA_SEARCH
     hop = overlap = grain // 2
     grains = math.ceil(length / hop) + 1
-    base = torch.round(torch.arange(grains, device=device) * hop * rate[:, None]).long()  # [B, G] ideal reads
+    base = torch.round(torch.arange(grains) * hop * rate.cpu().double()[:, None]).long()  # [B, G] ideal reads
     left = grain // 2 + search  # padding so that grain 0 is centred on sample 0
     padded_length = int(base.max()) + 2 * search + grain
+    base = to_device(base, device)
     padded = F.pad(x, (left, max(0, padded_length - left - input_length)))  # [B, >= P]
     row_index = torch.arange(batch, device=device)
     rows = row_index[:, None]
@@ -291,79 +361,91 @@ def sample_polarity(n, length, setting, draw, sample_rate):
 
 
 def noise(x, snr_db, decay, white):
-    """Add colored noise at a given signal-to-noise ratio.
+    """Add colored noise at a given signal-to-noise ratio, shaped as torch-audiomentations 0.12 shapes it.
 
-    The noise power spectrum falls as 1/f^decay: decay -2 violet, -1 blue, 0 white,
-    1 pink, 2 brown. The noise is shaped from `white` in the frequency domain (one inverse
-    FFT for the batch), then scaled so that rms(x) / rms(noise) = 10^(snr_db / 20).
+    One second of white noise (`white`, S samples at the sample rate, so FFT bin k is
+    k Hz) is multiplied in the frequency domain by the amplitude mask m^(-decay), with m
+    rising linearly from 1 at DC to sqrt(S / 2) at the Nyquist frequency; it is brought
+    to unit RMS over that second, repeated to the clip's length, and scaled so that
+    rms(x) / rms(noise) = 10^(snr_db / 20). Well above sqrt(S / 2) Hz (105 Hz at
+    22.05 kHz) the power falls by 6.02·decay dB per octave and it flattens below, about
+    5.2·decay dB per octave over 125 Hz - 8 kHz: decay -2 violet, 0 white, 2 brown.
     Silence stays silent.
 
     Args:
         x: `[B, T]` audio; snr_db, decay: `[B]`.
-        white: `[B, T // 2 + 1, 2]` standard normal (real and imaginary parts).
+        white: `[B, S]` standard normal, one second at the sample rate.
     """
-    length = x.shape[-1]
-    log_frequency = torch.arange(white.shape[1], device=x.device, dtype=x.dtype).log()  # [F] log bin index
-    shape = torch.exp(-0.5 * decay[:, None] * log_frequency)  # [B, F], amplitude ~ f^(-decay/2)
-    shape[:, 0] = 0  # no DC
-    colored = torch.fft.irfft(torch.view_as_complex(white) * shape, n=length)  # [B, T]
-    scale = rms(x) / (rms(colored) * torch.pow(10.0, snr_db / 20)).clamp(min=1e-12)
+    length, second = x.shape[-1], white.shape[-1]
+    spectrum = torch.fft.rfft(white)  # [B, S // 2 + 1]
+    bins = spectrum.shape[-1]
+    log_m = torch.linspace(1, math.sqrt(second / 2), bins, device=x.device).log()  # [F]
+    mask = torch.exp(-decay[:, None] * log_m)  # [B, F]
+    shaped = torch.fft.irfft(spectrum * mask, n=2 * (bins - 1))  # [B, S] (S - 1 for odd S)
+    shaped = shaped / (rms(shaped)[:, None] + 1e-8)
+    colored = shaped.repeat(1, math.ceil(length / shaped.shape[-1]))[:, :length]  # [B, T]
+    scale = rms(x) / torch.pow(10.0, snr_db / 20)
     return torch.addcmul(x, colored, scale[:, None])
 
 
 def sample_noise(n, length, setting, draw, sample_rate):
     """Draw `noise` parameters for n examples of length T.
 
-    SNR and spectral decay uniform in their ranges, plus the white spectrum to shape.
+    SNR and spectral decay uniform in their ranges, plus a second of white noise to shape.
     """
     return {
         "snr_db": draw.uniform(*setting["snr_db"], n),
         "decay": draw.uniform(*setting["decay"], n),
-        "white": draw.normal((n, length // 2 + 1, 2)),
+        "white": draw.normal((n, sample_rate)),
     }
 
 
 FILTER_KINDS = ("band_pass", "band_stop", "high_pass", "low_pass")
-FILTER_ORDER = 4  # Butterworth order: 24 dB per octave beyond a low- or high-pass cutoff
+FILTER_EXPONENT = 8  # low-pass magnitude 1 / (1 + (f / f_c)^8): 48 dB per octave beyond the cut-off
+
+
+def low_pass_response(f, cutoff):
+    """Low-pass magnitude 1 / (1 + (f / cutoff)^FILTER_EXPONENT) at frequencies `f`.
+
+    0.5 (-6 dB) at the cut-off, as a windowed-sinc low-pass (julius, which
+    torch-audiomentations uses) is, and amplitude complementary: 1 minus it is the
+    matching high-pass, as x minus the low-passed x is there.
+    """
+    return torch.reciprocal(1 + (f / cutoff).pow(FILTER_EXPONENT))
 
 
 def filter_response(kind, frequency_hz, bandwidth, bins, sample_rate):
-    """Butterworth magnitude responses on a grid of `bins` frequencies from 0 to sr / 2.
+    """Zero-phase magnitude responses on a grid of `bins` frequencies from 0 to sr / 2.
 
-    Low/high-pass: |H| = 1 / sqrt(1 + u^(2n)) with u = f / f_c or f_c / f. Band-pass and
-    band-stop use the analog band transform u = (f² - f0²) / (f·B) (or its inverse), so
-    the -3 dB edges sit where |f² - f0²| = f·B, with B = bandwidth · f0. All four are
-    written as u = (a·f² + b) / (c·f) with per-example a, b, c, and |u|^(±2n), so the
-    batch shares one formula.
+    Built from low-passes L_c as torch-audiomentations builds its four filters: low-pass
+    L_c, high-pass 1 - L_c, band-pass L_hi - L_lo with edges lo, hi = f0·(1 ∓ bandwidth / 2),
+    band-stop 1 - (L_hi - L_lo). Every edge is at -6 dB.
 
     Args:
         kind: `[B]` int64 index into FILTER_KINDS.
-        frequency_hz: `[B]` centre (band filters) or cutoff (high/low-pass).
-        bandwidth: `[B]` bandwidth as a fraction of the centre (band filters only).
+        frequency_hz: `[B]` centre f0 (band filters) or cut-off (high/low-pass).
+        bandwidth: `[B]` band width as a fraction of the centre (band filters only).
     Returns:
         `[B, bins]` magnitudes in [0, 1].
     """
-    # DC is evaluated at 1 mHz instead, where every formula is finite (0 / 0 at DC otherwise).
-    f = torch.linspace(0, sample_rate / 2, bins, device=frequency_hz.device).clamp(min=1e-3)  # [F]
-    f0 = frequency_hz
-    is_band = kind < 2
-    a = torch.where(is_band | (kind == 3), 1.0, 0.0)  # [B]
-    b = torch.where(is_band, -f0.pow(2), torch.where(kind == 2, f0, 0.0))
-    c = torch.where(is_band, bandwidth * f0, torch.where(kind == 2, 1.0, f0))
-    exponent = torch.where(kind == 1, -2.0, 2.0) * FILTER_ORDER  # band-stop inverts u
-    u = (a[:, None] * f.pow(2) + b[:, None]) / (c[:, None] * f)  # [B, F]
-    # Overflow to inf (|u| huge, or 0 to a negative power) correctly gives a magnitude of 0.
-    return torch.rsqrt(1 + u.abs().pow(exponent[:, None]))
+    f = torch.linspace(0, sample_rate / 2, bins, device=frequency_hz.device)  # [F]
+    f0, half = frequency_hz[:, None], 0.5 * bandwidth[:, None]  # [B, 1]
+    is_band = (kind < 2)[:, None]
+    upper = low_pass_response(f, torch.where(is_band, f0 * (1 + half), f0))  # [B, F]
+    # A lower edge at (or below) 0 Hz passes nothing below it: its low-pass is 0 (inf power).
+    lower = low_pass_response(f, (f0 * (1 - half)).clamp(min=1e-3))
+    response = torch.where(is_band, upper - lower, upper)  # band-pass or low-pass
+    is_complement = ((kind == 1) | (kind == 2))[:, None]  # band-stop and high-pass
+    return torch.where(is_complement, 1 - response, response)
 
 
 def band_filter(x, kind, frequency_hz, bandwidth, sample_rate):
     """One of band-pass, band-stop, high-pass or low-pass per example.
 
     Applied as a zero-phase magnitude mask on the FFT of the zero-padded clip rather than
-    as biquads: one FFT pair filters the whole batch whatever kind and frequency each
-    example has, the response is exactly the designed one, and nothing runs sequentially
-    over time (a biquad is a recursion, slow on GPUs). The padding (>= 250 ms) keeps the
-    filter's ringing from wrapping around the clip.
+    as time-domain filters: one FFT pair filters the whole batch whatever kind and
+    frequency each example has, and nothing runs sequentially over time. The padding
+    (>= 250 ms) keeps the filter's ringing from wrapping around the clip.
 
     Args:
         x: `[B, T]`; kind, frequency_hz, bandwidth: `[B]` (see `filter_response`).
@@ -376,18 +458,19 @@ def band_filter(x, kind, frequency_hz, bandwidth, sample_rate):
     return torch.fft.irfft(filtered, n=size)[:, :length]
 
 
-def sample_filter(n, length, setting, draw, sample_rate):
+def sample_filter(n, length, setting, draw, sample_rate, kind=None):
     """Draw `band_filter` parameters for n examples of length T.
 
-    Kind uniform among FILTER_KINDS; frequencies log-uniform (close to the reference's
-    mel-uniform draw), below 0.9 x Nyquist.
+    Kind as given (the chain draws it once per clip) or uniform among FILTER_KINDS;
+    centre and cut-off frequencies uniform on the mel scale, cut-offs at most half the
+    sample rate; band width fraction uniform.
     """
-    kind = draw.integers(0, len(FILTER_KINDS) - 1, n)
-    top = 0.9 * sample_rate / 2
-    centre = draw.log_uniform(*setting["band_centre_hz"], n).clamp(max=top)
-    high_low, high_high = setting["high_pass_hz"]
-    high_pass = draw.log_uniform(min(high_low, top), min(high_high, top), n)
-    low_pass = draw.log_uniform(*setting["low_pass_hz"], n).clamp(max=top)
+    if kind is None:
+        kind = draw.integers(0, len(FILTER_KINDS) - 1, n)
+    nyquist = sample_rate / 2
+    centre = draw.mel_uniform(*setting["band_centre_hz"], n)
+    high_pass = draw.mel_uniform(*(min(f, nyquist) for f in setting["high_pass_hz"]), n)
+    low_pass = draw.mel_uniform(*(min(f, nyquist) for f in setting["low_pass_hz"]), n)
     return {
         "kind": kind,
         "frequency_hz": torch.where(kind < 2, centre, torch.where(kind == 2, high_pass, low_pass)),
@@ -408,14 +491,14 @@ def smooth_lengths(limit):
 
 
 @lru_cache(maxsize=None)
-def resampling_sizes(length, step):
-    """FFT sizes (n_in, n_out) for shifting a `length`-sample clip by `step` PITCH_STEPs.
+def resampling_sizes(length, semitones):
+    """FFT sizes (n_in, n_out) for shifting a `length`-sample clip by `semitones`.
 
     The clip is zero-padded to n_in and resampled to n_out samples: both are fast FFT
-    sizes, n_in is at most 6% above `length`, and n_out / n_in matches 2^(-step·PITCH_STEP/12)
+    sizes, n_in is at most 6% above `length`, and n_out / n_in matches 2^(-semitones/12)
     to better than 0.1% (0.02 semitone) for clips of a few thousand samples or more.
     """
-    ratio = 2 ** (-step * PITCH_STEP / 12)
+    ratio = 2 ** (-semitones / 12)
     sizes = smooth_lengths(int(2 * length * max(1.0, ratio)) + 64)
     best = None
     for n_in in sizes[bisect.bisect_left(sizes, length) :]:
@@ -429,6 +512,23 @@ def resampling_sizes(length, step):
     return best[1], best[2]
 
 
+@lru_cache(maxsize=None)
+def fast_pitch_shifts(sample_rate, low_semitones, high_semitones):
+    """The pitch shifts (semitones, ascending) that torch-pitch-shift calls fast for a
+    sample rate, between low and high semitones.
+
+    torch-pitch-shift lists every ratio d / e of two divisors d, e > 1 of the sample rate
+    (resampling by such a ratio works with small integers); torch-audiomentations'
+    PitchShift keeps those from 2^(low/12) to 2^(high/12) other than 1 and draws one
+    uniformly per example. At 22,050 Hz within ±4 semitones: 14 shifts, ±0.35, 1.19,
+    1.47, 1.82, 2.67, 3.02 and 3.16; at 16,000 Hz: 4, ±0.41 and 3.86.
+    """
+    divisors = [d for d in range(2, sample_rate + 1) if sample_rate % d == 0]
+    low, high = Fraction(2.0 ** (low_semitones / 12)), Fraction(2.0 ** (high_semitones / 12))
+    ratios = {Fraction(d, e) for d in divisors for e in divisors}
+    return tuple(sorted(12 * math.log2(r) for r in ratios if low <= r <= high and r != 1))
+
+
 def pitch(x, semitones):
     """Shift pitch by `semitones` `[B]`, keeping tempo and length.
 
@@ -436,18 +536,24 @@ def pitch(x, semitones):
     frequencies by r; WSOLA (`time_scale`) then restores the length T without touching
     pitch, all examples in one pass. Resampling truncates or zero-pads the spectrum of the
     zero-padded clip (exact band-limited resampling, no filter kernel to build or cache),
-    one FFT pair per group of examples sharing a shift: shifts are quantized to
-    PITCH_STEP semitones so that groups form, and examples are sorted by shift so that
-    each group is a contiguous slice. The FFT sizes come from `resampling_sizes`.
+    one FFT pair per group of examples sharing a shift (the samplers draw from a few
+    values so that groups form); examples are sorted by shift so that each group is a
+    contiguous slice. The FFT sizes come from `resampling_sizes`.
+
+    Args:
+        x: `[B, T]`.
+        semitones: `[B]` on the host: the groups and FFT sizes are decided there (a
+            device tensor is copied to the host, which synchronises).
     """
     batch, length = x.shape
-    steps = torch.round(semitones / PITCH_STEP).long()  # [B]
-    order = torch.argsort(steps)
-    values, counts = torch.unique_consecutive(steps[order], return_counts=True)
-    values, counts = values.tolist(), counts.tolist()  # syncs with the device once
+    semitones = semitones.cpu()
+    order = torch.argsort(semitones, stable=True)  # [B] host
+    values, counts = torch.unique_consecutive(semitones[order], return_counts=True)
+    values, counts = values.tolist(), counts.tolist()
     sizes = [resampling_sizes(length, value) for value in values]
     kept = [math.ceil(length * n_out / n_in) for n_in, n_out in sizes]  # resampled clip, without the padding
-    x_sorted = x[order]  # [B, T], sorted by shift
+    order_on_device = to_device(order, x.device)
+    x_sorted = x[order_on_device]  # [B, T], sorted by shift
     resampled = x.new_zeros(batch, max(kept))  # [B, L_max]
     first = 0
     with one_cpu_thread(x.device):  # many groups of a few examples each: see one_cpu_thread
@@ -458,52 +564,77 @@ def pitch(x, semitones):
             spectrum = torch.fft.rfft(x_sorted[group], n=n_in, norm="forward")  # [count, n_in // 2 + 1]
             resampled[group, :n_kept] = torch.fft.irfft(spectrum, n=n_out, norm="forward")[:, :n_kept]
             first += count
-    rate = torch.tensor([n_out / n_in for n_in, n_out in sizes], device=x.device)
-    rate = rate.repeat_interleave(torch.tensor(counts, device=x.device))  # [B]
+    rate = torch.tensor([n_out / n_in for n_in, n_out in sizes]).repeat_interleave(torch.tensor(counts))  # [B] host
     out = torch.empty_like(x)
-    out[order] = time_scale(resampled, rate, length)
-    return torch.where(steps[:, None] == 0, x, out)  # a shift that rounds to 0 leaves the example as it is
+    out[order_on_device] = time_scale(resampled, rate, length)
+    is_unshifted = to_device(semitones == 0, x.device)  # a zero shift leaves the example as it is
+    return torch.where(is_unshifted[:, None], x, out)
 
 
 def sample_pitch(n, length, setting, draw, sample_rate):
     """Draw `pitch` parameters for n examples of length T.
 
-    Semitones uniform in the setting's range.
+    setting["shifts"] "fast" (the default): uniform among `fast_pitch_shifts` of the
+    sample rate within the range, as the authors' chain (no shift when the range holds
+    none); "continuous": uniform in the range, rounded to PITCH_STEP semitones.
     """
-    return {"semitones": draw.uniform(*setting["semitones"], n)}
+    low, high = setting["semitones"]
+    if setting.get("shifts", "fast") == "continuous":
+        return {"semitones": torch.round(draw.uniform(low, high, n) / PITCH_STEP) * PITCH_STEP}
+    shifts = fast_pitch_shifts(sample_rate, low, high)
+    return {"semitones": draw.choice(shifts, n) if shifts else torch.zeros(n)}
 
 
 def delay(x, lag, volume, repeats, attenuation):
-    """Echoes: y[t] = x[t] + volume · sum_{i=1..repeats} attenuation^(i-1) · x[t - i·lag].
+    """The authors' Delay: y[t] = (x[t] + volume · sum_{i=0}^{repeats-1} attenuation^i · x[t - i·lag]) / 2.
+
+    The i = 0 copy is not delayed, so one repeat only scales the clip by (1 + volume) / 2,
+    three repeats give two echoes, and zero repeats halve the clip. Copies delayed beyond
+    the clip's end vanish.
 
     Args:
-        x: `[B, T]`; lag: `[B]` int64 delay in samples (>= 1).
-        volume, attenuation: `[B]`; repeats: python int, echoes per example.
+        x: `[B, T]`.
+        lag: `[B]` int64 delay in samples (>= 1), and repeats: `[B]` int64 (a negative
+            count counts as 0), on the host (they size the loop); python ints also work.
+        volume, attenuation: `[B]`.
     """
-    length = x.shape[-1]
-    max_shift = min(length, repeats * int(lag.max()))
+    batch, length = x.shape
+    lag = torch.as_tensor(lag).cpu().expand(batch)
+    repeats = torch.as_tensor(repeats).cpu().expand(batch).clamp(min=0)
+    copies = int(repeats.max())
+    shifts = torch.arange(copies)[:, None] * lag  # [copies, B] host: copy i of example b is delayed by i·lag_b
+    is_copy = torch.arange(copies)[:, None] < repeats  # [copies, B] host
+    max_shift = min(length, int((shifts * is_copy).max())) if copies else 0
     windows = F.pad(x, (max_shift, 0)).unfold(1, length, 1)  # [B, max_shift + 1, T], a view
-    rows = torch.arange(x.shape[0], device=x.device)
-    out = x.clone()
-    for i in range(1, repeats + 1):
-        echo = windows[rows, max_shift - (i * lag).clamp(max=max_shift)]  # [B, T], x delayed by i·lag
-        out.addcmul_(echo, (volume * attenuation.pow(i - 1))[:, None])
-    return out
+    # A copy delayed by T or more reads window 0, which is all padding when max_shift = T.
+    starts = to_device(max_shift - shifts.clamp(max=max_shift), x.device)  # [copies, B]
+    is_copy = to_device(is_copy, x.device)
+    rows = torch.arange(batch, device=x.device)
+    attenuation, volume = to_device(attenuation, x.device), to_device(volume, x.device)
+    delayed = torch.zeros_like(x)
+    for i in range(copies):
+        weight = torch.where(is_copy[i], attenuation.pow(i), 0.0)  # [B]
+        delayed.addcmul_(windows[rows, starts[i]], weight[:, None])
+    return (x + volume[:, None] * delayed) / 2
 
 
 def sample_delay(n, length, setting, draw, sample_rate):
-    """Draw `delay` parameters for n examples of length T.
+    """Draw `delay` parameters for n examples of length T, as the authors' Delay.
 
-    Delay uniform in ms, turned into whole samples; volume, repeats and attenuation
-    fixed by severity.
+    Lag uniform among whole samples from int(min_ms·sr/1000) to int(max_ms·sr/1000);
+    volume, repeats and attenuation each centre - step or centre + step with equal
+    chance (DELAY_STEPS): at s = 1, volume 0.3 or 0.7, repeats 1 or 3, attenuation 0.3 or 0.7.
     """
-    delay_ms = draw.uniform(*setting["delay_ms"], n)
+    low_ms, high_ms = setting["delay_ms"]
+
+    def either(name):
+        return setting[name] + DELAY_STEPS[name] * (2 * draw.integers(0, 1, n) - 1)  # [n]
+
     return {
-        # On clips shorter than twice the delay, the echo is brought within the clip's first half.
-        "lag": (delay_ms * sample_rate / 1000).round().long().clamp(min=1, max=max(1, length // 2)),
-        "volume": torch.full((n,), setting["volume"], device=draw.device),
-        "repeats": setting["repeats"],
-        "attenuation": torch.full((n,), setting["attenuation"], device=draw.device),
+        "lag": draw.integers(max(1, int(low_ms * sample_rate / 1000)), max(1, int(high_ms * sample_rate / 1000)), n),
+        "volume": either("volume").float(),
+        "repeats": either("repeats"),
+        "attenuation": either("attenuation").float(),
     }
 
 
@@ -559,7 +690,7 @@ def sample_splice(n, length, setting, draw, sample_rate):
     count = draw.integers(low, high, n)  # [n]
     gap_ms = torch.stack([draw.uniform(*setting["gap_ms"], n) for _ in range(high)], 1)  # [n, G]
     gap_length = (gap_ms * sample_rate / 1000).round().long()
-    gap_length = gap_length * (torch.arange(high, device=draw.device) < count[:, None])  # unused gaps get length 0
+    gap_length = gap_length * (torch.arange(high) < count[:, None])  # unused gaps get length 0
     starts = torch.stack([draw.uniform(0, 1, n) for _ in range(high)], 1)  # [n, G]
     return {
         "gap_start": (starts * length).long().clamp(max=length - 1),
@@ -584,7 +715,7 @@ def reverb(x, impulse, wet):
 def sample_reverb(n, length, setting, draw, sample_rate):
     """Synthetic room: Gaussian noise decaying by 60 dB over RT60 seconds, with a high
     band that dies out faster (air and wall absorption), unit energy."""
-    rt60 = draw.uniform(*setting["rt60_s"], n)  # [n] seconds
+    rt60 = to_device(draw.uniform(*setting["rt60_s"], n), draw.device)  # [n] seconds
     impulse_length = max(1, min(length, round(setting["rt60_s"][1] * sample_rate)))
     t = torch.arange(impulse_length, device=draw.device) / sample_rate
     envelope = torch.exp(-6.91 * t / rt60[:, None])  # [n, L]; exp(-6.91) = -60 dB
@@ -740,11 +871,13 @@ def codec(x, cutoff_hz, snr_db, sample_rate):
     frequency = torch.linspace(0, sample_rate / 2, bins, device=x.device)
     spec = spec * (frequency[None, :] <= cutoff_hz[:, None])[:, :, None]
     parts = torch.view_as_real(spec)  # [B, F, N, 2]
-    band_of_bin = torch.div(torch.arange(bins, device=x.device) * CODEC_BANDS, bins, rounding_mode="floor")  # [F]
+    band_of_bin = torch.div(torch.arange(bins) * CODEC_BANDS, bins, rounding_mode="floor")  # [F] host
+    # Counted on the host: bincount on a device sizes its output from the data (a sync).
+    band_size = to_device(torch.bincount(band_of_bin, minlength=CODEC_BANDS).to(x.dtype), x.device)  # [CODEC_BANDS]
+    band_of_bin = to_device(band_of_bin, x.device)
     energy = parts.pow(2).sum(-1)  # [B, F, N]
     band_energy = torch.zeros(batch, CODEC_BANDS, energy.shape[-1], device=x.device)
     band_energy.index_add_(1, band_of_bin, energy)
-    band_size = torch.bincount(band_of_bin, minlength=CODEC_BANDS).to(x.dtype)  # [CODEC_BANDS]
     # Uniform quantization with step s adds noise of power s²/12 per real value.
     mean_power = band_energy / (2 * band_size[None, :, None])  # [B, bands, N] per real value
     step = torch.sqrt(12 * mean_power * torch.pow(10.0, -snr_db / 10)[:, None, None])
@@ -813,38 +946,54 @@ def peak_guard(x):
 
 
 class Chain:
-    """A sequence of transforms applied per example, with per-example probabilities.
+    """A sequence of transforms applied per example, decided per clip as the authors' chain.
 
     Attributes:
         names: transform names in application order.
         severity: s, scales ranges and probabilities through SEVERITY_TABLE.
         sample_rate: Hz, for parameters given in Hz or milliseconds.
-        probability: chance that an example is augmented at all, min(1, 0.8·s).
+        pitch_shifts: "fast" or "continuous" (see PITCH_SHIFT_SETS).
+        probability: chance that a clip is augmented at all, min(1, 0.8·s).
         settings: name -> that transform's row of SEVERITY_TABLE at s (its "p" included).
     """
 
-    def __init__(self, names, severity=1.0, sample_rate=22050):
+    def __init__(self, names, severity=1.0, sample_rate=22050, pitch_shifts="fast"):
         unknown = [name for name in names if name not in TRANSFORMS]
         if unknown:
             raise ValueError(f"unknown augmentation(s) {unknown}; valid names: {', '.join(TRANSFORM_NAMES)}")
         if severity < 0:
             raise ValueError(f"severity must be >= 0, got {severity}")
+        if pitch_shifts not in PITCH_SHIFT_SETS:
+            raise ValueError(f"pitch_shifts must be one of {', '.join(PITCH_SHIFT_SETS)}, got {pitch_shifts!r}")
         self.names = list(names)
         self.severity = float(severity)
         self.sample_rate = int(sample_rate)
+        self.pitch_shifts = pitch_shifts
         self.probability = min(1.0, CHAIN_PROBABILITY_SLOPE * self.severity)
         self.settings = {name: SEVERITY_TABLE[name](self.severity) for name in self.names} if severity > 0 else {}
+        if "pitch" in self.settings:
+            self.settings["pitch"]["shifts"] = pitch_shifts
 
     def __repr__(self):
-        return f"Chain(names={self.names}, severity={self.severity}, sample_rate={self.sample_rate})"
+        return (f"Chain(names={self.names}, severity={self.severity}, sample_rate={self.sample_rate}, "
+                f"pitch_shifts={self.pitch_shifts!r})")
 
-    def __call__(self, x, generator=None):
-        """Augment a batch.
+    def __call__(self, x, generator=None, views=1, record=None):
+        """Augment a batch whose rows [k·views, (k+1)·views) are the views of clip k.
+
+        As the authors' chain, called once per clip on its views: whether the chain runs
+        at all, and which filter type it uses, is drawn once per clip; each transform's
+        probability and parameters are drawn per view. The decisions are drawn on the
+        host, so choosing the rows a transform touches never waits for the device.
 
         Args:
             x: `[B, T]` float32, bfloat16 or float16 audio on any device.
             generator: optional torch.Generator (on CPU or on x's device) making the
-                draws reproducible; None uses the global RNG.
+                draws reproducible; None uses the global RNGs.
+            views: views per clip; B must be a multiple of it (1: every row its own clip).
+            record: optional dict; when given, each applied transform's name maps to
+                {"index": its rows `[K]`, and its drawn parameters} (for tests and
+                `bench.py compare-augment`).
         Returns:
             `[B, T]` tensor of x's dtype and device; x itself when severity is 0 or the
             chain is empty.
@@ -852,23 +1001,37 @@ class Chain:
         if self.severity == 0 or not self.names:
             return x
         batch, length = x.shape
+        if views < 1 or batch % views:
+            raise ValueError(f"a batch of {batch} rows is not a whole number of clips of {views} views")
+        clips = batch // views
         draw = Draw(generator, x.device)
         out = x.to(torch.float32, copy=True)  # transforms compute in float32 whatever the input
-        is_augmented = draw.chance(self.probability, batch)  # [B]
+        is_augmented = draw.chance(self.probability, clips).repeat_interleave(views)  # [B] host, per clip
+        if "filter" in self.names:  # the authors' OneOf picks one filter type per call, i.e. per clip
+            filter_kind = draw.integers(0, len(FILTER_KINDS) - 1, clips).repeat_interleave(views)  # [B] host
         for name in self.names:
             setting = self.settings[name]
-            is_chosen = is_augmented & draw.chance(setting["p"], batch)  # [B]
-            # nonzero() syncs with the device once per transform, so that only the chosen
-            # examples pay for an expensive transform such as pitch shift.
-            index = torch.nonzero(is_chosen).squeeze(1)  # [K]
+            is_chosen = is_augmented & draw.chance(setting["p"], batch)  # [B] host, per view
+            index = torch.nonzero(is_chosen).squeeze(1)  # [K] host: no device sync
             if index.numel() == 0:
                 continue
             transform, sampler = TRANSFORMS[name]
-            params = sampler(index.numel(), length, setting, draw, self.sample_rate)
-            out[index] = transform(out[index], **params)
+            extra = {"kind": filter_kind[index]} if name == "filter" else {}
+            params = sampler(index.numel(), length, setting, draw, self.sample_rate, **extra)
+            if record is not None:
+                record[name] = {"index": index, **params}
+            on_host = HOST_PARAMETERS.get(name, set())
+            params = {key: value if key in on_host else to_device(value, x.device) for key, value in params.items()}
+            rows = to_device(index, x.device)
+            out.index_copy_(0, rows, transform(out.index_select(0, rows), **params))
         return peak_guard(out).to(x.dtype)
 
 
-def build_chain(names, severity=1.0, sample_rate=22050):
-    """Build a `Chain` from transform names (see TRANSFORM_NAMES) at severity s."""
-    return Chain(names, severity=severity, sample_rate=sample_rate)
+def build_chain(names, severity=1.0, sample_rate=22050, pitch_shifts="fast"):
+    """Build a `Chain` from transform names (see TRANSFORM_NAMES) at severity s.
+
+    pitch_shifts: "fast" (default, what the authors' chain applies: the few ratios
+    torch-pitch-shift calls fast for the sample rate) or "continuous" (uniform in
+    ±4·s semitones, as the paper describes).
+    """
+    return Chain(names, severity=severity, sample_rate=sample_rate, pitch_shifts=pitch_shifts)

@@ -611,7 +611,8 @@ def run_our_chain(names, s, clips, sample_rate, seed):
 
 
 def octave_bands(x, sample_rate, low_hz, high_hz, per_octave):
-    """Power of each row in bands `per_octave` to the octave: (centres Hz `[K]`, power `[..., K]`)."""
+    """Mean power per FFT bin of each row in bands `per_octave` to the octave:
+    (centres Hz `[K]`, power `[..., K]`)."""
     power = torch.fft.rfft(x.double()).abs().pow(2)  # [..., F]
     frequency = torch.fft.rfftfreq(x.shape[-1], 1 / sample_rate)
     edges = low_hz * 2 ** (torch.arange(round(per_octave * math.log2(high_hz / low_hz)) + 1) / per_octave)
@@ -619,7 +620,8 @@ def octave_bands(x, sample_rate, low_hz, high_hz, per_octave):
     inside = (band >= 0) & (band < len(edges) - 1)
     totals = torch.zeros(*power.shape[:-1], len(edges) - 1, dtype=power.dtype)
     totals.index_add_(-1, band[inside], power[..., inside])
-    return torch.sqrt(edges[:-1] * edges[1:]), totals
+    counts = torch.bincount(band[inside], minlength=len(edges) - 1).clamp(min=1)
+    return torch.sqrt(edges[:-1] * edges[1:]), totals / counts  # power per bin: a density, flat for white noise
 
 
 def level_db(x):

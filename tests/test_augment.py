@@ -1,6 +1,7 @@
 """Tests for augment.py: the chain's contract and what each transform does to audio."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def test_noise_meets_the_drawn_snr_and_colour():
     [
         ("low_pass", 1000.0, 1.0, [250.0], [4000.0]),
         ("high_pass", 1000.0, 1.0, [4000.0], [250.0]),
-        ("band_pass", 1000.0, 0.5, [1000.0], [150.0, 6000.0]),
+        ("band_pass", 1000.0, 1.0, [1000.0], [150.0, 6000.0]),  # edges 500 and 1,500 Hz
         ("band_stop", 1000.0, 1.0, [150.0, 6000.0], [1000.0]),
     ],
 )
@@ -171,10 +172,55 @@ def test_time_stretch_keeps_pitch_and_length_and_moves_onsets():
 def test_delay_puts_an_echo_at_the_lag():
     x = 0.3 * torch.randn(2, LENGTH, generator=torch.Generator().manual_seed(0))
     lag = torch.tensor([1500, 4000])
-    y = augment.delay(x, lag, volume=torch.full((2,), 0.5), repeats=1, attenuation=torch.ones(2))
-    echo = y - x
+    y = augment.delay(x, lag, volume=torch.full((2,), 0.5), repeats=2, attenuation=torch.ones(2))
+    echo = y - 0.75 * x  # (x + 0.5·(x + x(t - lag))) / 2: the direct path is 0.75·x
     correlation = torch.fft.irfft(torch.fft.rfft(echo, n=2 * LENGTH) * torch.fft.rfft(x, n=2 * LENGTH).conj())
     assert torch.equal(correlation[:, :LENGTH].argmax(-1), lag)
+
+
+def authors_delay(x, lag, volume, repeats, attenuation):
+    """The authors' Delay written as they wrote it, one example at a time: copies of the
+    clip delayed by i·lag, i = 0 .. repeats - 1, attenuated by attenuation^i, summed,
+    scaled by volume and added to the clip, all halved."""
+    out = torch.empty_like(x)
+    for b in range(len(x)):
+        length, d, r = x.shape[-1], int(lag[b]), int(repeats[b])
+        delayed = torch.zeros(length + max(r, 0) * d)
+        for i in range(r):
+            delayed[i * d : i * d + length] += x[b] * float(attenuation[b]) ** i
+        out[b] = (x[b] + float(volume[b]) * delayed[:length]) / 2
+    return out
+
+
+def test_delay_matches_the_authors_formula():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3000, generator=generator)
+    lag = torch.tensor([1, 700, 1500, 2999, 3000, 5000])  # the last two: every delayed copy falls outside
+    repeats = torch.tensor([3, 0, 1, 2, 3, 5])
+    volume = torch.tensor([0.7, 0.3, 0.3, 1.2, 0.7, 0.5])
+    attenuation = torch.tensor([0.7, 0.3, 0.7, 1.2, 0.3, 0.5])
+    expected = authors_delay(x, lag, volume, repeats, attenuation)
+    assert torch.allclose(augment.delay(x, lag, volume, repeats, attenuation), expected, atol=1e-5)
+    # One repeat is only a gain of (1 + v) / 2; no repeat halves the clip.
+    assert torch.allclose(expected[2], 0.65 * x[2]) and torch.allclose(expected[1], 0.5 * x[1])
+
+
+@pytest.mark.parametrize("severity", [0.5, 1.0, 2.0])
+def test_delay_parameters_are_the_authors_draws(severity):
+    n = 4000
+    setting = augment.SEVERITY_TABLE["delay"](severity)
+    params = augment.sample_delay(n, LENGTH, setting, augment.Draw(torch.Generator().manual_seed(1), "cpu"), SAMPLE_RATE)
+    centres = {"volume": 0.5 * severity, "repeats": int(2 * severity), "attenuation": min(1.0, 0.5 * severity)}
+    steps = {"volume": 0.2, "repeats": 1, "attenuation": 0.2}
+    for name, centre in centres.items():
+        values = params[name].double()
+        low, high = centre - steps[name], centre + steps[name]
+        assert bool(((values - low).abs() < 1e-6).logical_or((values - high).abs() < 1e-6).all()), name
+        assert abs(float((values > centre).double().mean()) - 0.5) < 0.03, name  # each side half the time
+    lag = params["lag"]
+    low, high = int(100 / severity * SAMPLE_RATE / 1000), int(500 * SAMPLE_RATE / 1000)  # whole samples, inclusive
+    assert lag.dtype == torch.int64 and int(lag.min()) >= low and int(lag.max()) <= high
+    assert abs(float(lag.double().mean()) - (low + high) / 2) < 0.02 * (high - low)
 
 
 def test_reverse_reverses():
@@ -319,3 +365,184 @@ def test_every_transform_handles_clips_shorter_than_its_frames(length):
     for name in augment.TRANSFORM_NAMES:
         y = single_chain(name, 1.0, severity=2.5)(x, torch.Generator().manual_seed(0))
         assert y.shape == x.shape and torch.isfinite(y).all() and y.abs().max() <= 1, name
+
+
+# ---------------------------------------------------------------------------------------
+# Distributions against the authors' chain (torch-audiomentations 0.12 and their Delay)
+# ---------------------------------------------------------------------------------------
+def authors_colored_noise(x, snr_db, decay, white):
+    """torch-audiomentations 0.12's colored noise, one example at a time: a second of
+    white noise, spectrum divided by linspace(1, sqrt(sr / 2))^decay, unit RMS, tiled."""
+    out = torch.empty_like(x)
+    for b in range(len(x)):
+        spectrum = torch.fft.rfft(white[b])
+        spectrum = spectrum / torch.linspace(1, (white.shape[-1] / 2) ** 0.5, len(spectrum)) ** float(decay[b])
+        noise = torch.fft.irfft(spectrum)
+        noise = noise / (noise.square().mean().sqrt() + 1e-8)
+        noise = torch.cat([noise] * math.ceil(x.shape[-1] / len(noise)))[: x.shape[-1]]
+        level = x[b].square().mean().sqrt() / 10 ** (float(snr_db[b]) / 20)
+        out[b] = x[b] + level * noise
+    return out
+
+
+def octave_slope_db(x, low_hz=125.0, high_hz=8000.0):
+    """Least-squares slope (dB per octave) of each row's power spectral density, averaged
+    in third-octave bands (white noise: 0)."""
+    power = torch.fft.rfft(x.double()).abs().pow(2)
+    frequency = torch.fft.rfftfreq(x.shape[-1], 1 / SAMPLE_RATE)
+    edges = low_hz * 2 ** (torch.arange(3 * 6 + 1) / 3)  # 125 Hz ... 8 kHz
+    centres = torch.log2(torch.sqrt(edges[:-1] * edges[1:]))
+    levels = torch.stack([10 * torch.log10(power[:, (frequency >= a) & (frequency < b)].mean(-1))
+                          for a, b in zip(edges[:-1], edges[1:])], -1)
+    c = centres - centres.mean()
+    return ((levels - levels.mean(-1, keepdim=True)) * c).sum(-1) / c.pow(2).sum()
+
+
+def test_colored_noise_is_torch_audiomentations_noise():
+    x = music_like(batch=4, length=3 * SAMPLE_RATE // 2)  # 1.5 s: the noise second repeats
+    draw = augment.Draw(torch.Generator().manual_seed(0), "cpu")
+    params = augment.sample_noise(4, x.shape[-1], augment.SEVERITY_TABLE["noise"](1.0), draw, SAMPLE_RATE)
+    assert params["white"].shape == (4, SAMPLE_RATE)
+    expected = authors_colored_noise(x, params["snr_db"], params["decay"], params["white"])
+    assert torch.allclose(augment.noise(x, **params), expected, atol=1e-5)
+
+
+def test_colored_noise_slope_is_about_minus_5_2_db_per_octave_per_unit_decay():
+    white = torch.randn(8, SAMPLE_RATE, generator=torch.Generator().manual_seed(0))
+    quiet = torch.full((8, 4 * SAMPLE_RATE), 0.1)
+    decay = torch.tensor([1.0] * 4 + [-1.0] * 4)
+    slope = octave_slope_db(augment.noise(quiet, torch.zeros(8), decay, white) - quiet)  # [8]
+    assert ((slope[:4] + 5.2).abs() < 0.4).all() and ((slope[4:] - 5.2).abs() < 0.4).all()
+    # The old 1/f^decay power law would give -3.0 dB per octave per unit decay.
+
+
+def test_filter_frequencies_are_uniform_on_the_mel_scale():
+    n = 20000
+    setting = augment.SEVERITY_TABLE["filter"](1.0)
+    draw = augment.Draw(torch.Generator().manual_seed(0), "cpu")
+    quantiles = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    for kind, band in ((0, "band_centre_hz"), (2, "high_pass_hz"), (3, "low_pass_hz")):
+        params = augment.sample_filter(n, LENGTH, setting, draw, SAMPLE_RATE, kind=torch.full((n,), kind))
+        low, high = augment.hz_to_mels(setting[band][0]), augment.hz_to_mels(setting[band][1])
+        mels = (augment.hz_to_mels(params["frequency_hz"].double()) - low) / (high - low)  # uniform on [0, 1]
+        assert ((torch.quantile(mels, quantiles) - quantiles).abs() < 0.015).all(), band
+    fraction = (params["bandwidth"].double() - 0.5) / (1.99 - 0.5)
+    assert ((torch.quantile(fraction, quantiles) - quantiles).abs() < 0.015).all()
+
+
+def test_band_edges_are_at_f0_times_one_minus_and_plus_half_the_bandwidth():
+    sample_rate, bins = 16000, 8001  # 1 Hz grid
+    f0, bandwidth = torch.tensor([1000.0, 1000.0, 1000.0, 1000.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+    response = augment.filter_response(torch.arange(4), f0, bandwidth, bins, sample_rate)
+    assert torch.allclose(response[0, [500, 1500]], torch.tensor(0.5), atol=0.01)  # band-pass, -6 dB edges
+    assert torch.allclose(response[1, [500, 1500]], torch.tensor(0.5), atol=0.01)  # band-stop
+    assert torch.allclose(response[2:, 1000], torch.tensor(0.5))  # high- and low-pass cut-offs
+    assert float(response[0, 1000]) > 0.95 and float(response[1, 1000]) < 0.05
+    assert torch.allclose(response[0] + response[1], torch.ones(bins)) and torch.allclose(response[2] + response[3], torch.ones(bins))
+
+
+def test_fast_pitch_shifts_are_torch_pitch_shifts():
+    shifts = augment.fast_pitch_shifts(22050, -4.0, 4.0)
+    magnitudes = [0.35, 1.19, 1.47, 1.82, 2.67, 3.02, 3.16]  # torch-pitch-shift 1.2.5 at 22,050 Hz
+    assert [round(s, 2) for s in shifts] == [-m for m in reversed(magnitudes)] + magnitudes
+    assert [round(s, 3) for s in augment.fast_pitch_shifts(16000, -4.0, 4.0)] == [-3.863, -0.411, 0.411, 3.863]
+    # Each is a ratio of two divisors of the rate.
+    for s in shifts:
+        ratio = Fraction(2 ** (s / 12)).limit_denominator(22050)
+        assert 22050 % ratio.numerator == 0 and 22050 % ratio.denominator == 0
+
+
+def test_pitch_shifts_are_drawn_uniformly_among_the_fast_set_or_continuously():
+    n = 14000
+    setting = dict(augment.SEVERITY_TABLE["pitch"](1.0))
+    draw = augment.Draw(torch.Generator().manual_seed(0), "cpu")
+    fast = augment.sample_pitch(n, LENGTH, setting, draw, SAMPLE_RATE)["semitones"]
+    values, counts = torch.unique(fast, return_counts=True)
+    assert values.numel() == 14 and (counts.double() / n - 1 / 14).abs().max() < 0.012
+    setting["shifts"] = "continuous"
+    continuous = augment.sample_pitch(n, LENGTH, setting, draw, SAMPLE_RATE)["semitones"]
+    assert torch.equal(continuous, torch.round(continuous * 4) / 4) and continuous.abs().max() <= 4
+    assert abs(float((continuous.abs() > 3.25).double().mean()) - 0.625 / 4) < 0.02  # raw draws beyond 3.375; none in the fast set
+    with pytest.raises(ValueError, match="pitch_shifts"):
+        augment.build_chain(["pitch"], pitch_shifts="semitones")
+
+
+def test_fast_pitch_shift_moves_the_peak_by_the_drawn_ratio():
+    semitones = torch.tensor(augment.fast_pitch_shifts(SAMPLE_RATE, -4.0, 4.0)[::3])
+    x = sine(440.0, length=2 * LENGTH, batch=len(semitones))
+    y = augment.pitch(x, semitones)
+    assert ((peak_frequency(y) / (440.0 * torch.pow(2.0, semitones / 12)) - 1).abs() < 0.005).all()
+
+
+def test_the_chain_is_decided_once_per_clip_and_each_transform_per_view():
+    clips = 2000
+    x = music_like(batch=2 * clips, length=256)
+    chain = augment.build_chain(["polarity"], severity=1.0, sample_rate=SAMPLE_RATE)
+    chain.settings["polarity"]["p"] = 1.0
+    y = chain(x, torch.Generator().manual_seed(0), views=2)
+    changed = (y != x).any(-1).view(clips, 2)
+    assert torch.equal(changed[:, 0], changed[:, 1])  # both views of a clip, or neither
+    assert abs(float(changed[:, 0].double().mean()) - 0.8) < 0.03
+    chain.probability, chain.settings["polarity"]["p"] = 1.0, 0.5
+    changed = (chain(x, torch.Generator().manual_seed(1), views=2) != x).any(-1).view(clips, 2)
+    assert abs(float((changed.sum(-1) == 1).double().mean()) - 0.5) < 0.03  # independent per view
+    with pytest.raises(ValueError, match="views"):
+        chain(x[:3], views=2)
+
+
+def test_default_chain_untouched_views_per_clip_are_the_authors():
+    clips = 3000
+    x = music_like(batch=2 * clips, length=64, seed=1)
+    chain = augment.build_chain(list(augment.DEFAULT_AUGMENT), severity=1.0, sample_rate=SAMPLE_RATE)
+    untouched = (chain(x, torch.Generator().manual_seed(0), views=2) == x).all(-1).view(clips, 2)
+    # Untouched views: the chain off for the clip (0.2), or on and every transform skipped.
+    skipped = 0.6 * 0.4 * 0.4 * 0.7 * 0.4 * 0.4
+    both = 0.2 + 0.8 * skipped**2
+    one = 0.8 * 2 * skipped * (1 - skipped)
+    assert abs(float(untouched.all(-1).double().mean()) - both) < 0.025
+    assert abs(float((untouched.sum(-1) == 1).double().mean()) - one) < 0.01
+
+
+def test_the_filter_type_is_drawn_once_per_clip():
+    clips = 2000
+    x = music_like(batch=2 * clips, length=256)
+    chain = single_chain("filter", 1.0)
+    record = {}
+    chain(x, torch.Generator().manual_seed(0), views=2, record=record)
+    kind = torch.full((2 * clips,), -1)
+    kind[record["filter"]["index"]] = record["filter"]["kind"]
+    kind = kind.view(clips, 2)
+    assert torch.equal(kind[:, 0], kind[:, 1])
+    shares = torch.bincount(kind[:, 0], minlength=4).double() / clips
+    assert (shares - 0.25).abs().max() < 0.03
+
+
+def test_chain_applies_each_transform_to_its_recorded_rows():
+    x = music_like(batch=12, length=4000)
+    chain = augment.build_chain(list(augment.DEFAULT_AUGMENT), severity=1.5, sample_rate=SAMPLE_RATE)
+    record = {}
+    y = chain(x, torch.Generator().manual_seed(2), views=2, record=record)
+    expected = x.clone()
+    for name in chain.names:
+        if name in record:
+            params = {k: v for k, v in record[name].items() if k != "index"}
+            rows = record[name]["index"]
+            transform = augment.TRANSFORMS[name][0]
+            expected[rows] = transform(expected[rows], **params)
+    assert len(record) >= 4 and torch.allclose(y, augment.peak_guard(expected), atol=1e-6)
+
+
+def test_a_device_generator_gives_a_new_host_seed_each_call():
+    generator = torch.Generator().manual_seed(0)
+    # A CPU generator is used directly; a state restored replays the same draws.
+    state = generator.get_state()
+    first = augment.Draw(generator, "cpu").uniform(0, 1, 4)
+    generator.set_state(state)
+    assert torch.equal(augment.Draw(generator, "cpu").uniform(0, 1, 4), first)
+    if torch.cuda.is_available():
+        device_generator = torch.Generator(device="cuda").manual_seed(0)
+        state = device_generator.get_state()
+        a = augment.Draw(device_generator, "cuda").uniform(0, 1, 4)
+        b = augment.Draw(device_generator, "cuda").uniform(0, 1, 4)
+        device_generator.set_state(state)
+        assert not torch.equal(a, b) and torch.equal(augment.Draw(device_generator, "cuda").uniform(0, 1, 4), a)
