@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check gpu-check-cpu wheels clean
 
 $(VENV)/installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,33 @@ demo: $(VENV)/installed
 		--label-column pitch_class --label-column timbre --head linear --out runs/demo-results.json
 
 test: $(VENV)/installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs --durations=10 tests
 
 bench: $(VENV)/installed
 	$(PY) bench.py all
+
+# The GPU check runs on a machine that reaches no package index, with its own python3 and
+# torch: what it lacks (soundfile, with cffi and pycparser) comes from wheels that
+# `make wheels` downloads beforehand into .cache/wheels (carry that folder along).
+GPU_PYTHON ?= python3
+GPU_SITE := .cache/gpu-site
+WHEELS := .cache/wheels
+gpu-check:
+	$(GPU_PYTHON) -c "import soundfile" 2>/dev/null || $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps \
+		--find-links $(WHEELS) --target $(GPU_SITE) soundfile cffi pycparser
+	mkdir -p runs
+	PYTHONPATH=$(GPU_SITE) $(GPU_PYTHON) bench.py gpu --report runs/gpu-check.md
+
+# The same check on this machine's CPU at a tiny size, so that it cannot rot (CI runs it).
+gpu-check-cpu: $(VENV)/installed
+	$(PY) bench.py gpu --tiny --threads 2
+
+wheels:
+	for version in 3.10 3.11 3.12 3.13; do \
+		$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
+			--platform manylinux2014_x86_64 --python-version $$version -d $(WHEELS) \
+			soundfile==0.14.0 cffi==2.1.1 pycparser==2.23; \
+	done
 
 clean:
 	rm -rf runs .cache
