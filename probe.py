@@ -11,7 +11,8 @@ The experiments of the paper's evaluation:
     --label-fraction 0.01,0.1 --seeds 5 few labels: stratified train subsets, mean ± std
     --corrupt noise,reverb --severity-sweep 0,1,2   robustness to corrupted test audio
     --prototypes                        no head: cosine similarity to class-mean embeddings
-    --plot                              TensorBoard embedding projector and confusion matrix
+    --plot                              figures (PNG + TensorBoard): confusion matrix, few-label and
+                                        robustness curves; test embeddings in the projector
 One GPU: the same commands (the GPU is used when present). The tables print; the full
 results (JSON) go to --out, with the tables next to it as .md and .csv.
 
@@ -468,10 +469,10 @@ def export_embeddings(args, device):
         raise utils.UserError(f"--export-embeddings takes one --checkpoint, got {len(args.checkpoint)}")
     if args.export_part_files < 1:
         raise utils.UserError(f"--export-part-files {args.export_part_files}: must be at least 1")
+    model, settings = load_encoder(args.checkpoint[0], args, device)
     csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
         datasets.make_synthetic_set(args.synthetic_dir)
     manifest = datasets.read_manifest(csv)
-    model, settings = load_encoder(args.checkpoint[0], args, device)
     out = args.export_embeddings[:-4] if args.export_embeddings.endswith((".npy", ".csv")) else args.export_embeddings
     out_folder = os.path.dirname(os.path.abspath(out))
     parts = out + ".parts"
@@ -751,9 +752,8 @@ def val_scores(predictor, data, val, val_crops, aggregate, device=None):
     scores = {metric: metrics(data.task, track_outputs(predictor, val, aggregate, device), data.labels[val.tracks],
                               data.column)[metric]}
     if val_crops is not None:
-        x = val_crops.x.to(device) if device is not None else val_crops.x
-        labels = data.labels[val_crops.owners]
-        scores["loss"] = float(head_loss(data.task, predictor(x).float(), labels.to(x.device)))
+        outputs = predictor(val_crops.x.to(device) if device is not None else val_crops.x).float()  # [m, C]
+        scores["loss"] = float(head_loss(data.task, outputs, data.labels[val_crops.owners].to(outputs.device)))
     return scores
 
 
@@ -1129,7 +1129,8 @@ def probe_list(args):
     columns = args.label_column or ["label"]
     tasks = utils.per_column(args.task or ["multiclass"], len(columns), "task")
     kinds = utils.per_column(args.label_kind or ["generic"], len(columns), "label-kind")
-    csv = args.csv or datasets.make_synthetic_set(args.synthetic_dir)
+    csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
+        datasets.make_synthetic_set(args.synthetic_dir)
     return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c, "head": args.head,
              "patience": args.patience} for c, t, k in zip(columns, tasks, kinds)]
 

@@ -260,8 +260,10 @@ def test_corruption_at_severity_zero_equals_clean_and_noise_changes_embeddings(t
     assert swept["sweep"]["0"] == clean["test"]
     assert swept["test"] == swept["sweep"]["2"] and swept["corrupt"] == {"names": ["noise"], "severity": 2.0}
     printed = capsys.readouterr().out
-    assert "| checkpoint | probe (noise) | s=0 | s=2 |" in printed
-    assert "Test audio corrupted by noise at severity 2." in printed
+    # Each caption sits right above its table.
+    assert ("severity 2.\n\n| checkpoint | timbre (accuracy) |" in printed
+            and "Test audio corrupted by noise at severity 2." in printed)
+    assert "per severity s (s=0: clean audio).\n\n| checkpoint | probe (noise) | s=0 | s=2 |" in printed
     # The cache holds the clean set plus the test files at each severity (keys include the corruption).
     assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 3
     model, settings = probe.load_encoder("random", probe.finish_args(probe.build_parser().parse_args(
