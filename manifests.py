@@ -947,6 +947,9 @@ def build_all(root, out_folder):
     Raises MissingFileError when no data set folder exists under root.
     """
     root, out_folder = os.path.abspath(root), os.path.abspath(out_folder)
+    if os.path.isfile(out_folder):
+        raise utils.UserError(f"--out {out_folder} is a file; for all, give the folder for the manifests "
+                              f"and tasks.csv")
     absent = {}
     for name, folder in DATA_FOLDERS.items():
         if not os.path.isdir(os.path.join(root, folder)):
@@ -994,8 +997,9 @@ def build_parser():
                            "docs/datasets.md says (default: data/FOLDER; for all: data)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default=None,
-                        help="CSV file to write, its paths absolute (default: manifests/NAME.csv); for all: "
-                             "the folder for NAME.csv of each data set and tasks.csv (default: manifests)")
+                        help="CSV file to write, its paths absolute, or a folder for NAME.csv (default: "
+                             "manifests/NAME.csv); for all: the folder for NAME.csv of each data set and tasks.csv "
+                             "(default: manifests)")
     return parser
 
 
@@ -1014,6 +1018,8 @@ def main(argv=None):
         return 0
     root = args.root or os.path.join("data", DATA_FOLDERS[args.name])
     out = args.out or os.path.join("manifests", f"{args.name}.csv")
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        out = os.path.join(out, f"{args.name}.csv")
     write_manifest(args.name, build_manifest(args.name, root), out)
     return 0
 

@@ -785,6 +785,14 @@ def test_command_line_writes_a_manifest_that_reads_back(tmp_path, capsys):
     assert frame["split"].tolist() == ["train", "train", "val", "test"]
 
 
+def test_command_line_out_folder_takes_the_data_set_name(tmp_path, capsys):
+    make_gtzan(tmp_path / "gtzan")
+    assert manifests.main(["gtzan", "--root", str(tmp_path / "gtzan"), "--out", str(tmp_path / "out") + "/"]) == 0
+    assert (tmp_path / "out" / "gtzan.csv").is_file()
+    with pytest.raises(utils.UserError, match="is a file; for all, give the folder"):
+        manifests.main(["all", "--root", str(tmp_path), "--out", str(tmp_path / "out" / "gtzan.csv")])
+
+
 def test_command_line_keeps_empty_label_cells_empty(tmp_path):
     make_magnatagatune(tmp_path / "mtat")
     out = tmp_path / "mtat.csv"
