@@ -649,7 +649,7 @@ def build_vocalset(root, task):
     groups = {}
     if task == "technique":
         beside = os.path.dirname(full) if full != root else root
-        candidates = [os.path.join(beside, "test_singers_technique.txt"), os.path.join(root, "test_singers_technique.txt")]
+        candidates = [os.path.join(folder, "test_singers_technique.txt") for folder in (beside, root)]
         list_path = next((path for path in candidates if os.path.isfile(path)), candidates[-1])
         if os.path.isfile(list_path):
             test_singers = _read_singer_list(list_path, singers)

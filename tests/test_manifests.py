@@ -735,7 +735,8 @@ def test_medleydb_metadata_errors(tmp_path):
         manifests.build_manifest("medleydb", str(tmp_path))
     # A tab where the file indents with spaces is not YAML; the parser names the line.
     tabbed = lines.index("    filename: ArtistA_SongA_STEM_02.wav") + 1
-    write_text(metadata, text.replace("    filename: ArtistA_SongA_STEM_02.wav", "\tfilename: ArtistA_SongA_STEM_02.wav"))
+    write_text(metadata, text.replace("    filename: ArtistA_SongA_STEM_02.wav",
+                                      "\tfilename: ArtistA_SongA_STEM_02.wav"))
     with pytest.raises(manifests.FormatError, match=rf"ArtistA_SongA_METADATA.yaml, line {tabbed}: not valid YAML"):
         manifests.build_manifest("medleydb", str(tmp_path))
     write_text(metadata, text.replace(f"stem_dir: {track_a}_STEMS\n", ""))
