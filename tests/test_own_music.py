@@ -121,10 +121,10 @@ def test_scan_skips_with_reasons_joins_labels_and_never_splits_an_album(library,
 
 def test_assign_splits_keeps_groups_whole_and_shares_close():
     groups = [f"artist{g % 7}/album{g}" for g in range(60) for _ in range(g % 5 + 1)]
-    splits = assign_splits_checked = datasets.assign_splits(groups, (0.8, 0.1, 0.1), seed=3)
+    splits = datasets.assign_splits(groups, (0.8, 0.1, 0.1), seed=3)
     by_group = pd.Series(splits).groupby(pd.Series(groups)).nunique()
     assert (by_group == 1).all()
-    shares = pd.Series(assign_splits_checked).value_counts(normalize=True)
+    shares = pd.Series(splits).value_counts(normalize=True)
     assert abs(shares["train"] - 0.8) < 0.05 and abs(shares["val"] - 0.1) < 0.05
     assert datasets.assign_splits(groups, (0.8, 0.1, 0.1), seed=3) == splits
     assert datasets.assign_splits(groups, (0.8, 0.1, 0.1), seed=4) != splits
@@ -138,6 +138,10 @@ def test_folder_to_pretraining_to_embeddings_three_ways_agree(library, tmp_path,
     log = capsys.readouterr().out
     assert f"{music} is a folder: scanning it into {out}" in log
     assert result["out"] == out
+    probed = probe.main(["--checkpoint", out, "--csv", music, "--label-column", "folder1", "--max-epochs", "2",
+                         "--cache-dir", "none"])
+    assert f"{music} is a folder: scanning it into .cache/scans" in capsys.readouterr().out
+    assert probed[0]["tracks"]["test"] >= 1 and probed[0]["label_column"] == "folder1"
     export = str(tmp_path / "emb")
     written = probe.main(["--checkpoint", out, "--csv", music, "--export-embeddings", export, "--max-clips", "100",
                           "--export-part-files", "4"])
