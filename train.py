@@ -84,6 +84,9 @@ def build_parser():
     aug.add_argument("--augment-labeled", default=None,
                      help="transforms for labeled clips (default: same as --augment; 'none' allowed)")
     aug.add_argument("--severity", type=float, default=1.0, help="augmentation strength: 0 none, 1 paper, up to 2.5")
+    aug.add_argument("--pitch-shifts", default="fast", choices=augment.PITCH_SHIFT_SETS,
+                     help="pitch shifts drawn: 'fast' the few ratios the authors' chain applies (torch-pitch-shift's "
+                          "fast set for the sample rate), 'continuous' uniform in +-4*severity semitones (the paper's text)")
     aug.add_argument("--augment-on", default="device", choices=("device", "workers"),
                      help="augment batches on the training device, or clip by clip in the data workers")
     optim = parser.add_argument_group("optimisation")
@@ -212,14 +215,15 @@ def contrastive_step(model, views, clip_ids, columns, args, rank):
     return loss, stats
 
 
-def augment_batch(audio, labeled, chains, generator):
-    """Augment `[n, T]` views: labeled ones with chains['labeled'], others with chains['unlabeled']."""
+def augment_batch(audio, labeled, chains, generator, views=1):
+    """Augment `[n, T]` views: labeled ones with chains['labeled'], others with chains['unlabeled'].
+    Rows [k·views, (k+1)·views) are the views of one clip (the chain decides per clip)."""
     if chains["labeled"] is chains["unlabeled"]:
-        return chains["unlabeled"](audio, generator)
+        return chains["unlabeled"](audio, generator, views=views)
     out = audio.clone()
     for mask, chain in ((labeled, chains["labeled"]), (~labeled, chains["unlabeled"])):
         if mask.any():
-            out[mask] = chain(audio[mask], generator)
+            out[mask] = chain(audio[mask], generator, views=views)
     return out
 
 
@@ -238,7 +242,7 @@ def validate(model, loader, specs, chains, args, device, rank):
     counts = torch.zeros(3, device=device)
     for batch in loader:
         views, clip_ids, labeled = prepare_batch(batch, args, device)
-        views = augment_batch(views, labeled, chains, generator)
+        views = augment_batch(views, labeled, chains, generator, args.views)
         columns = batch_columns(batch, specs, args.views, device)
         with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
             _, stats = contrastive_step(model, views, clip_ids, columns, args, rank)
@@ -355,7 +359,7 @@ def resolved_from_current_folder(manifest, report):
     found, example = 0, None
     for path, source in zip(manifest["path"][missing], manifest["source"][missing]):
         written = os.path.relpath(path, os.path.dirname(os.path.abspath(source)))
-        if not written.startswith("..") and os.path.exists(written):
+        if os.path.exists(written):
             found, example = found + 1, (source, written, path)
     if not found:
         return None
@@ -588,9 +592,11 @@ def main(argv=None):
               f"{len(unlabeled_rows)}; b_s={args.labeled_per_batch} p_s={args.labeled_fraction}; "
               f"signals: {[c.name + ':' + c.task for c in columns] or 'none (self-supervised)'}")
         warn_label_changes(args, columns)
-    chains = {"unlabeled": augment.build_chain(augment.parse_augment(args.augment), args.severity, args.sample_rate)}
+    chains = {"unlabeled": augment.build_chain(augment.parse_augment(args.augment), args.severity, args.sample_rate,
+                                               args.pitch_shifts)}
     chains["labeled"] = chains["unlabeled"] if args.augment_labeled == args.augment else \
-        augment.build_chain(augment.parse_augment(args.augment_labeled), args.severity, args.sample_rate)
+        augment.build_chain(augment.parse_augment(args.augment_labeled), args.severity, args.sample_rate,
+                            args.pitch_shifts)
     identity = augment.build_chain([], 0.0, args.sample_rate)
     on_device = args.augment_on == "device"
     device_chains = chains if on_device else {"labeled": identity, "unlabeled": identity}
@@ -680,7 +686,7 @@ def main(argv=None):
                                           f"or remove that file and rerun (the run resumes)") from error
                 raise
             views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n]
-            views = augment_batch(views, labeled, device_chains, generator)
+            views = augment_batch(views, labeled, device_chains, generator, args.views)
             columns_batch = batch_columns(batch, specs, args.views, device)
             with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
                 loss, stats = contrastive_step(model, views, clip_ids, columns_batch, args, rank)

@@ -282,6 +282,24 @@ class CountingWriter(io.RawIOBase):
         return len(data)
 
 
+class RecordingWriter:
+    """A file's write() that keeps the OSError of a failed write (torch.save hides its cause)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def write_atomic(state, path):
     """torch.save to `path` through a temporary file, fsync and rename.
 
@@ -292,15 +310,16 @@ def write_atomic(state, path):
     temporary = f"{path}.tmp{os.getpid()}"
     try:
         with open(temporary, "wb") as f:
-            torch.save(state, f)
+            recorder = RecordingWriter(f)
+            torch.save(state, recorder)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:
-        # torch.save reports a failed write as RuntimeError from its zip writer.
         if os.path.exists(temporary):
             os.remove(temporary)
-        raise save_error(state, path, error) from error
+        # torch.save turns the OSError of a failed write into a RuntimeError of its zip writer.
+        raise save_error(state, path, recorder.error or error) from error
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -315,12 +334,15 @@ def save_error(state, path, error):
     torch.save(state, sink)
     free = shutil.disk_usage(folder).free
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        reason = f"{os.strerror(error.errno)}"
-    elif sink.size > free:
+    if isinstance(error, OSError) and error.errno:
+        reason = os.strerror(error.errno)
+    if sink.size > free and "space" not in reason:
         reason = f"the disk is full ({reason})"
+    remedy = {errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EDQUOT: "raise the quota or free space",
+              errno.EACCES: "make the folder writable", errno.EROFS: "choose a writable --out"}.get(
+        getattr(error, "errno", None), "free space")
     return UserError(f"cannot write {os.path.basename(path)} in {folder}: {reason}; it needs {sink.size:,} bytes "
-                     f"and {free:,} bytes are free there. Free space (or raise the quota) and rerun the same "
+                     f"and {free:,} bytes are free there. {remedy[0].upper() + remedy[1:]}, then rerun the same "
                      f"command: it resumes from the last checkpoint, which is intact")
 
 
