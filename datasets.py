@@ -13,6 +13,8 @@ to mono and resampled with torchaudio. `python datasets.py synth --out DIR` writ
 built-in synthetic music set that train.py uses when no manifest is given;
 `python datasets.py cache --train-csv M.csv --out DIR --sample-rate 22050` pre-decodes
 a corpus once (recommended for multi-epoch training on MP3s): then train on DIR/manifest.csv.
+A folder of audio files becomes a manifest (docs/own-music.md):
+    python datasets.py scan "My Music" --out my-music.csv --label-from-folder artist=1 --split 0.8,0.1,0.1
 """
 import argparse
 import hashlib
@@ -790,7 +792,7 @@ class ClipDataset(torch.utils.data.Dataset):
             audio, rate = resample_views(audio, rate, self.clip_samples, self.sample_rate), self.sample_rate
         if self.augment is not None:
             chain = self.augment["labeled" if is_labeled else "unlabeled"]
-            audio = chain(audio, torch.Generator().manual_seed(seed % 2**63))
+            audio = chain(audio, torch.Generator().manual_seed(seed % 2**63), views=len(audio))  # [V, T]: one clip
         labels = [torch.as_tensor(c.values[row]) for c in self.columns]
         labeled = [bool(is_labeled and c.labeled[row]) for c in self.columns]
         return {"audio": audio, "rate": rate, "clip": row, "labels": labels, "labeled": labeled,
@@ -990,9 +992,6 @@ def write_cache(csv_paths, folder, sample_rate, workers=2):
 
 # ---------------------------------------------------------------- folders to manifests
 
-# Extensions of audio files that soundfile's decoder reads (a failure there is "unreadable").
-AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".aifc", ".au",
-                    ".caf", ".w64", ".rf64")
 SCAN_CACHE = os.path.join(".cache", "scans")
 # The settings a folder given as --train-csv / --csv is scanned with (see manifest_or_scan).
 AUTO_SPLIT = (0.8, 0.1, 0.1)
@@ -1073,7 +1072,7 @@ def probe_audio(path, min_seconds):
     Reads the header (sf.info) and decodes the first second, so a file with a valid
     header but undecodable data is caught too, at little cost.
     """
-    is_audio_name = path.lower().endswith(AUDIO_EXTENSIONS)
+    is_audio_name = AUDIO_NAME.search(path) is not None  # an audio file name: a failure is "unreadable"
     try:
         with decoder_messages(path), sf.SoundFile(path) as f:
             rate, frames, channels = f.samplerate, f.frames, f.channels
