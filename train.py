@@ -674,6 +674,7 @@ def main(argv=None):
 
     # ---- training loop
     failed_files, clips_seen, bad_steps, skipped_steps, tick, history = 0, 0, 0, 0, time.time(), []
+    start_step, started, val_loss = step, time.time(), float("nan")
     progress = tqdm(total=args.steps, initial=step, disable=not is_main, desc="train")
     while step < args.steps:
         for micro_step in range(args.grad_accum):
@@ -745,11 +746,28 @@ def main(argv=None):
     stop.close()
     if writer:
         writer.close()
+    if is_main:
+        print_summary(args, start_step, step, time.time() - started, val_loss, best_val)
     if lock:
         lock.release()
     utils.cleanup_process()
     return {"out": args.out, "losses": history, "failed_files": failed_files, "skipped_steps": skipped_steps,
             "step": step}
+
+
+def print_summary(args, start_step, step, seconds, val_loss, best_val):
+    """The run's closing lines: steps, time, speed, validation, checkpoint, the probe to run next."""
+    clips = (step - start_step) * args.batch_size * args.grad_accum
+    val = f"val loss last {val_loss:.4f}, best {best_val:.4f} (best.pt)" if math.isfinite(best_val) else \
+        "no validation (no val rows or --val-every 0)"
+    checkpoints = utils.list_checkpoints(args.out)
+    print(f"done: steps {start_step} -> {step} in {seconds:.1f} s ({clips / max(seconds, 1e-9):.1f} clips/s); {val}; "
+          f"checkpoint {checkpoints[-1] if checkpoints else 'none'}")
+    labels = "".join(f" --label-column {name}" for name in args.label_column[:1]) or \
+        " --label-column COLUMN (a labeled column of the manifest)"
+    labels += f" --task {args.task[0]}" if args.task and args.label_column else ""
+    print(f"next, a linear probe of the encoder: python probe.py --checkpoint {args.out} --csv {args.train_csv[0]}"
+          f"{labels}")
 
 
 def saved_args(args):

@@ -273,10 +273,14 @@ def test_steps_zero_and_a_finished_run_say_so_and_write_nothing(tiny_set, tmp_pa
     message = cli_error(capsys, train_args(tiny_set, out, 0))
     assert message.startswith("--steps 0: nothing to train") and not out.exists()
     done = tmp_path / "done"
-    train.main(train_args(tiny_set, done, 2, "--save-every", "2"))
+    train.main(train_args(tiny_set, done, 2, "--save-every", "2", "--label-column", "tags", "--task", "multilabel"))
     before = sorted(os.listdir(done))
-    capsys.readouterr()
-    result = train.main(train_args(tiny_set, done, 2))
+    summary = capsys.readouterr().out
+    assert "done: steps 0 -> 2 in " in summary and "clips/s); no validation" in summary
+    assert f"checkpoint {done / 'checkpoint-00000002.pt'}" in summary
+    assert (f"python probe.py --checkpoint {done} --csv {tiny_set} --label-column tags --task multilabel"
+            in summary)
+    result = train.main(train_args(tiny_set, done, 2, "--label-column", "tags", "--task", "multilabel"))
     assert result["step"] == 2 and result["losses"] == []
     assert "is finished: " in capsys.readouterr().out
     assert sorted(os.listdir(done)) == before, "no new events file, args.json or checkpoint"
