@@ -1223,6 +1223,11 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
         log(f"  skipped {entry['path']}: {entry['reason']}")
     if len(skipped) > 10:
         log(f"  ... {len(skipped) - 10} more in {skipped_csv}")
+    warned = [r for r in relatives if os.path.join(folder, r) in DECODER_WARNINGS]
+    report["decoder_warnings"] = len(warned)
+    if warned:
+        log(f"  {len(warned)} kept file(s) made the decoder print warnings (caught; the audio was decoded), "
+            f"e.g. {warned[0]}")
     for column, count in report["labeled"].items():
         log(f"  column {column!r}: {count} of {len(frame)} rows labeled")
     if unmatched:

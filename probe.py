@@ -563,8 +563,10 @@ def export_embeddings(args, device):
     os.rmdir(parts)
     unit = "track" if args.per_track else "clip"
     step = f", step {settings['step']}" if "step" in settings else ""
+    warned = sum(p in datasets.DECODER_WARNINGS for p in paths)
     print(f"embeddings: {x.shape[0]} {unit}s x {x.shape[1]} ({args.layer}, {args.checkpoint[0]}{step}) -> {out}.npy, "
-          f"row i described by row i of {out}.csv; {len(skipped)} unreadable file(s) skipped")
+          f"row i described by row i of {out}.csv; {len(skipped)} unreadable file(s) skipped"
+          + (f"; {warned} file(s) with decoder warnings (caught)" if warned else ""))
     for message in skipped[:10]:
         print(f"  skipped: {message}")
     return {"npy": out + ".npy", "csv": out + ".csv", "rows": int(x.shape[0]), "dim": int(x.shape[1]),
