@@ -1155,10 +1155,13 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
         raise utils.UserError(f"{folder}: not a folder; give the folder that holds your audio files")
+    skipped_csv = os.path.splitext(out_csv)[0] + ".skipped.csv"
+    own_files = {os.path.abspath(out_csv), os.path.abspath(skipped_csv)}  # a manifest written inside DIR
     names = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        names.extend(os.path.relpath(os.path.join(root, f), folder) for f in sorted(files))
+        names.extend(os.path.relpath(os.path.join(root, f), folder) for f in sorted(files)
+                     if os.path.join(root, f) not in own_files)
     rows, skipped = [], []
     for relative in tqdm(names, desc="scan", unit="file", disable=len(names) < 50):
         if os.path.basename(relative).startswith("."):
@@ -1203,7 +1206,6 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
     os.makedirs(out_folder, exist_ok=True)
     frame.to_csv(out_csv + ".tmp", index=False)
     os.replace(out_csv + ".tmp", out_csv)
-    skipped_csv = os.path.splitext(out_csv)[0] + ".skipped.csv"
     pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(skipped_csv, index=False)
     reasons = {}
     for entry in skipped:

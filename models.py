@@ -713,6 +713,9 @@ class Pretrained(nn.Module):
             wave = wave[None]  # [1, T]
         if wave.dim() != 2 or wave.shape[1] == 0:
             raise ValueError(f"waveform must be [T] or [channels, T] with T > 0, got shape {tuple(wave.shape)}")
+        if wave.shape[0] > wave.shape[1]:
+            raise ValueError(f"waveform of shape {tuple(wave.shape)} looks like [T, channels] (as sf.read returns "
+                             f"it); pass its transpose, [channels, T]")
         mono = wave.mean(0, keepdim=True)  # [1, T]
         if sample_rate != self.sample_rate:
             mono = torchaudio.functional.resample(mono, int(sample_rate), self.sample_rate)
