@@ -99,11 +99,14 @@ def test_auto_resume_skips_a_broken_newest_checkpoint_and_stays_exact(tiny_set, 
     assert resumed["losses"] == whole["losses"][2:]
 
 
-def test_broken_resume_path_is_one_line_naming_it(tiny_set, tmp_path):
+def test_broken_resume_path_is_one_line_naming_it(tiny_set, tmp_path, capsys):
     broken = tmp_path / "checkpoint-00000007.pt"
     broken.write_bytes(b"PK\x03\x04 half a zip archive")
-    message = error_line(train_py(train_args(tiny_set, tmp_path / "run", 3, "--resume", str(broken))))
-    assert message.startswith(f"{broken}: cannot be loaded (") and "truncated or damaged" in message
+    message = cli_error(capsys, train_args(tiny_set, tmp_path / "run", 3, "--resume", str(broken)))
+    assert message.startswith(f"{broken}: cannot be loaded (23 bytes; truncated or damaged: ")
+    broken.write_bytes(b"")
+    message = cli_error(capsys, train_args(tiny_set, tmp_path / "run", 3, "--resume", str(broken)))
+    assert message == f"{broken}: empty file (0 bytes), not a checkpoint"
 
 
 def test_every_checkpoint_broken_is_one_line(tiny_set, tmp_path, capsys):
@@ -401,6 +404,10 @@ def test_a_label_column_without_labeled_train_rows_names_file_column_and_b_s_0(t
     assert message.endswith("train self-supervised with --labeled-per-batch 0")
     result = train.main(train_args(csv, tmp_path / "run", 1, "--label-column", "genre", "--labeled-per-batch", "0"))
     assert result["step"] == 1
+    manifest["genre"] = ""
+    manifest.to_csv(csv, index=False)
+    message = cli_error(capsys, train_args(csv, tmp_path / "empty", 1, "--label-column", "genre"))
+    assert "label column 'genre' has no label on any of the 28 train rows (every cell is empty)" in message
 
 
 def test_a_batch_without_negatives_is_refused(tiny_set, tmp_path, capsys):
