@@ -504,12 +504,12 @@ def export_embeddings(args, device):
             if k in done:
                 continue
             rows = list(range(start, min(start + args.export_part_files, len(paths))))
-            chunks, records, pending, pending_records = [], [], [], []
+            chunks, records, pending, pending_records, part_skipped = [], [], [], [], []
             for row in rows:
                 try:
                     clips = datasets.read_clips(paths[row], settings["clip_samples"], settings["sample_rate"])
                 except datasets.AudioError as error:
-                    skipped.append(str(error))
+                    part_skipped.append(str(error))
                     bar.update(1)
                     continue
                 kept = torch.arange(len(clips))
@@ -539,9 +539,14 @@ def export_embeddings(args, device):
                 table["start_seconds"] = (table["clip"] * clip_seconds).round(6)
             np.save(part + ".tmp.npy", x.astype(np.float32))
             os.replace(part + ".tmp.npy", part + ".npy")
+            with open(part + ".skipped.json", "w") as f:
+                json.dump(part_skipped, f)
             table.to_csv(part + ".tmp.csv", index=False)
             os.replace(part + ".tmp.csv", part + ".csv")
     arrays = [np.load(os.path.join(parts, f"part-{k:05d}.npy")) for k in range(len(starts))]
+    for k in range(len(starts)):
+        with open(os.path.join(parts, f"part-{k:05d}.skipped.json")) as f:
+            skipped.extend(json.load(f))
     tables = [pd.read_csv(os.path.join(parts, f"part-{k:05d}.csv")) for k in range(len(starts))]
     arrays = [a for a in arrays if a.size]
     if not arrays:
@@ -1058,6 +1063,8 @@ def plot_curves(args, results):
     """--plot after every probe: per probe, the few-label curve (with several label fractions)
     and the robustness curve (with --severity-sweep; one per label fraction), one line per
     checkpoint, as PNGs in --plot-dir and in its TensorBoard log. Returns the PNG paths."""
+    if len(args.label_fractions) < 2 and not args.severities:
+        return []
     written = []
     writer = SummaryWriter(log_dir=args.plot_dir)
     for probe in dict.fromkeys(r["probe"] for r in results):

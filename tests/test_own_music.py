@@ -190,7 +190,8 @@ def test_export_resumes_from_finished_parts(library, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "read_clips", failing_read)
     with pytest.raises(KeyboardInterrupt):
         probe.main(flags + ["--export-embeddings", str(tmp_path / "resumed")])
-    assert sorted(os.listdir(tmp_path / "resumed.parts")) == ["job.json", "part-00000.csv", "part-00000.npy"]
+    assert sorted(os.listdir(tmp_path / "resumed.parts")) == ["job.json", "part-00000.csv", "part-00000.npy",
+                                                           "part-00000.skipped.json"]
     reads.clear()
     monkeypatch.setattr(datasets, "read_clips", lambda *a, **k: reads.append(a[0]) or original(*a, **k))
     probe.main(flags + ["--export-embeddings", str(tmp_path / "resumed")])
