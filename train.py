@@ -7,7 +7,9 @@ CPU or one GPU, on your manifests (labeled and unlabeled):
         --train-csv fma.csv --out runs/semisupcon
 Several GPUs (the batch size is global; projections are gathered across processes):
     torchrun --nproc_per_node=4 train.py --train-csv mtat.csv --label-column tags --task multilabel
-Resume: run the same command again; --out's latest checkpoint is picked up.
+Elastic restarts after a process dies: torchrun --standalone --nproc_per_node=4 --max-restarts 3 train.py ...
+Resume: run the same command again; --out's newest checkpoint that loads is picked up, after
+checking that the model flags and settings match (docs/training.md: faults and what happens).
 """
 import argparse
 import hashlib

@@ -132,6 +132,13 @@ def test_probe_names_a_broken_checkpoint_and_falls_back_in_a_folder(tiny_set, tm
     empty.write_bytes(b"")
     with pytest.raises(utils.CheckpointError, match=f"{empty}: empty file"):
         probe.load_encoder(str(empty), None, torch.device("cpu"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        utils.run_cli(probe.main, ["--checkpoint", newest, "--csv", tiny_set, "--label-column", "timbre",
+                                   "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "probe.json")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err
+    assert f": error: {newest}: cannot be loaded (1,000 bytes; truncated or damaged: " in err
 
 
 # ---------------------------------------------------------------- saves that fail cleanly
