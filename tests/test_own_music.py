@@ -281,3 +281,25 @@ def test_the_docs_commands_and_python_snippet_run_as_written(library, tmp_path, 
     assert result.returncode == 0, result.stderr
     clips = int((table["path"] == song).sum())
     assert result.stdout.strip() == f"torch.Size([{clips}, {x.shape[1]}])"
+
+
+def test_scan_joins_by_path_groups_by_artist_and_names_bad_label_files(library, tmp_path, capsys):
+    root, music, _ = library
+    labels = tmp_path / "by-path.csv"
+    pd.DataFrame({"where": ["Ånglar Trio/Nattsång (2021)/01 - Track 1 … Nattsång.flac", "Nowhere/x.wav"],
+                  "mood": ["calm", "lost"]}).to_csv(labels, index=False)
+    out = str(tmp_path / "m.csv")
+    report = datasets.scan_folder(music, out, folder_labels=[("artist", 1), ("album", -1)], labels_csv=str(labels),
+                                  join_on="path", split=(0.5, 0.25, 0.25), group_by=1)
+    manifest = pd.read_csv(out, keep_default_na=False)
+    assert (manifest["mood"] == "calm").sum() == 1 and report["unmatched_labels"] == 1
+    assert (manifest.groupby("artist")["split"].nunique() == 1).all()
+    assert manifest["album"].str.match(r".+ \(\d{4}\)$").all()
+    assert "1 row(s) of" in capsys.readouterr().out
+    pd.DataFrame({"file": ["a", "a"], "genre": ["x", "y"]}).to_csv(tmp_path / "twice.csv", index=False)
+    with pytest.raises(utils.UserError, match="appear on several rows, e.g. 'a'"):
+        datasets.scan_folder(music, out, labels_csv=str(tmp_path / "twice.csv"))
+    with pytest.raises(utils.UserError, match="--join-column 'name' is not a column"):
+        datasets.scan_folder(music, out, labels_csv=str(labels), join_column="name")
+    with pytest.raises(utils.UserError, match="not a folder"):
+        datasets.scan_folder(str(tmp_path / "missing"), out)
