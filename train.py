@@ -551,7 +551,7 @@ def main(argv=None):
     utils.barrier()
 
     # ---- resume point: the newest checkpoint that loads, checked against these flags
-    resume_path, state = find_resume(args, device, is_main)
+    resume_path, state = (None, None) if args.check_data else find_resume(args, device, is_main)
     if state is not None:
         check_model_flags(state["args"], args, resume_path)
         if state["step"] >= args.steps:
