@@ -457,8 +457,8 @@ def decoder_messages(path):
     count" straight to the process's stderr, below Python, where they break progress
     bars. Inside this block fd 2 points at a temporary file instead (two dup2 calls, a
     few microseconds); afterwards the lines are counted in DECODER_WARNINGS[path] and
-    the first time a file warns, one line says so through tqdm.write, which keeps the
-    progress bar intact.
+    the first time a file warns in this process, one line says so through tqdm.write,
+    which keeps the progress bar intact (each data worker counts and reports its own).
     """
     if not _DECODER_LOG:
         _DECODER_LOG.append(tempfile.TemporaryFile())
@@ -482,8 +482,12 @@ def decoder_messages(path):
                 is_new = path not in DECODER_WARNINGS
                 DECODER_WARNINGS[path] = DECODER_WARNINGS.get(path, 0) + len(lines)
                 if is_new:
-                    tqdm.write(f"decoder warnings: {path}: {len(lines)} line(s), e.g. {lines[0].strip()[:160]} "
-                               f"(further ones for this file are counted, not shown)", file=sys.stderr)
+                    # A data worker holds no bar of its own: start a new line so as not to write over the
+                    # main process's bar (tqdm.write clears and redraws it where the bar lives).
+                    start = "\n" if torch.utils.data.get_worker_info() is not None else ""
+                    tqdm.write(f"{start}decoder warnings: {path}: {len(lines)} line(s), e.g. {lines[0].strip()[:160]} "
+                               f"(further ones for this file in this process are counted, not shown)",
+                               file=sys.stderr)
 
 
 CACHE_INFO = "cache.json"
