@@ -1,5 +1,6 @@
 """Your own music in, embeddings out: a folder laid out like a real library, scanned into a
 manifest, pretrained on, and embedded three ways (export, the probe's function, load_pretrained)."""
+import glob
 import os
 import re
 import shlex
@@ -271,6 +272,7 @@ def test_the_docs_commands_and_python_snippet_run_as_written(library, tmp_path, 
         scripts[words[0]](words[1:] + SMALL[words[0]])
     printed = capsys.readouterr().out
     assert "| checkpoint |" in printed and os.path.isfile(tmp_path / "runs" / "my-music-probe.json")
+    assert glob.glob(str(tmp_path / "runs" / "my-music-probe-plots" / "*" / "*.png"))
     x = np.load(tmp_path / "runs" / "my-music-embeddings.npy")
     table = pd.read_csv(tmp_path / "runs" / "my-music-embeddings.csv")
     assert len(x) == len(table) and table["path"].map(lambda p: os.path.isfile(tmp_path / "runs" / p)).all()
