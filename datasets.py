@@ -1269,7 +1269,7 @@ def manifest_or_scan(path, out_dir, write=True, log=print):
         levels = [(f"{AUTO_LABEL_PREFIX}{k}", k) for k in range(1, depth + 1)]
         log(f"{path} is a folder: scanning it into {out_csv} (split {','.join(f'{f:g}' for f in AUTO_SPLIT)} by "
             f"the file's folder; columns {', '.join(c for c, _ in levels) or 'none'} from the folder levels); "
-            f"`python datasets.py scan` sets labels and splits yourself")
+            f"run `python datasets.py scan` to choose labels and splits yourself")
         scan_folder(folder, out_csv, folder_labels=levels, split=AUTO_SPLIT, log=log)
     return out_csv
 
