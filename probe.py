@@ -15,6 +15,8 @@ The experiments of the paper's evaluation:
                                         robustness curves; test embeddings in the projector
 One GPU: the same commands (the GPU is used when present). The tables print; the full
 results (JSON) go to --out, with the tables next to it as .md and .csv.
+Embeddings for your own use, no probe (--csv a manifest or a folder; docs/own-music.md):
+    python probe.py --checkpoint runs/semisupcon --csv "My Music" --export-embeddings runs/embeddings
 
 Protocol, by default the authors' (docs/probing.md): every file is cut into consecutive
 clips (--max-clips of them, evenly spread); each epoch the head trains on one randomly
