@@ -13,6 +13,9 @@ Encoders (all 512-d at full width):
 - `tuneplus`: TUNe+, a U-Net on the waveform with a deep tail (the paper's other encoder);
 - `melcnn`: log-mel spectrogram and a short-chunk ResNet, the spectrogram baseline.
 
+`load_pretrained(path)` gives a trained encoder for one's own code (the only file access
+in this module): `load_pretrained("runs/x").embed(waveform, sample_rate)` -> `[clips, D]`.
+
 `width` multiplies every channel count (0.25 trains at about 1 s per step on a 2-core
 CPU); the embedding size is `scaled_channels(512, width)`. `set_activation_checkpointing`
 trades compute for memory without changing gradients.
