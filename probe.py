@@ -33,7 +33,6 @@ import json
 import os
 import re
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import torch
@@ -41,8 +40,6 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
 import augment
 import datasets
@@ -982,6 +979,18 @@ def label_subset(tracks, labels, task, fraction, seed):
 
 # ---------------------------------------------------------------- plots
 
+def new_figure(**kwargs):
+    """plt.subplots(**kwargs) drawn off screen (files only, no display).
+
+    matplotlib is imported on the first figure, not with the module: probing without
+    --plot then runs where matplotlib is absent (the GPU check's machine has none).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(**kwargs)
+
+
 def confusion_figure(counts, class_names, title):
     """A confusion matrix as a matplotlib Figure: true class down, predicted class across.
 
@@ -993,7 +1002,7 @@ def confusion_figure(counts, class_names, title):
     n = len(counts)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # [C, C]
     side = min(24.0, max(4.5, 0.32 * n + 2.5))  # inches: room for the names as classes grow
-    figure, axes = plt.subplots(figsize=(side + 1.2, side), dpi=120)
+    figure, axes = new_figure(figsize=(side + 1.2, side), dpi=120)
     image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     axes.set_xticks(range(n), labels=class_names, rotation=90 if n > 5 else 45, ha="center" if n > 5 else "right",
                     rotation_mode="anchor" if n <= 5 else "default")
@@ -1015,7 +1024,7 @@ def confusion_figure(counts, class_names, title):
 def curve_figure(lines, xlabel, ylabel, title, log_x=False):
     """Metric curves as a Figure: lines {label: (x `[n]`, mean `[n]`, std `[n]`)}, one line each,
     with ± std error bars and a shaded band where std is non-zero."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    figure, axes = new_figure(figsize=(6.4, 4.4), dpi=120)
     for label, (x, mean, std) in lines.items():
         x, mean, std = (np.asarray(v, dtype=np.float64) for v in (x, mean, std))
         axes.errorbar(x, mean, yerr=std if std.any() else None, marker="o", capsize=3, label=label)

@@ -38,9 +38,11 @@ def run_cli(main, argv=None):
     try:
         return main(argv)
     except UserError as error:
-        if os.environ.get("SEMISUPCON_DEBUG"):
-            traceback.print_exc()
-        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        # Under torchrun every process meets the same mistake: the first one says it.
+        if os.environ.get("RANK", "0") == "0":
+            if os.environ.get("SEMISUPCON_DEBUG"):
+                traceback.print_exc()
+            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
