@@ -401,15 +401,16 @@ def sample_noise(n, length, setting, draw, sample_rate):
 
 
 FILTER_KINDS = ("band_pass", "band_stop", "high_pass", "low_pass")
-FILTER_EXPONENT = 8  # low-pass magnitude 1 / (1 + (f / f_c)^8): 48 dB per octave beyond the cut-off
+FILTER_EXPONENT = 16  # low-pass 1 / (1 + (f / f_c)^16): from 0.85 to 0.16 between 0.9 and 1.1 f_c, as julius's sinc
 
 
 def low_pass_response(f, cutoff):
     """Low-pass magnitude 1 / (1 + (f / cutoff)^FILTER_EXPONENT) at frequencies `f`.
 
-    0.5 (-6 dB) at the cut-off, as a windowed-sinc low-pass (julius, which
-    torch-audiomentations uses) is, and amplitude complementary: 1 minus it is the
-    matching high-pass, as x minus the low-passed x is there.
+    0.5 (-6 dB) at the cut-off and 0.85 / 0.16 at 0.9 / 1.1 times it, as the windowed-sinc
+    low-pass of julius (which torch-audiomentations uses), and amplitude complementary:
+    1 minus it is the matching high-pass, as x minus the low-passed x is there. julius's
+    stop band levels off near -25 dB; this one keeps falling.
     """
     return torch.reciprocal(1 + (f / cutoff).pow(FILTER_EXPONENT))
 

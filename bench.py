@@ -11,6 +11,7 @@ Usage:
     python bench.py all                            # every section but gpu
     python bench.py gpu                            # make gpu-check: the CUDA path checked and timed
     python bench.py gpu --tiny                     # the same on a CPU at a tiny size (CI)
+    python bench.py compare-augment --reference-path DIR   # our chain next to the authors' (below)
 
 The loss section times building the target matrix plus the loss forward and backward
 (multilabel, half of each batch labeled) for N = 192 ... 16384 views and C = 50, 188,
@@ -29,6 +30,14 @@ built from torch-audiomentations 0.12 (gain, polarity inversion, colored noise, 
 four filters, pitch shift), when that package is importable. It is not a dependency of
 this project; to install it for the comparison without touching torch:
     .venv/bin/pip install --no-deps torch-audiomentations==0.12.0 julius torch-pitch-shift primePy
+
+The compare-augment section runs the authors' chain (torch-audiomentations 0.12 with their
+configuration's formulas, called once per clip on [2, 1, T], plus a re-implementation of
+their Delay) and ours on the same inputs, each transform alone at severities 0.5, 1 and 2
+and then the whole chain, and prints the drawn parameters and statistics of the outputs
+side by side (docs/augmentations.md). It reads torch-audiomentations from a separate folder:
+    .venv/bin/pip install --target /tmp/ta --no-deps torch-audiomentations==0.12.0 julius torch-pitch-shift primePy
+    .venv/bin/python bench.py compare-augment --reference-path /tmp/ta
 """
 
 import argparse
@@ -579,35 +588,94 @@ def run_authors_chain(ta, names, s, clips, sample_rate):
     """The authors' Compose called once per clip on `[2, 1, T]`, as their datasets do.
 
     Returns (outputs `[N, 2, T]`, filter kind per view `[N, 2]`: the index into
-    augment.FILTER_KINDS of the filter that changed the view, -1 for none)."""
+    augment.FILTER_KINDS of the filter that changed the view, -1 for none; the drawn
+    parameters of the applied views, {name: `[K]`})."""
     transforms = [authors_transform(ta, name, s, sample_rate) for name in names]
     chain = ta.Compose(transforms, p=min(1.0, 0.8 * s), output_type="dict")
     one_of = transforms[names.index("filter")] if "filter" in names else None
-    outputs, kinds = [], torch.full(clips.shape[:2], -1)
+    leaves = [t for transform in transforms for t in getattr(transform, "transforms", [transform])]
+    outputs, kinds, drawn = [], torch.full(clips.shape[:2], -1), {}
     for k, clip in enumerate(clips):
+        for transform in leaves:  # parameters left from an earlier call would read as drawn now
+            transform.transform_parameters = {}
         if one_of is not None:
             one_of.transform_indexes = []
-            for transform in one_of.transforms:
-                transform.transform_parameters = {}
         outputs.append(chain(clip[:, None].clone()).samples[:, 0])
         if one_of is not None and one_of.transform_indexes:
             kind = one_of.transform_indexes[0]
             applied = one_of.transforms[kind].transform_parameters.get("should_apply")
             if applied is not None:
                 kinds[k][applied.cpu()] = kind
-    return torch.stack(outputs), kinds
+        for transform in leaves:
+            parameters = transform.transform_parameters
+            if parameters.get("should_apply") is not None and bool(parameters["should_apply"].any()):
+                for key, value in authors_parameters(transform, parameters).items():
+                    drawn.setdefault(key, []).extend(value)
+    return torch.stack(outputs), kinds, {key: torch.tensor(value) for key, value in drawn.items()}
+
+
+def authors_parameters(transform, parameters):
+    """The parameters one torch-audiomentations transform drew for its applied views, under
+    the names our samplers use ({name: list of floats})."""
+    kind = type(transform).__name__
+    if kind == "Gain":
+        return {"gain_db": (20 * torch.log10(parameters["gain_factors"].flatten())).tolist()}
+    if kind == "AddColoredNoise":
+        return {"snr_db": parameters["snr_in_db"].tolist(), "decay": parameters["f_decay"].tolist()}
+    if kind in ("BandPassFilter", "BandStopFilter"):
+        return {f"{kind} centre Hz": parameters["center_freq"].tolist(), "bandwidth": parameters["bandwidth"].tolist()}
+    if kind in ("HighPassFilter", "LowPassFilter"):
+        return {f"{kind} cut-off Hz": parameters["cutoff_freq"].tolist()}
+    if kind == "PitchShift":
+        return {"semitones": [12 * math.log2(ratio) for ratio in parameters["transpositions"]]}
+    if kind == "AuthorsDelay":
+        return {name: [float(v) for v in parameters[name]] for name in ("lag", "volume", "repeats", "attenuation")}
+    return {}
+
+
+def our_parameters(record):
+    """Our chain's recorded draws under the same names as `authors_parameters`."""
+    drawn = {}
+    for name, values in record.items():
+        if name == "filter":
+            for k, label in enumerate(("BandPassFilter centre Hz", "BandStopFilter centre Hz",
+                                       "HighPassFilter cut-off Hz", "LowPassFilter cut-off Hz")):
+                drawn[label] = values["frequency_hz"][values["kind"] == k]
+            drawn["bandwidth"] = values["bandwidth"][values["kind"] < 2]
+        else:
+            drawn.update({key: value.double() for key, value in values.items()
+                          if key not in ("index", "white", "sample_rate") and torch.is_tensor(value)})
+    return drawn
+
+
+def parameter_statistics(drawn, sample_rate):
+    """{statistic: text} of drawn parameters (see `authors_parameters`)."""
+    stats = {}
+    for key, values in sorted(drawn.items()):
+        values = values.double()
+        if key in ("volume", "repeats", "attenuation"):
+            stats[f"drawn {key} (shares)"] = shares(values)
+        elif key == "semitones":
+            stats["drawn shifts, |semitones|"] = str(sorted({round(abs(v), 2) for v in values.tolist()}))
+        elif key == "lag":
+            stats["drawn lag ms"] = summary(1000 * values / sample_rate, digits=0)
+        elif key.endswith("Hz"):
+            stats[f"drawn {key[:-3]}, log2 kHz"] = summary(torch.log2(values / 1000))
+        else:
+            stats[f"drawn {key}"] = summary(values)
+    return stats
 
 
 def run_our_chain(names, s, clips, sample_rate, seed):
     """Our chain on all clips at once, views of a clip in adjacent rows: (outputs `[N, 2, T]`,
-    filter kind per view `[N, 2]`, -1 for none)."""
+    filter kind per view `[N, 2]` (-1 for none), drawn parameters)."""
     chain = augment.build_chain(list(names), s, sample_rate)
     record = {}
     outputs = chain(clips.reshape(-1, clips.shape[-1]), torch.Generator().manual_seed(seed), views=2, record=record)
     kinds = torch.full((clips.shape[0] * 2,), -1)
     if "filter" in record:
         kinds[record["filter"]["index"]] = record["filter"]["kind"]
-    return outputs.reshape(clips.shape), kinds.reshape(clips.shape[:2])
+    return outputs.reshape(clips.shape), kinds.reshape(clips.shape[:2]), our_parameters(record)
 
 
 def octave_bands(x, sample_rate, low_hz, high_hz, per_octave):
@@ -742,17 +810,20 @@ def bench_compare_augment(args):
     for name in COMPARE_NAMES:
         for s in COMPARE_SEVERITIES:
             x = compare_inputs(name, clips, length, args.sample_rate, generator)
-            theirs = transform_statistics(name, x, *run_authors_chain(ta, [name], s, x, args.sample_rate), args.sample_rate)
-            ours = transform_statistics(name, x, *run_our_chain([name], s, x, args.sample_rate, args.seed), args.sample_rate)
+            theirs, ours = (
+                {**parameter_statistics(drawn, args.sample_rate),
+                 **transform_statistics(name, x, y, kinds, args.sample_rate)}
+                for y, kinds, drawn in (run_authors_chain(ta, [name], s, x, args.sample_rate),
+                                        run_our_chain([name], s, x, args.sample_rate, args.seed)))
             for statistic in theirs:
-                print(f"| {name} | {s:g} | {statistic} | {theirs[statistic]} | {ours[statistic]} |", flush=True)
+                print(f"| {name} | {s:g} | {statistic} | {theirs[statistic]} | {ours.get(statistic, '-')} |", flush=True)
     names = list(augment.DEFAULT_AUGMENT)
     for s in COMPARE_SEVERITIES:
         x = 0.5 * compare_inputs("pitch", clips, length, args.sample_rate, generator) + \
             0.5 * compare_inputs("gain", clips, length, args.sample_rate, generator)
         rows = {}
-        for who, (y, kinds) in (("authors", run_authors_chain(ta, names, s, x, args.sample_rate)),
-                                ("ours", run_our_chain(names, s, x, args.sample_rate, args.seed))):
+        for who, (y, kinds, _) in (("authors", run_authors_chain(ta, names, s, x, args.sample_rate)),
+                                   ("ours", run_our_chain(names, s, x, args.sample_rate, args.seed))):
             untouched = (y == x).flatten(2).all(-1)  # [N, 2]
             both_filtered = (kinds >= 0).all(-1)
             rows[who] = {

@@ -493,7 +493,8 @@ def test_the_chain_is_decided_once_per_clip_and_each_transform_per_view():
 def test_default_chain_untouched_views_per_clip_are_the_authors():
     clips = 3000
     x = music_like(batch=2 * clips, length=64, seed=1)
-    chain = augment.build_chain(list(augment.DEFAULT_AUGMENT), severity=1.0, sample_rate=SAMPLE_RATE)
+    # A low rate keeps the noise transform's second of white noise small; 2 kHz has fast pitch shifts (±3.86).
+    chain = augment.build_chain(list(augment.DEFAULT_AUGMENT), severity=1.0, sample_rate=2000)
     untouched = (chain(x, torch.Generator().manual_seed(0), views=2) == x).all(-1).view(clips, 2)
     # Untouched views: the chain off for the clip (0.2), or on and every transform skipped.
     skipped = 0.6 * 0.4 * 0.4 * 0.7 * 0.4 * 0.4
@@ -506,7 +507,8 @@ def test_default_chain_untouched_views_per_clip_are_the_authors():
 def test_the_filter_type_is_drawn_once_per_clip():
     clips = 2000
     x = music_like(batch=2 * clips, length=256)
-    chain = single_chain("filter", 1.0)
+    chain = augment.build_chain(["filter"], severity=1.0, sample_rate=2000)  # small FFTs
+    chain.probability, chain.settings["filter"]["p"] = 1.0, 1.0
     record = {}
     chain(x, torch.Generator().manual_seed(0), views=2, record=record)
     kind = torch.full((2 * clips,), -1)
@@ -546,3 +548,17 @@ def test_a_device_generator_gives_a_new_host_seed_each_call():
         b = augment.Draw(device_generator, "cuda").uniform(0, 1, 4)
         device_generator.set_state(state)
         assert not torch.equal(a, b) and torch.equal(augment.Draw(device_generator, "cuda").uniform(0, 1, 4), a)
+
+
+@pytest.mark.parametrize("names", [list(augment.DEFAULT_AUGMENT)] + [[name] for name in augment.TRANSFORM_NAMES if name != "codec"])
+def test_the_chain_never_reads_values_from_the_device(names):
+    # A meta tensor has a shape but no values: any host read of device data (.item(),
+    # nonzero, .tolist(), a data-dependent size), i.e. any host-device sync on a GPU,
+    # raises here. codec is left out: torch.istft checks its window's overlap on the host.
+    x = torch.zeros(8, 4000, device="meta")
+    chain = augment.build_chain(names, severity=2.0, sample_rate=SAMPLE_RATE)
+    chain.probability = 1.0
+    for name in names:
+        chain.settings[name]["p"] = 1.0
+    y = chain(x, None, views=2)
+    assert y.shape == x.shape and y.device.type == "meta"
