@@ -1101,6 +1101,15 @@ def file_digest(path, block=1 << 20):
     return digest.hexdigest()
 
 
+def join_key(value, join_on):
+    """What --join-on compares: a file's stem, name, or path below the scanned folder."""
+    value = value.strip().replace("\\", "/")
+    if join_on == "path":
+        return os.path.normpath(value).replace(os.sep, "/")
+    name = os.path.basename(value)
+    return name if join_on == "name" else os.path.splitext(name)[0]
+
+
 def join_labels(frame, relatives, labels_csv, join_on, join_column):
     """Add the columns of the user's CSV to a scan's frame, matched by file name or stem.
 
@@ -1108,7 +1117,8 @@ def join_labels(frame, relatives, labels_csv, join_on, join_column):
     `join_column` (default: its first column) names each labeled file; join_on: "stem"
     (file name without extension), "name" (with it) or "path" (relative to the scanned
     folder) says how both sides are compared. Files without a row stay unlabeled (empty
-    cells). Returns (frame, CSV rows that matched no file, files sharing a key with another).
+    cells). Returns (frame, the keys of CSV rows that matched no file, the number of files
+    sharing a key with another).
     """
     if not os.path.isfile(labels_csv):
         raise utils.UserError(f"--labels {labels_csv}: file not found")
@@ -1121,23 +1131,16 @@ def join_labels(frame, relatives, labels_csv, join_on, join_column):
     if clash:
         raise utils.UserError(f"{labels_csv}: columns {clash} would overwrite the scan's own; rename them")
 
-    def key(value):
-        value = value.strip().replace("\\", "/")
-        if join_on == "path":
-            return os.path.normpath(value).replace(os.sep, "/")
-        name = os.path.basename(value)
-        return name if join_on == "name" else os.path.splitext(name)[0]
-
-    keys = table[join_column].map(key)
+    keys = table[join_column].map(lambda value: join_key(value, join_on))
     repeated = sorted(keys[keys.duplicated()].unique())
     if repeated:
         raise utils.UserError(f"{labels_csv}: {len(repeated)} {join_on}(s) appear on several rows, e.g. "
                               f"{repeated[0]!r}; keep one row per file")
     table = table.drop(columns=[join_column]).set_index(keys)
-    file_keys = pd.Series([key(r) for r in relatives])
+    file_keys = pd.Series([join_key(r, join_on) for r in relatives])
     for column in table.columns:
         frame[column] = [table[column].get(k, "") for k in file_keys]
-    unmatched = int((~keys.isin(set(file_keys))).sum())
+    unmatched = keys[~keys.isin(set(file_keys))].tolist()
     shared = int((file_keys.duplicated(keep=False) & file_keys.isin(set(table.index))).sum())
     return frame, unmatched, shared
 
@@ -1202,7 +1205,7 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
         frame["split"] = assign_splits([group_key(r, group_by) for r in relatives], split, split_seed)
     for column, level in folder_labels:
         frame[column] = [folder_level(r, level) for r in relatives]
-    unmatched = shared = 0
+    unmatched, shared = [], 0
     if labels_csv:
         frame, unmatched, shared = join_labels(frame, relatives, labels_csv, join_on, join_column)
     for column in ("seconds", "sample_rate", "channels"):
@@ -1218,7 +1221,7 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
     splits = frame["split"].value_counts().to_dict() if split is not None else {}
     report = {"manifest": out_csv, "files": len(names), "rows": len(frame), "skipped": reasons,
               "skipped_csv": skipped_csv, "splits": {s: int(splits.get(s, 0)) for s in SPLITS} if splits else {},
-              "unmatched_labels": unmatched, "shared_keys": shared,
+              "unmatched_labels": len(unmatched), "shared_keys": shared,
               "labeled": {c: int((frame[c] != "").sum()) for c in frame.columns
                           if c not in ("path", "split", "seconds", "sample_rate", "channels")}}
     split_text = (" (" + ", ".join(f"{s} {n}" for s, n in report["splits"].items()) + ")") if splits else ""
@@ -1237,7 +1240,9 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
     for column, count in report["labeled"].items():
         log(f"  column {column!r}: {count} of {len(frame)} rows labeled")
     if unmatched:
-        log(f"  {unmatched} row(s) of {labels_csv} matched no file (compared by {join_on})")
+        dropped = {join_key(entry["path"], join_on) for entry in skipped if entry["reason"].startswith("duplicate")}
+        examples = ", ".join(repr(k) + (" (a duplicate left out)" if k in dropped else "") for k in unmatched[:3])
+        log(f"  {len(unmatched)} row(s) of {labels_csv} matched no file (compared by {join_on}), e.g. {examples}")
     if shared:
         log(f"  {shared} files share their {join_on} with another file, so one --labels row labels each of them; "
             f"use --join-on path to tell them apart")

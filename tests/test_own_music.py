@@ -112,6 +112,7 @@ def test_scan_skips_with_reasons_joins_labels_and_never_splits_an_album(library,
     datasets.main(command[1:4] + [os.path.join(root, "again.csv")] + command[5:] + ["--min-seconds", "0.5"])
     again = capsys.readouterr().out
     assert "1 too short" in again and "04 - Blip.wav: too short (0.10 s" in again
+    assert "e.g. '01 - Track 1 … First Light' (a duplicate left out)" in again  # its label row found no file
     second = pd.read_csv(os.path.join(root, "again.csv"))
     kept = first[~first["path"].str.endswith("04 - Blip.wav")].reset_index(drop=True)
     assert kept["split"].tolist() == second["split"].tolist()  # deterministic: same groups, same splits
