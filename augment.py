@@ -401,7 +401,10 @@ def sample_noise(n, length, setting, draw, sample_rate):
 
 
 FILTER_KINDS = ("band_pass", "band_stop", "high_pass", "low_pass")
-FILTER_EXPONENT = 16  # low-pass 1 / (1 + (f / f_c)^16): from 0.85 to 0.16 between 0.9 and 1.1 f_c, as julius's sinc
+# Low-pass 1 / (1 + (f / f_c)^16): from 0.85 to 0.16 between 0.9 and 1.1 f_c, as julius's
+# windowed sinc; the power is taken as four squarings, cheaper than a general power.
+FILTER_SQUARINGS = 4
+FILTER_EXPONENT = 2**FILTER_SQUARINGS
 
 
 def low_pass_response(f, cutoff):
@@ -412,7 +415,10 @@ def low_pass_response(f, cutoff):
     1 minus it is the matching high-pass, as x minus the low-passed x is there. julius's
     stop band levels off near -25 dB; this one keeps falling.
     """
-    return torch.reciprocal(1 + (f / cutoff).pow(FILTER_EXPONENT))
+    ratio = f / cutoff
+    for _ in range(FILTER_SQUARINGS):
+        ratio = ratio.square()
+    return torch.reciprocal(1 + ratio)
 
 
 def filter_response(kind, frequency_hz, bandwidth, bins, sample_rate):
@@ -612,11 +618,12 @@ def delay(x, lag, volume, repeats, attenuation):
     is_copy = to_device(is_copy, x.device)
     rows = torch.arange(batch, device=x.device)
     attenuation, volume = to_device(attenuation, x.device), to_device(volume, x.device)
-    delayed = torch.zeros_like(x)
-    for i in range(copies):
-        weight = torch.where(is_copy[i], attenuation.pow(i), 0.0)  # [B]
-        delayed.addcmul_(windows[rows, starts[i]], weight[:, None])
-    return (x + volume[:, None] * delayed) / 2
+    # The undelayed copy (i = 0) only scales the clip: (1 + volume) / 2, or 1 / 2 without it.
+    out = x * torch.where(is_copy[0], (1 + volume) / 2, 0.5)[:, None] if copies else x / 2
+    for i in range(1, copies):
+        weight = torch.where(is_copy[i], volume * attenuation.pow(i) / 2, 0.0)  # [B]
+        out.addcmul_(windows[rows, starts[i]], weight[:, None])
+    return out
 
 
 def sample_delay(n, length, setting, draw, sample_rate):
@@ -979,7 +986,7 @@ class Chain:
         return (f"Chain(names={self.names}, severity={self.severity}, sample_rate={self.sample_rate}, "
                 f"pitch_shifts={self.pitch_shifts!r})")
 
-    def __call__(self, x, generator=None, views=1, record=None):
+    def __call__(self, x, generator=None, views=1, clip_ids=None, record=None):
         """Augment a batch whose rows [k·views, (k+1)·views) are the views of clip k.
 
         As the authors' chain, called once per clip on its views: whether the chain runs
@@ -992,6 +999,9 @@ class Chain:
             generator: optional torch.Generator (on CPU or on x's device) making the
                 draws reproducible; None uses the global RNGs.
             views: views per clip; B must be a multiple of it (1: every row its own clip).
+            clip_ids: optional `[B]` clip id of each row, instead of `views`: rows with
+                the same id are views of one clip, wherever they are. Read on the host:
+                pass a CPU tensor (a device tensor is copied, which synchronises).
             record: optional dict; when given, each applied transform's name maps to
                 {"index": its rows `[K]`, and its drawn parameters} (for tests and
                 `bench.py compare-augment`).
@@ -1002,14 +1012,20 @@ class Chain:
         if self.severity == 0 or not self.names:
             return x
         batch, length = x.shape
-        if views < 1 or batch % views:
+        if clip_ids is not None:
+            if len(clip_ids) != batch:
+                raise ValueError(f"clip_ids has {len(clip_ids)} entries for a batch of {batch} rows")
+            _, clip_of_row = torch.unique(torch.as_tensor(clip_ids).cpu(), return_inverse=True)  # [B] host
+        elif views < 1 or batch % views:
             raise ValueError(f"a batch of {batch} rows is not a whole number of clips of {views} views")
-        clips = batch // views
+        else:
+            clip_of_row = torch.arange(batch) // views  # [B] host
+        clips = int(clip_of_row.max()) + 1 if batch else 0
         draw = Draw(generator, x.device)
         out = x.to(torch.float32, copy=True)  # transforms compute in float32 whatever the input
-        is_augmented = draw.chance(self.probability, clips).repeat_interleave(views)  # [B] host, per clip
+        is_augmented = draw.chance(self.probability, clips)[clip_of_row]  # [B] host, per clip
         if "filter" in self.names:  # the authors' OneOf picks one filter type per call, i.e. per clip
-            filter_kind = draw.integers(0, len(FILTER_KINDS) - 1, clips).repeat_interleave(views)  # [B] host
+            filter_kind = draw.integers(0, len(FILTER_KINDS) - 1, clips)[clip_of_row]  # [B] host
         for name in self.names:
             setting = self.settings[name]
             is_chosen = is_augmented & draw.chance(setting["p"], batch)  # [B] host, per view

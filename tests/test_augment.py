@@ -488,6 +488,13 @@ def test_the_chain_is_decided_once_per_clip_and_each_transform_per_view():
     assert abs(float((changed.sum(-1) == 1).double().mean()) - 0.5) < 0.03  # independent per view
     with pytest.raises(ValueError, match="views"):
         chain(x[:3], views=2)
+    # The same clips given by id, views of a clip far apart: the same per-clip decision.
+    chain.probability, chain.settings["polarity"]["p"] = 0.5, 1.0
+    order = torch.randperm(2 * clips, generator=torch.Generator().manual_seed(2))
+    clip_ids = (torch.arange(2 * clips) // 2)[order]
+    changed = (chain(x[order], torch.Generator().manual_seed(3), clip_ids=clip_ids) != x[order]).any(-1)
+    per_clip = torch.zeros(clips, 2, dtype=torch.long).index_add_(0, clip_ids, torch.stack([changed, ~changed], 1).long())
+    assert bool((per_clip.max(-1).values == 2).all()) and abs(float(per_clip[:, 0].eq(2).double().mean()) - 0.5) < 0.03
 
 
 def test_default_chain_untouched_views_per_clip_are_the_authors():
