@@ -26,10 +26,7 @@ Size table (parameters, multiply-accumulates per clip, embedding size):
 """
 
 import argparse
-import glob
 import math
-import os
-import re
 from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 
@@ -38,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 from torch.utils.checkpoint import checkpoint
+
+import utils
 
 EMBED_DIM = 512  # paper: 512-d SampleCNN embedding at full width
 MIN_CHANNELS = 8  # narrowest layer any width may produce
@@ -728,19 +727,6 @@ class Pretrained(nn.Module):
         return torch.cat(out)  # [K, D]
 
 
-def checkpoint_file(path: str) -> str:
-    """A checkpoint file as given, or a run folder's latest checkpoint-STEP.pt."""
-    if os.path.isdir(path):
-        found = sorted(p for p in glob.glob(os.path.join(path, "checkpoint-*.pt"))
-                       if re.fullmatch(r"checkpoint-\d+\.pt", os.path.basename(p)))
-        if not found:
-            raise FileNotFoundError(f"{path}: no checkpoint-*.pt in this folder")
-        return found[-1]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
-    return path
-
-
 def load_pretrained(path: str, layer: str = "encoder", device: str | torch.device | None = None) -> Pretrained:
     """Load a train.py checkpoint for embedding: the only file access in this module.
 
@@ -754,13 +740,14 @@ def load_pretrained(path: str, layer: str = "encoder", device: str | torch.devic
     Returns:
         a Pretrained in eval mode; `model.embed(waveform, sample_rate)` -> `[clips, D]`.
     """
-    state = torch.load(checkpoint_file(path), map_location="cpu", weights_only=False)
-    if "model" not in state or "args" not in state:
-        raise KeyError(f"{path}: not a train.py checkpoint (needs 'model' and 'args')")
+    # A folder's newest loadable checkpoint; a broken file is a utils.CheckpointError naming it.
+    found, state = utils.find_checkpoint(path)
+    if state is None:
+        raise utils.CheckpointError(f"{path}: no checkpoint-*.pt in this folder")
     saved = state["args"]
     encoder = build_encoder(saved["encoder"], saved["clip_samples"], saved["sample_rate"], saved["width"])
     model = ContrastiveModel(encoder, saved["hidden_dim"], saved["projection_dim"])
-    model.load_state_dict(state["model"])
+    utils.load_weights(model, state["model"], found)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     return Pretrained(model, saved["sample_rate"], saved["clip_samples"], layer).to(device).eval()
 

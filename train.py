@@ -219,13 +219,15 @@ def contrastive_step(model, views, clip_ids, columns, args, rank):
 
 def augment_batch(audio, labeled, chains, generator, views=1):
     """Augment `[n, T]` views: labeled ones with chains['labeled'], others with chains['unlabeled'].
+    labeled: `[n]` bool on the host.
     Rows [k·views, (k+1)·views) are the views of one clip (the chain decides per clip)."""
     if chains["labeled"] is chains["unlabeled"]:
         return chains["unlabeled"](audio, generator, views=views)
     out = audio.clone()
     for mask, chain in ((labeled, chains["labeled"]), (~labeled, chains["unlabeled"])):
-        if mask.any():
-            out[mask] = chain(audio[mask], generator, views=views)
+        if mask.any():  # a host tensor: no sync
+            rows = mask.nonzero().squeeze(1).to(audio.device, non_blocking=True)  # whole clips, views kept together
+            out[rows] = chain(audio[rows], generator, views=views)
     return out
 
 
@@ -261,14 +263,15 @@ def validate(model, loader, specs, chains, args, device, rank):
 
 
 def prepare_batch(batch, args, device):
-    """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]`."""
+    """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]` (on the host)."""
     audio = batch["audio"].to(device, non_blocking=True)  # [b, V, T] or [b, V, L_max] at source rates
     if audio.shape[-1] != args.clip_samples or (batch["rate"] != args.sample_rate).any():
         audio = datasets.resample_batch(audio, batch["rate"], args.clip_samples, args.sample_rate)  # [b, V, T]
     views = audio.reshape(-1, audio.shape[-1])  # [b*V, T]
     clip_ids = batch["clip"].to(device).repeat_interleave(args.views)  # [b*V]
-    any_labeled = torch.stack([l.to(device) for l in batch["labeled"]]).any(0) if batch["labeled"] else \
-        torch.zeros(len(audio), dtype=torch.bool, device=device)
+    # Kept on the host: which rows take which chain is decided without reading the device.
+    any_labeled = torch.stack(batch["labeled"]).any(0) if batch["labeled"] else \
+        torch.zeros(len(audio), dtype=torch.bool)
     return views, clip_ids, any_labeled.repeat_interleave(args.views)
 
 
@@ -618,7 +621,9 @@ def main(argv=None):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else \
             utils.convert_batch_norm(model)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # Fused Adam takes `found_inf` from the device and skips the update there: a step with a
+    # non-finite loss or gradient is dropped without the host reading any value.
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args, step))
     scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)
@@ -628,6 +633,8 @@ def main(argv=None):
     if state is not None:
         utils.load_weights(model, state["model"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group.update(fused=True, foreach=None)  # a checkpoint of an unfused optimizer keeps the fused step
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         # With another process count than the saved run, process r takes saved state r mod count.
@@ -675,11 +682,15 @@ def main(argv=None):
         utils.barrier()
 
     # ---- training loop
-    failed_files, clips_seen, bad_steps, skipped_steps, tick, history = 0, 0, 0, 0, time.time(), []
+    failed_files, clips_seen, data_wait, tick, history = 0, 0, 0.0, time.time(), []
+    # Non-finite steps in a row and in all, counted on the device and read on logging steps only.
+    bad_steps = torch.zeros((), dtype=torch.long, device=device)
+    skipped_steps = torch.zeros((), dtype=torch.long, device=device)
     start_step, started, val_loss = step, time.time(), float("nan")
     progress = tqdm(total=args.steps, initial=step, disable=not is_main, desc="train")
     while step < args.steps:
         for micro_step in range(args.grad_accum):
+            waited = time.perf_counter()
             try:
                 batch = next(loader)
             except RuntimeError as error:
@@ -688,6 +699,7 @@ def main(argv=None):
                                           f"reading {worker_paths(status_dir, error) or 'an unknown file'}: check "
                                           f"or remove that file and rerun (the run resumes)") from error
                 raise
+            data_wait += time.perf_counter() - waited  # host time blocked on the data workers
             views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n]
             views = augment_batch(views, labeled, device_chains, generator, args.views)
             columns_batch = batch_columns(batch, specs, args.views, device)
@@ -698,24 +710,34 @@ def main(argv=None):
             failed_files += int(batch["failed"].sum())
             clips_seen += len(batch["clip"]) * world_size
         scaler.unscale_(optimizer)
+        # With --clip-grad 0 the max norm is infinite: nothing is clipped, but the norm still
+        # comes back, and it is what tells a non-finite gradient.
         norm = torch.nn.utils.clip_grad_norm_(bare_model.parameters(), args.clip_grad or float("inf"))
-        if torch.isfinite(norm) and torch.isfinite(stats["loss_sum"]):
-            scaler.step(optimizer)
-            bad_steps = 0
-        else:
-            # Gradients are identical on every process after DDP, so all skip together.
-            bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
+        # Gradients are identical on every process after DDP, so every process skips together.
+        is_bad = ~(torch.isfinite(norm) & torch.isfinite(stats["loss_sum"]))  # on the device, never read here
+        if not scaler.is_enabled():
+            optimizer.found_inf = is_bad.float()  # fp16's scaler sets it itself
+        scaler.step(optimizer)
+        bad_steps = torch.where(is_bad, bad_steps + 1, 0)
+        skipped_steps += is_bad
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
         progress.update(1)
 
-        if step % args.log_every == 0 or step == args.steps:
+        is_logging = step % args.log_every == 0 or step == args.steps
+        if is_logging:
+            # The one host-device sync of a step happens here, on logging steps only.
+            elapsed = time.time() - tick
             total = log_scalars(writer, stats, args, step, scheduler.get_last_lr()[0], failed_files,
-                                skipped_steps, clips_seen / (time.time() - tick), progress)
+                                int(skipped_steps), clips_seen / elapsed, progress)
+            if writer:
+                writer.add_scalar("speed/data_wait_share", data_wait / elapsed, step)
+                if device.type == "cuda":
+                    writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(device) / 2**20, step)
             history.append((step, total))
-            clips_seen, tick = 0, time.time()
+            clips_seen, data_wait, tick = 0, 0.0, time.time()
         if writer and args.image_every and step % args.image_every == 0:
             log_images(writer, stats, step)
         if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
@@ -730,13 +752,15 @@ def main(argv=None):
             if val_loss < best_val:
                 best_val = val_loss
                 save(step, is_best=True)
-        if bad_steps >= args.max_bad_steps:
+        if is_logging and int(bad_steps) >= args.max_bad_steps:
             # Skipped steps left the weights untouched: this saves the last good weights.
             save(step)
-            raise utils.UserError(f"{bad_steps} steps in a row had a non-finite loss or gradient; stopped and saved "
+            raise utils.UserError(f"{int(bad_steps)} steps in a row had a non-finite loss or gradient; stopped and saved "
                              f"the last good weights at step {step} in {args.out}. Lower --lr, set --clip-grad, "
                              f"or check the data.")
-        stopping = stop.any_process(device, world_size)
+        # Several processes agree on a signal through an all-reduce read on the host: on
+        # logging steps only (one process reads its own flag, no tensor, every step).
+        stopping = stop.any_process(device, world_size) if world_size == 1 or is_logging else False
         if step % args.save_every == 0 or step == args.steps or stopping:
             save(step)
         if stopping:
@@ -753,7 +777,7 @@ def main(argv=None):
     if lock:
         lock.release()
     utils.cleanup_process()
-    return {"out": args.out, "losses": history, "failed_files": failed_files, "skipped_steps": skipped_steps,
+    return {"out": args.out, "losses": history, "failed_files": failed_files, "skipped_steps": int(skipped_steps),
             "step": step}
 
 

@@ -306,3 +306,13 @@ def test_scan_joins_by_path_groups_by_artist_and_names_bad_label_files(library, 
         datasets.scan_folder(music, out, labels_csv=str(labels), join_column="name")
     with pytest.raises(utils.UserError, match="not a folder"):
         datasets.scan_folder(str(tmp_path / "missing"), out)
+
+
+def test_load_pretrained_names_a_broken_checkpoint(tmp_path):
+    broken = tmp_path / "checkpoint-00000004.pt"
+    broken.write_bytes(b"PK\x03\x04 torn in the middle")
+    with pytest.raises(utils.CheckpointError, match="checkpoint-00000004.pt.*(truncated|damaged|cannot)"):
+        models.load_pretrained(str(broken))
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(utils.CheckpointError, match="no checkpoint"):
+        models.load_pretrained(str(tmp_path / "empty-run"))

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 
+import matplotlib.pyplot
 import numpy as np
 import pandas as pd
 import pytest
@@ -331,7 +332,7 @@ def test_confusion_figure_names_classes_and_writes_counts():
     assert cells[(0, 0)] == "3" and cells[(0, 1)] == "1" and cells[(2, 2)] == "4" and cells[(1, 0)] == "0"
     # Shading is the row share: row 0 is 3/4, 1/4, 0.
     assert np.allclose(axes.images[0].get_array()[0], [0.75, 0.25, 0.0])
-    probe.plt.close(figure)
+    matplotlib.pyplot.close(figure)
 
 
 def test_curve_figure_draws_one_line_per_checkpoint():
@@ -344,7 +345,7 @@ def test_curve_figure_draws_one_line_per_checkpoint():
     assert len(drawn) == 2 and np.allclose(drawn[1].get_ydata(), [0.5, 0.7, 0.8])
     assert [container.get_label() for container in axes.containers] == ["random", "runs/x (step 9)"]
     assert axes.get_xscale() == "log"
-    probe.plt.close(figure)
+    matplotlib.pyplot.close(figure)
 
 
 def test_plot_writes_few_label_and_robustness_curves(tiny_set, checkpoint, tmp_path, capsys):
