@@ -656,7 +656,7 @@ def parameter_statistics(drawn, sample_rate):
         if key in ("volume", "repeats", "attenuation"):
             stats[f"drawn {key} (shares)"] = shares(values)
         elif key == "semitones":
-            stats["drawn shifts, |semitones|"] = str(sorted({round(abs(v), 2) for v in values.tolist()}))
+            stats["drawn shifts, absolute semitones"] = str(sorted({round(abs(v), 2) for v in values.tolist()}))
         elif key == "lag":
             stats["drawn lag ms"] = summary(1000 * values / sample_rate, digits=0)
         elif key.endswith("Hz"):
@@ -729,7 +729,7 @@ def transform_statistics(name, x, y, kinds, sample_rate):
         octaves = torch.log2(centres / 1000)
         level = 10 * torch.log10(power.clamp(min=1e-30))  # [M, K]
         slope = ((level - level.mean(-1, keepdim=True)) * (octaves - octaves.mean())).sum(-1) / (octaves - octaves.mean()).pow(2).sum()
-        stats["|slope| dB/octave, 125 Hz-8 kHz"] = summary(slope.abs())
+        stats["slope magnitude, dB/octave, 125 Hz-8 kHz"] = summary(slope.abs())
     elif name == "filter":
         kinds = kinds[is_changed]
         stats["kind shares (bp, bs, hp, lp)"] = ", ".join(f"{(kinds == k).double().mean():.2f}" for k in range(4))
@@ -750,10 +750,16 @@ def transform_statistics(name, x, y, kinds, sample_rate):
         spectrum = torch.fft.rfft(y.double() * torch.hann_window(y.shape[-1], dtype=torch.float64), n=10 * sample_rate)
         peak = spectrum.abs().argmax(-1).double() / 10
         semitones = torch.round(12 * torch.log2(peak / PITCH_TONE_HZ) * 20) / 20
-        stats["shifts (semitones, 0.05 steps)"] = f"{torch.unique(semitones.abs()).tolist()}"
+        stats["measured shifts, absolute semitones (0.05 steps)"] = f"{torch.unique(semitones.abs()).tolist()}"
         stats["distinct shifts"] = f"{torch.unique(semitones).numel()}"
-        stats["|shift| > 3.25 share"] = f"{(semitones.abs() > 3.25).double().mean():.3f}"
+        stats["share of shifts beyond ±3.25 semitones"] = f"{(semitones.abs() > 3.25).double().mean():.3f}"
         stats["level change dB"] = summary(level_db(y) - level_db(x))
+        # Artefacts: energy more than 3% away from the shifted tone, relative to the whole.
+        power = spectrum.abs().pow(2)
+        frequency = torch.arange(power.shape[-1]) / 10
+        target = PITCH_TONE_HZ * 2 ** (semitones / 12)
+        is_near = (frequency[None, :] - target[:, None]).abs() < 0.03 * target[:, None]
+        stats["energy off the tone dB"] = summary(10 * torch.log10((power * ~is_near).sum(-1) / power.sum(-1)), digits=1)
     elif name == "delay":
         size = 2 * x.shape[-1]
         correlation = torch.fft.irfft(torch.fft.rfft(y.double(), n=size) * torch.fft.rfft(x.double(), n=size).conj(), n=size)
