@@ -569,3 +569,20 @@ def test_the_chain_never_reads_values_from_the_device(names):
         chain.settings[name]["p"] = 1.0
     y = chain(x, None, views=2)
     assert y.shape == x.shape and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("severity", [0.5, 1.0, 2.0])
+def test_gain_and_noise_parameters_are_uniform_in_the_authors_ranges(severity):
+    n = 8000
+    draw = augment.Draw(torch.Generator().manual_seed(3), "cpu")
+    quantiles = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    gain = augment.sample_gain(n, 64, augment.SEVERITY_TABLE["gain"](severity), draw, 1000)["gain_db"]
+    noise = augment.sample_noise(n, 64, augment.SEVERITY_TABLE["noise"](severity), draw, 1000)
+    for values, low, high in ((gain, -15 * severity, 5 * severity), (noise["snr_db"], 3 / severity, 30 / severity),
+                              (noise["decay"], -2 * severity, 2 * severity)):
+        unit = (values.double() - low) / (high - low)
+        assert ((torch.quantile(unit, quantiles) - quantiles).abs() < 0.02).all()
+    setting = augment.SEVERITY_TABLE
+    assert setting["gain"](severity)["p"] == min(0.7, 0.4 * severity) and setting["polarity"](severity)["p"] == min(0.8, 0.6 * severity)
+    assert setting["noise"](severity)["p"] == min(0.8, 0.6 * severity) and setting["filter"](severity)["p"] == min(0.6, 0.3 * severity)
+    assert setting["pitch"](severity)["p"] == min(0.75, 0.6 * severity) and setting["delay"](severity)["p"] == min(0.6, 0.6 * severity)
