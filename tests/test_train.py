@@ -231,9 +231,9 @@ def test_augmentation_in_workers_uses_the_labeled_chain_for_labeled_clips(tiny_s
     seen = []
     real_call = augment.Chain.__call__
 
-    def recording_call(chain, x, generator=None):
+    def recording_call(chain, x, generator=None, **options):
         seen.append(tuple(chain.names))
-        return real_call(chain, x, generator)
+        return real_call(chain, x, generator, **options)
 
     monkeypatch.setattr(augment.Chain, "__call__", recording_call)
     result = run(tmp_path, "workers", tiny_set, "--augment-on", "workers", "--augment", "gain,noise",
