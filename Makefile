@@ -12,7 +12,8 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 # The demo: self-supervised vs semi-supervised (pitch-class labels on a quarter of the
-# train set, kept out of pitch shift) on the built-in synthetic set, then probes.
+# train set, kept out of pitch shift) on the built-in synthetic set, then probes, whose
+# table, results and figures (confusion matrices, PNG) land in runs/.
 DEMO_MODEL := --encoder melcnn --width 0.25 --clip-seconds 1 --sample-rate 16000
 DEMO_TRAIN := $(DEMO_MODEL) --batch-size 32 --steps 150 --lr 1e-3 --val-every 50 --save-every 50 --workers 2
 demo: $(VENV)/installed
@@ -20,7 +21,7 @@ demo: $(VENV)/installed
 	$(PY) train.py $(DEMO_TRAIN) --out runs/demo-semisup --label-column pitch_class --label-kind pitch_class \
 		--labeled-fraction 0.25 --augment-labeled gain,polarity,noise,filter,delay
 	$(PY) probe.py $(DEMO_MODEL) --checkpoint runs/demo-selfsup --checkpoint runs/demo-semisup --checkpoint random \
-		--label-column pitch_class --label-column timbre --head linear --out runs/demo-results.json
+		--label-column pitch_class --label-column timbre --head linear --out runs/demo-results.json --plot
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q -rs --durations=10 tests
