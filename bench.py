@@ -41,6 +41,7 @@ side by side (docs/augmentations.md). It reads torch-audiomentations from a sepa
 """
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -63,6 +64,7 @@ import augment
 import datasets
 import losses
 import models
+import synthetic
 
 
 def build_parser():
@@ -91,7 +93,8 @@ def build_parser():
                         help="gpu: a small model on short clips instead of the paper's settings (the CPU variant)")
     parser.add_argument("--gpu-steps", type=int, default=200, help="gpu: training steps of the timed run")
     parser.add_argument("--gpu-batch-cap", type=int, default=8192, help="gpu: largest batch (clips) tried")
-    parser.add_argument("--report", default="", help="gpu: also write the table to this file")
+    parser.add_argument("--report", default="",
+                        help="also write what the section(s) print to this file, under a header line (date, machine: CPU count and GPU, torch version, load average)")
     parser.add_argument("--compare-clips", type=int, default=300, help="compare-augment: clips (2 views each) per case")
     parser.add_argument("--reference-path", default=os.environ.get("SEMISUPCON_REFERENCE_PATH", ""),
                         help="compare-augment: folder holding torch-audiomentations 0.12 and its dependencies "
@@ -448,7 +451,7 @@ def bench_train(args):
         print(f"| {name} | {short:,.0f} | {long:,.0f} | {short / long:.2f}x |")
 
     # The training step: a synthetic corpus, pre-decoded, read by 2 workers.
-    corpus = datasets.make_synthetic_set(os.path.join(folder, "corpus"), num_files=256, seconds=3.0,
+    corpus = synthetic.make_synthetic_set(os.path.join(folder, "corpus"), num_files=256, seconds=3.0,
                                          sample_rate=sample_rate)
     corpus_cache = datasets.write_cache(corpus, os.path.join(folder, "corpus-cache"), sample_rate, workers=2)
     model_flags = ["--encoder", args.train_encoder, "--width", str(args.train_width), "--clip-seconds",
@@ -896,6 +899,139 @@ def run_checked(command, environment):
     return result.stdout
 
 
+def gpu_settings(args):
+    """The check's sizes: paper settings, or --tiny ones (CI on a CPU). Returns a Namespace."""
+    if args.tiny:
+        model_flags = ["--encoder", "samplecnn", "--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000"]
+        batch, steps, files, seconds, source_rate = 8, 20, 64, 1.2, 16000
+    else:
+        model_flags = ["--encoder", "samplecnn", "--width", "1", "--clip-seconds", "2.7", "--sample-rate", "22050"]
+        batch, steps, files, seconds, source_rate = 96, args.gpu_steps, 384, 6.0, 16000
+    sample_rate, clip_seconds = int(model_flags[-1]), float(model_flags[5])
+    return argparse.Namespace(model_flags=model_flags, batch=batch, steps=steps, files=files, seconds=seconds,
+                              source_rate=source_rate, sample_rate=sample_rate,
+                              clip_samples=int(round(clip_seconds * sample_rate)))
+
+
+def run_cuda_tests(environment):
+    """tests/test_cuda.py in a subprocess (its tests skip on a CPU, with the reason); prints the summary."""
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                            "tests/test_cuda.py"], cwd=ROOT, env=environment, capture_output=True, text=True)
+    summary = (tests.stdout.strip().splitlines() or ["no output"])[-1]
+    print(f"CUDA tests: {summary}")
+    if tests.returncode not in (0, 5):
+        raise SystemExit(f"gpu-check: CUDA tests failed:\n{tests.stdout[-4000:]}{tests.stderr[-2000:]}")
+
+
+def check_resume(loop, folder, steps, environment, on_gpu):
+    """A run, and a run stopped halfway then resumed: the resumed steps must continue it.
+
+    Returns the whole run's folder and its figures: loss first/last, resume gap and
+    tolerance, median clips/s, data wait share, peak memory (MiB).
+    """
+    whole, half = os.path.join(folder, "whole"), os.path.join(folder, "half")
+    run_checked(loop + ["--steps", str(steps), "--save-every", str(steps // 2), "--out", whole], environment)
+    run_checked(loop + ["--steps", str(steps // 2), "--save-every", str(steps // 2), "--out", half], environment)
+    run_checked(loop + ["--steps", str(steps), "--save-every", str(steps // 2), "--out", half], environment)
+    whole_log, half_log = logged_scalars(whole), logged_scalars(half)
+    whole_loss, resumed_loss = dict(whole_log["loss/total"]), dict(half_log["loss/total"])
+    after = [s for s in whole_loss if s > steps // 2 and s in resumed_loss]
+    wait, peak = whole_log.get("speed/data_wait_share"), whole_log.get("memory/peak_mib")
+    return argparse.Namespace(
+        folder=whole, first=whole_log["loss/total"][0][1], last=whole_log["loss/total"][-1][1],
+        resume_gap=max(abs(whole_loss[s] - resumed_loss[s]) for s in after),
+        # bf16 sums in another order after a restart (autotuned kernels): equal to its rounding.
+        tolerance=0.0 if not on_gpu else 5e-2,
+        speed=statistics.median(v for _, v in whole_log["speed/clips_per_s"][1:] or whole_log["speed/clips_per_s"]),
+        wait_share=statistics.median(v for _, v in wait[1:] or wait) if wait else float("nan"),
+        peak_mib=max(v for _, v in peak) if peak else float("nan"))
+
+
+def compiled_speed(loop, folder, steps, environment):
+    """Median clips/s of a --compile run (its first logged steps include compiling)."""
+    compiled = os.path.join(folder, "compiled")
+    run_checked(loop + ["--steps", str(steps), "--save-every", str(10 * steps), "--compile", "--out", compiled],
+                environment)
+    compiled_log = logged_scalars(compiled)
+    return statistics.median(v for _, v in compiled_log["speed/clips_per_s"][2:] or compiled_log["speed/clips_per_s"])
+
+
+def syncs_per_step(loop, folder, steps, environment, on_gpu):
+    """Host-device syncs per non-logging step: two run lengths, the difference per step."""
+    if not on_gpu:
+        return "n/a (CPU)"
+    counts = []
+    for length in (steps // 4, steps // 2):
+        out = os.path.join(folder, f"syncs-{length}")
+        flags = loop[2:] + ["--steps", str(length), "--log-every", str(10 * steps), "--save-every",
+                            str(10 * steps), "--out", out]
+        counts.append(int(run_checked([sys.executable, "-c", SYNC_COUNTER, *flags], environment).split()[-1]))
+    return f"{(counts[1] - counts[0]) / (steps // 2 - steps // 4):.2f}"
+
+
+def time_parts(settings, speed, args, device, environment, on_gpu):
+    """The encoder alone, the augmentation alone, FLOP/s against the matmul peak, the largest batch."""
+    batch, sample_rate, clip_samples = settings.batch, settings.sample_rate, settings.clip_samples
+    encoder_args = ["samplecnn", settings.model_flags[3], str(clip_samples), str(sample_rate)]
+    alone = float(run_checked([sys.executable, "-c", ENCODER_ALONE, *encoder_args, str(batch), "5",
+                               str(args.threads)], environment).split()[-1])
+    chain = augment.build_chain(augment.DEFAULT_AUGMENT, 1.0, sample_rate)
+    views = torch.randn(2 * batch, clip_samples, device=device) * 0.3
+    generator = torch.Generator(device=device).manual_seed(0)
+    (augment_seconds,) = median_seconds([lambda: chain(views, generator)], 5, device)
+    flags = argparse.Namespace(train_encoder="samplecnn", train_sample_rate=sample_rate,
+                               train_width=float(settings.model_flags[3]))
+    largest = {}
+    for checkpointing in ("0", "1"):
+        largest[checkpointing] = int(run_checked([sys.executable, "-c", LARGEST_BATCH, *encoder_args, checkpointing,
+                                                  str(args.gpu_batch_cap)], environment).split()[-1]) \
+            if on_gpu else "n/a (CPU)"
+    return argparse.Namespace(alone=alone, augment_seconds=augment_seconds,
+                              flops=step_flops_per_clip(flags, clip_samples) * speed,
+                              peak_flops=matmul_peak(args.threads, 5), largest=largest)
+
+
+def probe_accuracy(checkpoint, corpus, folder, environment):
+    """Test accuracy of a linear probe (timbre) of `checkpoint`, run by probe.py on the device."""
+    probe_out = os.path.join(folder, "probe.json")
+    run_checked([sys.executable, "probe.py", "--checkpoint", checkpoint, "--csv", corpus, "--label-column", "timbre",
+                 "--max-epochs", "20", "--cache-dir", os.path.join(folder, "probe-cache"), "--out", probe_out],
+                environment)
+    with open(probe_out) as f:
+        accuracy = json.load(f)[0]["test"]["accuracy"]
+    return accuracy.get("mean") if isinstance(accuracy, dict) else accuracy
+
+
+def gpu_table(name, settings, on_gpu, run, compiled, syncs, parts, accuracy, started):
+    """The check's markdown table: one row per measure."""
+    batch, steps = settings.batch, settings.steps
+    step_seconds = batch / run.speed
+    rows = [
+        ("device", name),
+        ("settings", f"{' '.join(settings.model_flags)} --batch-size {batch}; {steps} steps, "
+                     f"{'bf16' if on_gpu else 'fp32'}, augmentation and resampling ({settings.source_rate} Hz "
+                     f"cache) on the device"),
+        ("loss, first -> last logged step", f"{run.first:.3f} -> {run.last:.3f}"),
+        ("resume at step %d: largest loss difference after it" % (steps // 2), f"{run.resume_gap:.2g} "
+         f"({'ok' if run.resume_gap <= run.tolerance else 'FAILED'}, tolerance {run.tolerance:g})"),
+        ("full step (ms)", f"{1000 * step_seconds:.1f}"),
+        ("encoder + head forward and backward alone (ms)", f"{1000 * batch / parts.alone:.1f}"),
+        ("full step / encoder alone", f"{parts.alone / run.speed:.2f}x"),
+        ("--compile: full step (ms)", f"{1000 * batch / compiled:.1f}"),
+        ("augmentation alone, share of a step", f"{parts.augment_seconds / step_seconds:.1%}"),
+        ("data wait, share of a step", f"{run.wait_share:.1%}"),
+        ("model FLOP/s, share of the measured matmul peak",
+         f"{parts.flops / 1e12:.2f} TFLOP/s of {parts.peak_flops / 1e12:.1f} ({parts.flops / parts.peak_flops:.1%})"),
+        ("peak memory (MiB)", f"{run.peak_mib:,.0f}"),
+        ("host-device syncs per non-logging step", syncs),
+        ("largest batch that fits (clips), without / with activation checkpointing",
+         f"{parts.largest['0']} / {parts.largest['1']}"),
+        ("probe (timbre, linear head): test accuracy", f"{accuracy:.3f}"),
+        ("wall time of the check (s)", f"{time.time() - started:.0f}"),
+    ]
+    return "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
 def bench_gpu(args):
     """The real training path on this machine's device, checked and timed: `make gpu-check`.
 
@@ -907,148 +1043,76 @@ def bench_gpu(args):
     """
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    if args.tiny:
-        model_flags = ["--encoder", "samplecnn", "--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000"]
-        batch, steps, files, seconds, source_rate = 8, 20, 64, 1.2, 16000
-    else:
-        model_flags = ["--encoder", "samplecnn", "--width", "1", "--clip-seconds", "2.7", "--sample-rate", "22050"]
-        batch, steps, files, seconds, source_rate = 96, args.gpu_steps, 384, 6.0, 16000
-    sample_rate, clip_seconds = int(model_flags[-1]), float(model_flags[5])
-    clip_samples = int(round(clip_seconds * sample_rate))
+    settings = gpu_settings(args)
     environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CUDA_VISIBLE_DEVICES=os.environ.get(
         "CUDA_VISIBLE_DEVICES", "0"))
     started = time.time()
     name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"gpu-check {time.strftime('%Y-%m-%d')}: {name}; torch {torch.__version__}, "
           f"{'tiny settings' if args.tiny else 'paper settings'}")
-
-    # ---- the tests that need CUDA (they skip on a CPU, with the reason)
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                            "tests/test_cuda.py"], cwd=ROOT, env=environment, capture_output=True, text=True)
-    summary = (tests.stdout.strip().splitlines() or ["no output"])[-1]
-    print(f"CUDA tests: {summary}")
-    if tests.returncode not in (0, 5):
-        raise SystemExit(f"gpu-check: CUDA tests failed:\n{tests.stdout[-4000:]}{tests.stderr[-2000:]}")
+    run_cuda_tests(environment)
 
     # ---- data: a synthetic set, pre-decoded at another rate than the training rate
     folder = tempfile.mkdtemp(prefix="gpu-check-")
-    corpus = datasets.make_synthetic_set(os.path.join(folder, "corpus"), num_files=files, seconds=seconds,
-                                         sample_rate=source_rate)
-    cache = datasets.write_cache(corpus, os.path.join(folder, "cache"), source_rate, workers=min(8, os.cpu_count()))
-    log_every = max(1, steps // 10)
-    loop = [sys.executable, "train.py", "--train-csv", cache, *model_flags, "--batch-size", str(batch),
-            "--log-every", str(log_every), "--val-every", "0", "--skip-check", "--augment-on", "device",
-            "--resample-on", "device", "--workers", str(min(8, max(1, os.cpu_count() - 2)))]
+    corpus = synthetic.make_synthetic_set(os.path.join(folder, "corpus"), num_files=settings.files,
+                                          seconds=settings.seconds, sample_rate=settings.source_rate)
+    cache = datasets.write_cache(corpus, os.path.join(folder, "cache"), settings.source_rate,
+                                 workers=min(8, os.cpu_count()))
+    loop = [sys.executable, "train.py", "--train-csv", cache, *settings.model_flags, "--batch-size",
+            str(settings.batch), "--log-every", str(max(1, settings.steps // 10)), "--val-every", "0", "--skip-check",
+            "--augment-on", "device", "--resample-on", "device", "--workers", str(min(8, max(1, os.cpu_count() - 2)))]
 
-    # ---- a run, and a run stopped halfway then resumed: the resumed steps must continue it
-    whole, half = os.path.join(folder, "whole"), os.path.join(folder, "half")
-    run_checked(loop + ["--steps", str(steps), "--save-every", str(steps // 2), "--out", whole], environment)
-    run_checked(loop + ["--steps", str(steps // 2), "--save-every", str(steps // 2), "--out", half], environment)
-    run_checked(loop + ["--steps", str(steps), "--save-every", str(steps // 2), "--out", half], environment)
-    whole_log, half_log = logged_scalars(whole), logged_scalars(half)
-    whole_loss, resumed_loss = dict(whole_log["loss/total"]), dict(half_log["loss/total"])
-    after = [s for s in whole_loss if s > steps // 2 and s in resumed_loss]
-    resume_gap = max(abs(whole_loss[s] - resumed_loss[s]) for s in after)
-    # bf16 sums in another order after a restart (autotuned kernels): equal to its rounding.
-    tolerance = 0.0 if not on_gpu else 5e-2
-    first, last = whole_log["loss/total"][0][1], whole_log["loss/total"][-1][1]
-    speed = statistics.median(v for _, v in whole_log["speed/clips_per_s"][1:] or whole_log["speed/clips_per_s"])
-    wait = whole_log.get("speed/data_wait_share")
-    wait_share = statistics.median(v for _, v in wait[1:] or wait) if wait else float("nan")
-    peak = whole_log.get("memory/peak_mib")
-    peak_mib = max(v for _, v in peak) if peak else float("nan")
-
-    # ---- --compile
-    compiled = os.path.join(folder, "compiled")
-    run_checked(loop + ["--steps", str(steps), "--save-every", str(10 * steps), "--compile", "--out", compiled],
-                environment)
-    compiled_log = logged_scalars(compiled)
-    compiled_speed = statistics.median(v for _, v in compiled_log["speed/clips_per_s"][2:] or
-                                       compiled_log["speed/clips_per_s"])
-
-    # ---- host-device syncs per non-logging step: two run lengths, the difference per step
-    syncs = "n/a (CPU)"
-    if on_gpu:
-        counts = []
-        for length in (steps // 4, steps // 2):
-            out = os.path.join(folder, f"syncs-{length}")
-            flags = loop[2:] + ["--steps", str(length), "--log-every", str(10 * steps), "--save-every",
-                                str(10 * steps), "--out", out]
-            counts.append(int(run_checked([sys.executable, "-c", SYNC_COUNTER, *flags], environment).split()[-1]))
-        syncs = f"{(counts[1] - counts[0]) / (steps // 2 - steps // 4):.2f}"
-
-    # ---- the encoder alone, the augmentation alone, FLOP/s against the matmul peak
-    encoder_args = ["samplecnn", model_flags[3], str(clip_samples), str(sample_rate)]
-    alone = float(run_checked([sys.executable, "-c", ENCODER_ALONE, *encoder_args, str(batch), "5",
-                               str(args.threads)], environment).split()[-1])
-    chain = augment.build_chain(augment.DEFAULT_AUGMENT, 1.0, sample_rate)
-    views = torch.randn(2 * batch, clip_samples, device=device) * 0.3
-    generator = torch.Generator(device=device).manual_seed(0)
-    (augment_seconds,) = median_seconds([lambda: chain(views, generator)], 5, device)
-    step_seconds = batch / speed
-    flags = argparse.Namespace(train_encoder="samplecnn", train_sample_rate=sample_rate,
-                               train_width=float(model_flags[3]))
-    flops = step_flops_per_clip(flags, clip_samples) * speed
-    peak_flops = matmul_peak(args.threads, 5)
-    largest = {}
-    for checkpointing in ("0", "1"):
-        largest[checkpointing] = int(run_checked([sys.executable, "-c", LARGEST_BATCH, *encoder_args, checkpointing,
-                                                  str(args.gpu_batch_cap)], environment).split()[-1]) \
-            if on_gpu else "n/a (CPU)"
-
-    # ---- the probe on the device
-    probe_out = os.path.join(folder, "probe.json")
-    run_checked([sys.executable, "probe.py", "--checkpoint", whole, "--csv", corpus, "--label-column", "timbre",
-                 "--max-epochs", "20", "--cache-dir", os.path.join(folder, "probe-cache"), "--out", probe_out],
-                environment)
-    with open(probe_out) as f:
-        probed = json.load(f)
-    probe_accuracy = probed[0]["test"]["accuracy"]
-    if isinstance(probe_accuracy, dict):
-        probe_accuracy = probe_accuracy.get("mean")
-
-    rows = [
-        ("device", name),
-        ("settings", f"{' '.join(model_flags)} --batch-size {batch}; {steps} steps, "
-                     f"{'bf16' if on_gpu else 'fp32'}, augmentation and resampling ({source_rate} Hz cache) on the device"),
-        ("loss, first -> last logged step", f"{first:.3f} -> {last:.3f}"),
-        ("resume at step %d: largest loss difference after it" % (steps // 2), f"{resume_gap:.2g} "
-         f"({'ok' if resume_gap <= tolerance else 'FAILED'}, tolerance {tolerance:g})"),
-        ("full step (ms)", f"{1000 * step_seconds:.1f}"),
-        ("encoder + head forward and backward alone (ms)", f"{1000 * batch / alone:.1f}"),
-        ("full step / encoder alone", f"{alone / speed:.2f}x"),
-        ("--compile: full step (ms)", f"{1000 * batch / compiled_speed:.1f}"),
-        ("augmentation alone, share of a step", f"{augment_seconds / step_seconds:.1%}"),
-        ("data wait, share of a step", f"{wait_share:.1%}"),
-        ("model FLOP/s, share of the measured matmul peak",
-         f"{flops / 1e12:.2f} TFLOP/s of {peak_flops / 1e12:.1f} ({flops / peak_flops:.1%})"),
-        ("peak memory (MiB)", f"{peak_mib:,.0f}"),
-        ("host-device syncs per non-logging step", syncs),
-        ("largest batch that fits (clips), without / with activation checkpointing",
-         f"{largest['0']} / {largest['1']}"),
-        ("probe (timbre, linear head): test accuracy", f"{probe_accuracy:.3f}"),
-        ("wall time of the check (s)", f"{time.time() - started:.0f}"),
-    ]
-    table = "| measure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    print(table)
-    if args.report:
-        with open(args.report, "w") as f:
-            f.write(f"gpu-check {time.strftime('%Y-%m-%d %H:%M')}, {name}, torch {torch.__version__}\n\n{table}\n")
-        print(f"written to {args.report}")
+    # ---- the runs, the parts timed alone, the probe, the table
+    run = check_resume(loop, folder, settings.steps, environment, on_gpu)
+    compiled = compiled_speed(loop, folder, settings.steps, environment)
+    syncs = syncs_per_step(loop, folder, settings.steps, environment, on_gpu)
+    parts = time_parts(settings, run.speed, args, device, environment, on_gpu)
+    accuracy = probe_accuracy(run.folder, corpus, folder, environment)
+    print(gpu_table(name, settings, on_gpu, run, compiled, syncs, parts, accuracy, started))
     shutil.rmtree(folder, ignore_errors=True)
-    if resume_gap > tolerance:
-        raise SystemExit(f"gpu-check: the resumed run differs from the uninterrupted one by {resume_gap:.3g}")
+    if run.resume_gap > run.tolerance:
+        raise SystemExit(f"gpu-check: the resumed run differs from the uninterrupted one by {run.resume_gap:.3g}")
 
 
 SECTIONS = {"augment": bench_augment, "loss": bench_loss, "train": bench_train,
             "compare-augment": bench_compare_augment, "gpu": bench_gpu}
 
 
+class Tee:
+    """A stdout that also keeps what it is given, for --report."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, []
+
+    def write(self, text):
+        self.kept.append(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+
+def report_header(section):
+    """The --report file's first line: what ran, when, on which machine, under what load."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (f"bench.py {section}, {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {os.cpu_count()} CPUs, {gpu}; "
+            f"torch {torch.__version__}; load average (1, 5, 15 min) {load}")
+
+
 def main():
     args = build_parser().parse_args()
-    for name, section in SECTIONS.items():
-        if args.section == name or (args.section == "all" and name != "gpu"):
-            section(args)
+    # The header is taken before the sections run, so the load average is the machine's, not ours.
+    header = report_header(args.section) if args.report else None
+    tee = Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee if args.report else sys.stdout):
+        for name, section in SECTIONS.items():
+            if args.section == name or (args.section == "all" and name != "gpu"):
+                section(args)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(f"{header}\n\n{''.join(tee.kept).strip()}\n")
+        print(f"written to {args.report}")
 
 
 if __name__ == "__main__":

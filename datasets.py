@@ -9,8 +9,8 @@ Manifest contract (one row per audio file):
             An empty cell means the row is unlabeled for that column.
 
 Audio is read with soundfile by seeking (a 3 s crop of a 10 min MP3 decodes 3 s), mixed
-to mono and resampled with torchaudio. `python datasets.py synth --out DIR` writes the
-built-in synthetic music set that train.py uses when no manifest is given;
+to mono and resampled with torchaudio. (The built-in synthetic music set, used when no
+manifest is given, is written by synthetic.py.)
 `python datasets.py cache --train-csv M.csv --out DIR --sample-rate 22050` pre-decodes
 a corpus once (recommended for multi-epoch training on MP3s): then train on DIR/manifest.csv.
 A folder of audio files becomes a manifest (docs/own-music.md):
@@ -26,6 +26,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -34,10 +35,11 @@ import torch
 import torchaudio
 from tqdm import tqdm
 
+import losses
 import utils
 
 SPLITS = ("train", "val", "test")
-TASKS = ("multiclass", "multilabel", "regression")
+TASKS = losses.TASKS
 LABEL_KINDS = ("generic", "pitch_class", "pitch", "key", "tempo")
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 KEY_NAMES = tuple(f"{note} {mode}" for mode in ("major", "minor") for note in NOTE_NAMES)
@@ -734,10 +736,21 @@ def check_files(paths, min_seconds, sample_rate, workers=2, progress=None):
 
 # ---------------------------------------------------------------- datasets and sampling
 
+class Draw(NamedTuple):
+    """One clip of a batch as the sampler draws it; the dataset's index.
+
+    row: manifest row; seed: fixes the crop positions (and worker augmentation);
+    pool: 1 the labeled pool, 0 the unlabeled one (a labeled-pool clip keeps its labels).
+    """
+    row: int
+    seed: int
+    pool: int
+
+
 class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset of multi-view crops, indexed by draws from MixedBatchSampler.
 
-    Each index is a draw `(row, seed, pool, is_labeled)`: the crop positions come from
+    Each index is a Draw `(row, seed, pool)`: the crop positions come from
     `seed`, so a run is reproducible with any number of workers. A file that fails to
     load is replaced by a random row of the same pool (at most MAX_REPLACEMENTS tries)
     and counted in the item's `failed` field, so the batch keeps its size and mix.
@@ -777,7 +790,8 @@ class ClipDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, draw):
-        row, seed, pool, is_labeled = draw
+        row, seed, pool = draw
+        is_labeled = pool == 1
         rng = np.random.default_rng(seed)
         failed = []
         for attempt in range(MAX_REPLACEMENTS + 1):
@@ -830,7 +844,7 @@ class MixedBatchSampler:
     the previous pass's last rows in that batch. A pool smaller than its share of a
     batch cannot avoid repeats; train.py warns about it.
 
-    A draw is `(row, seed, pool, is_labeled)` (see ClipDataset). Rank r of world_size
+    A draw is a Draw `(row, seed, pool)`. Rank r of world_size
     takes draws r, r + world_size, ... of the global batch, so ranks get disjoint shares
     whose union is the global batch. Batch k depends on (seed, k) only: starting at
     `start_step` continues the same stream as an uninterrupted run.
@@ -907,7 +921,7 @@ class MixedBatchSampler:
                 row = int(self._pass(pool, k // size)[k % size])
                 draws.append((row, pool))
         seeds = np.random.default_rng([self.seed, 7919, step]).integers(0, 2**62, size=len(draws))
-        draws = [(row, int(s), pool, pool == 1) for (row, pool), s in zip(draws, seeds)]
+        draws = [Draw(row, int(s), pool) for (row, pool), s in zip(draws, seeds)]
         return draws[self.rank::self.world_size]
 
     def __iter__(self):
@@ -923,7 +937,7 @@ def fixed_batches(rows, labeled, batch_size, seed, rank=0, world_size=1):
     """
     rows = np.asarray(rows)
     seeds = np.random.default_rng([seed, 104729]).integers(0, 2**62, size=len(rows))
-    draws = [(int(r), int(s), int(labeled[r]), bool(labeled[r])) for r, s in zip(rows, seeds)]
+    draws = [Draw(int(r), int(s), int(labeled[r])) for r, s in zip(rows, seeds)]
     batches = [draws[i:i + batch_size] for i in range(0, len(draws), batch_size)]
     # Every process must hold the same number of views for the gather: trim the remainder.
     batches = [b[:len(b) - len(b) % world_size] for b in batches]
@@ -1279,82 +1293,6 @@ def manifest_or_scan(path, out_dir, write=True, log=print):
     return out_csv
 
 
-# ---------------------------------------------------------------- synthetic music
-
-TIMBRES = ("pluck", "organ", "bowed", "bell")
-SYNTHETIC_COLUMNS = ("path", "split", "pitch_class", "timbre", "pitch", "key", "tags", "brightness")
-
-
-def _render(rng, midi_notes, timbre, seconds, sample_rate):
-    """One note or chord of a timbre family, as float32 audio in [-1, 1]."""
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
-    out = np.zeros_like(t)
-    vibrato_depth = rng.uniform(0.0, 0.006) if timbre in ("bowed", "organ") else 0.0
-    vibrato = 1 + vibrato_depth * np.sin(2 * np.pi * rng.uniform(4, 7) * t)
-    for midi in midi_notes:
-        f0 = 440.0 * 2 ** ((midi - 69) / 12)
-        for k in range(1, 16):
-            if timbre == "bell":
-                partial = k * (1 + 0.07 * (k - 1) ** 1.3)  # inharmonic partials
-                amplitude = 1 / k
-                decay = 1.5 + 0.8 * k
-            elif timbre == "pluck":
-                partial, amplitude, decay = k, 1 / k ** 1.2, 2.0 + 1.2 * k
-            elif timbre == "organ":
-                partial, amplitude, decay = k, (1 / k if k % 2 else 0.15 / k), 0.0
-            else:
-                partial, amplitude, decay = k, 1 / k, 0.3
-            frequency = f0 * partial
-            if frequency > 0.45 * sample_rate:
-                break
-            phase = 2 * np.pi * np.cumsum(frequency * vibrato) / sample_rate + rng.uniform(0, 2 * np.pi)
-            out += amplitude * rng.uniform(0.7, 1.0) * np.exp(-decay * t) * np.sin(phase)
-    attack = {"pluck": 0.005, "bell": 0.002, "organ": 0.03, "bowed": 0.25}[timbre]
-    envelope = np.minimum(1.0, t / attack) * np.minimum(1.0, (t[-1] - t) / 0.05 + 1e-3)
-    out = out * envelope + rng.uniform(0.002, 0.02) * rng.standard_normal(len(t))
-    return (0.8 * out / (np.abs(out).max() + 1e-9)).astype(np.float32)
-
-
-def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, seed=0):
-    """Write the built-in synthetic music set (once) and return its manifest path.
-
-    Each file is a note or chord (major or minor triad) with a random root between
-    MIDI 48 and 71, one of four timbre families, random envelope details, vibrato and
-    noise. Columns (SYNTHETIC_COLUMNS): path, split (70/15/15), pitch_class (root name),
-    timbre, pitch (MIDI root), key (the triad as a key, e.g. "A minor"; empty for single
-    notes), tags ("chord"/"note" plus timbre and "vibrato"), brightness (a number).
-    """
-    folder = os.path.abspath(folder)
-    manifest = os.path.join(folder, "manifest.csv")
-    if os.path.isfile(manifest):
-        existing = pd.read_csv(manifest)
-        if len(existing) == num_files and list(existing.columns) == list(SYNTHETIC_COLUMNS) and \
-                all(os.path.isfile(os.path.join(folder, p)) for p in existing["path"]):
-            return manifest
-    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    for index in range(num_files):
-        root = int(rng.integers(48, 72))
-        timbre = TIMBRES[index % len(TIMBRES)]
-        is_chord = rng.random() < 0.5
-        is_major = rng.random() < 0.5
-        notes = [root, root + (4 if is_major else 3), root + 7] if is_chord else [root]
-        audio = _render(rng, notes, timbre, seconds, sample_rate)
-        name = f"audio/{index:04d}.wav"
-        sf.write(os.path.join(folder, name), audio, sample_rate, subtype="PCM_16")
-        split = "train" if index % 20 < 14 else ("val" if index % 20 < 17 else "test")
-        tags = ["chord" if is_chord else "note", timbre] + (["vibrato"] if timbre in ("bowed", "organ") else [])
-        spectrum = np.abs(np.fft.rfft(audio))
-        brightness = float((spectrum * np.arange(len(spectrum))).sum() / spectrum.sum() / len(spectrum))
-        key = f"{NOTE_NAMES[root % 12]} {'major' if is_major else 'minor'}" if is_chord else ""
-        rows.append({"path": name, "split": split, "pitch_class": NOTE_NAMES[root % 12], "timbre": timbre,
-                     "pitch": root, "key": key, "tags": ";".join(tags), "brightness": round(brightness, 5)})
-    pd.DataFrame(rows).to_csv(manifest + ".tmp", index=False)
-    os.replace(manifest + ".tmp", manifest)
-    return manifest
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1384,11 +1322,6 @@ def main(argv=None):
                       help="skip files shorter than this many seconds (default %(default)s)")
     scan.add_argument("--keep-duplicates", action="store_true",
                       help="keep files whose bytes equal an earlier file's (default: keep the first only)")
-    synth = commands.add_parser("synth", help="write the built-in synthetic music set")
-    synth.add_argument("--out", default=".cache/synthetic", help="folder for audio and manifest.csv")
-    synth.add_argument("--num-files", type=int, default=480, help="number of files")
-    synth.add_argument("--seconds", type=float, default=3.0, help="file length in seconds")
-    synth.add_argument("--sample-rate", type=int, default=16000, help="sample rate in Hz")
     cache = commands.add_parser("cache", help="pre-decode manifests to memory-mapped int16 audio")
     cache.add_argument("--train-csv", action="append", required=True, help="manifest(s) to cache, repeatable")
     cache.add_argument("--out", required=True, help="cache folder (gets audio/, manifest.csv, cache.json)")
@@ -1399,8 +1332,6 @@ def main(argv=None):
         split = parse_fractions(args.split) if args.split else None
         scan_folder(args.folder, args.out, parse_folder_labels(args.label_from_folder), args.labels, args.join_on,
                     args.join_column, split, args.group_by, args.split_seed, args.min_seconds, args.keep_duplicates)
-    elif args.command == "synth":
-        print(make_synthetic_set(args.out, args.num_files, args.seconds, args.sample_rate))
     elif args.command == "cache":
         print(write_cache(args.train_csv, args.out, args.sample_rate, args.workers))
 

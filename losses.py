@@ -13,6 +13,7 @@ Memory is O(N^2 + N*C): labels are compared with matrix products or index lookup
 never with an N x N x C tensor.
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,18 @@ class TargetSpec:
     sigma: float = 0.5
     radius: float = 0.5
     similarity: torch.Tensor | None = None
+
+
+class Signal(NamedTuple):
+    """One supervision signal of a batch: what labels_target reads for one label column.
+
+    labels: `[N]` class indices, `[N, C]` multi-hot tags or `[N, K]` standardized values;
+    labeled: `[N]` bool, False where the view's clip carries no label for this signal;
+    spec: the TargetSpec saying how the labels become target values.
+    """
+    labels: torch.Tensor
+    labeled: torch.Tensor
+    spec: TargetSpec
 
 
 def views_target(clip_ids):
@@ -93,29 +106,29 @@ def labels_target(labels, labeled, spec):
     return target.mul_(mask[:, None]).mul_(mask[None, :])
 
 
-def build_target(clip_ids, columns=()):
+def build_target(clip_ids, signals=()):
     """The SemiSupCon target: element-wise max of the views part and every label part.
 
     clip_ids: `[N]` clip id of each view.
-    columns: sequence of (labels, labeled, spec) triples, one per label column (see
-        labels_target). Several columns combine by element-wise max: a pair is as
-        positive as the label on which it agrees most.
+    signals: sequence of Signals, one per label column (see labels_target). Several
+        signals combine by element-wise max: a pair is as positive as the label on
+        which it agrees most.
     Returns target `[N, N]` with a zero diagonal (self-pairs are never targets).
     """
     target = views_target(clip_ids)
-    for labels, labeled, spec in columns:
+    for labels, labeled, spec in signals:
         torch.maximum(target, labels_target(labels, labeled, spec), out=target)
     return target.fill_diagonal_(0)
 
 
-def target_parts(clip_ids, columns=()):
+def target_parts(clip_ids, signals=()):
     """The two sources of build_target apart, for logging: (views part, labels part).
 
-    Each `[N, N]` with a zero diagonal; the labels part is all zeros without columns.
+    Each `[N, N]` with a zero diagonal; the labels part is all zeros without signals.
     """
     views_part = views_target(clip_ids).fill_diagonal_(0)
     labels_part = torch.zeros_like(views_part)
-    for labels, labeled, spec in columns:
+    for labels, labeled, spec in signals:
         torch.maximum(labels_part, labels_target(labels, labeled, spec), out=labels_part)
     return views_part, labels_part.fill_diagonal_(0)
 

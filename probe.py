@@ -44,6 +44,7 @@ from tqdm import tqdm
 import augment
 import datasets
 import models
+import synthetic
 import utils
 
 
@@ -470,7 +471,7 @@ def export_embeddings(args, device):
         raise utils.UserError(f"--export-part-files {args.export_part_files}: must be at least 1")
     model, settings = load_encoder(args.checkpoint[0], args, device)
     csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
-        datasets.make_synthetic_set(args.synthetic_dir)
+        synthetic.make_synthetic_set(args.synthetic_dir)
     manifest = datasets.read_manifest(csv)
     out = args.export_embeddings[:-4] if args.export_embeddings.endswith((".npy", ".csv")) else args.export_embeddings
     out_folder = os.path.dirname(os.path.abspath(out))
@@ -869,7 +870,7 @@ def finetune(args, model, settings, data, chosen, seed, device):
     for epoch in progress:
         order = rng.permutation(chosen)
         crop_seeds = rng.integers(0, 2**62, size=len(order))
-        draws = [(int(t), int(s), 0, True) for t, s in zip(order, crop_seeds)]
+        draws = [datasets.Draw(int(t), int(s), 0) for t, s in zip(order, crop_seeds)]
         # Batch norm needs two clips to train on, so a final batch of one is left out.
         batches = [b for b in (draws[i:i + args.batch_size] for i in range(0, len(draws), args.batch_size))
                    if len(b) > 1]
@@ -1150,7 +1151,7 @@ def probe_list(args):
     tasks = utils.per_column(args.task or ["multiclass"], len(columns), "task")
     kinds = utils.per_column(args.label_kind or ["generic"], len(columns), "label-kind")
     csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
-        datasets.make_synthetic_set(args.synthetic_dir)
+        synthetic.make_synthetic_set(args.synthetic_dir)
     return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c, "head": args.head,
              "patience": args.patience} for c, t, k in zip(columns, tasks, kinds)]
 

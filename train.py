@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,7 @@ import augment
 import datasets
 import losses
 import models
+import synthetic
 import utils
 
 
@@ -132,10 +134,194 @@ def build_parser():
     return parser
 
 
+# ---------------------------------------------------------------- set-up: flags, process, run folder (in the order main runs them)
+
+def check_flags(args):
+    """Refuse flag values that cannot train, before anything is written."""
+    if args.steps < 1:
+        raise utils.UserError(f"--steps {args.steps}: nothing to train; --steps is the total number of optimizer "
+                              f"steps (a resumed run continues up to it), give at least 1")
+    if args.batch_size < 2:
+        raise utils.UserError(f"--batch-size {args.batch_size}: a clip's negatives are the other clips of its "
+                              f"batch, so one clip has none and the loss is 0 from the first step; give at least "
+                              f"2 (the paper uses 96)")
+    for name in ("views", "log_every", "save_every", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
+    for name in ("labeled_fraction", "labeled_per_batch"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise utils.UserError(f"--{name.replace('_', '-')} {value}: a share between 0 and 1")
+
+
+def derive_args(args, world_size, device):
+    """Every value that follows from the flags alone, computed once, right after parsing.
+
+    The results join the flags in args.json and in every checkpoint. Three values need
+    the data and are set by build_pools, the one other place that adds to `args`:
+    labeled_per_batch's default, manifest_rows and manifest_digest (load_data also
+    fills in train_csv and label_column when they were left out).
+    """
+    args.world_size = world_size
+    if args.batch_size % world_size:
+        raise utils.UserError(f"--batch-size {args.batch_size} is global and must divide by {world_size} "
+                              f"processes; give a multiple of {world_size}")
+    args.clip_samples = int(round(args.clip_seconds * args.sample_rate))  # T, the crop length in samples
+    if args.resample_on == "auto":
+        # A GPU resamples a whole batch at once; on a CPU the workers resample in parallel.
+        args.resample_on = "device" if device.type == "cuda" else "workers"
+    args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
+    # bf16 on a GPU needs no loss scaling; on a CPU, autocast gains nothing, so fp32.
+    args.precision_name = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision_name)
+
+
+def saved_args(args):
+    """The arguments as plain JSON-friendly values (for args.json and checkpoints)."""
+    return {k: v for k, v in vars(args).items() if k != "autocast_dtype"}
+
+
+def check_out_folder(folder, needed_bytes):
+    """Fail now, not hours later, if `folder` cannot take checkpoints (unwritable or full)."""
+    probe_path = os.path.join(folder, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe_path, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise utils.UserError(f"--out {folder} is not writable: {error}; choose a folder you can write") from None
+    finally:
+        if os.path.exists(probe_path):
+            os.remove(probe_path)
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise utils.UserError(f"--out {folder} has {free / 2**20:.0f} MiB free; the checkpoints need about "
+                         f"{needed_bytes / 2**20:.0f} MiB")
+
+
+def claim_out_folder(out):
+    """Main process: check that --out takes checkpoints, lock it to this run, remove partial saves.
+
+    Returns the utils.RunLock, released when the run ends.
+    """
+    check_out_folder(out, 64 << 20)  # 64 MiB: room for a few checkpoints of the small encoders
+    # One run per folder: a second one would resume from this run's checkpoints and prune them.
+    lock = utils.RunLock(out).acquire()
+    for path in utils.remove_stale_temporaries(out):
+        print(f"removed {path}: the partial file of a save that was killed")
+    return lock
+
+
+def close_run(stop, lock, result):
+    """Give back the signal handlers, the folder lock and the process group; returns `result`."""
+    stop.close()
+    if lock:
+        lock.release()
+    utils.cleanup_process()
+    return result
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit 0; twice: exit now."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name):
+                self.previous[name] = signal.signal(getattr(signal, name), self.handle)
+
+    def close(self):
+        """Give the signals back to the handlers they had before."""
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+    def handle(self, number, frame):
+        if self.requested:
+            print(f"second signal {signal.Signals(number).name}: exiting now", flush=True)
+            os._exit(1)
+        self.requested = True
+        print(f"signal {signal.Signals(number).name}: saving after this step", flush=True)
+
+    def any_process(self, device, world_size):
+        """True if any process got a signal (all processes must stop at the same step)."""
+        if world_size == 1:
+            return self.requested  # no tensor, so no host-device sync
+        flag = torch.tensor(float(self.requested), device=device)
+        return bool(utils.all_reduce_sum(flag).item() > 0)
+
+
+# ---------------------------------------------------------------- set-up: resume point
+
+# Flags that define the network: resuming with another value cannot load the weights.
+MODEL_FLAGS = ("encoder", "width", "clip_seconds", "sample_rate", "views", "hidden_dim", "projection_dim")
+# Flags a resume may change freely: length, logging, saving, validation, processes, speed knobs.
+RESUME_FREE_FLAGS = ("steps", "log_every", "image_every", "val_every", "val_batches", "save_every", "keep",
+                     "workers", "world_size", "resume", "out", "check_data", "skip_check", "max_bad_fraction",
+                     "max_bad_steps", "allow_changed_settings", "synthetic_dir", "train_csv", "compile",
+                     "activation_checkpointing", "resample_on", "precision_name")
+
+
+def find_resume(args, device, is_main):
+    """(path, state) of the checkpoint to continue from, or (None, None) to start afresh.
+
+    --resume auto takes the newest checkpoint in --out that loads, naming each newer
+    file it skips and why; a path (file or folder) that gives no loadable checkpoint is
+    a UserError naming it.
+    """
+    if args.resume == "none" or (args.resume == "auto" and not utils.list_checkpoints(args.out)):
+        return None, None
+    folder = args.out if args.resume == "auto" else args.resume
+    path, state = utils.find_checkpoint(folder, device, print if is_main else None)
+    if state is None:
+        raise utils.UserError(f"no checkpoint in {folder} loads (each is named above); move the broken files "
+                              f"away to start afresh, or pass --resume none")
+    return path, state
+
+
+def check_model_flags(saved, args, path):
+    """UserError naming every model flag whose value differs from the checkpoint's."""
+    differences = [f"--{flag.replace('_', '-')} {saved[flag]} in the checkpoint, {getattr(args, flag)} given"
+                   for flag in MODEL_FLAGS if flag in saved and saved[flag] != getattr(args, flag)]
+    if differences:
+        raise utils.UserError(f"{path} holds another model ({'; '.join(differences)}); resume with the "
+                              f"checkpoint's values, or start afresh with another --out or --resume none")
+
+
+def check_settings(saved, args, path, is_main):
+    """Refuse a resume whose data, sampler or optimizer settings differ, unless allowed.
+
+    Compares every saved argument but the model flags (check_model_flags) and those a
+    resume may change (RESUME_FREE_FLAGS); the manifest rows are compared by digest.
+    """
+    current = saved_args(args)
+    differences = []
+    for name in sorted(set(saved) & set(current) - set(MODEL_FLAGS) - set(RESUME_FREE_FLAGS)):
+        if name == "manifest_rows" or saved[name] == current[name]:
+            continue
+        if name == "manifest_digest":
+            differences.append(f"manifest rows {saved.get('manifest_rows')} (digest {saved[name]}) -> "
+                               f"{current['manifest_rows']} (digest {current[name]})")
+        else:
+            differences.append(f"--{name.replace('_', '-')} {saved[name]} -> {current[name]}")
+    if not differences:
+        return
+    if not args.allow_changed_settings:
+        raise utils.UserError(f"{path} was trained with other settings: {'; '.join(differences)}; resuming would "
+                              f"continue on another sample stream or optimizer. Use the checkpoint's values, pass "
+                              f"--allow-changed-settings to resume anyway, or start afresh with another --out")
+    if is_main:
+        print(f"resuming {path} with changed settings (--allow-changed-settings): {'; '.join(differences)}")
+
+
+# ---------------------------------------------------------------- set-up: data
+
 def load_data(args, is_main):
     """Read the manifests and label columns; returns (manifest, columns, target specs)."""
     if not args.train_csv:
-        args.train_csv = [datasets.make_synthetic_set(args.synthetic_dir)] if is_main else []
+        args.train_csv = [synthetic.make_synthetic_set(args.synthetic_dir)] if is_main else []
         utils.barrier()
         args.train_csv = args.train_csv or [os.path.join(os.path.abspath(args.synthetic_dir), "manifest.csv")]
     if any(os.path.isdir(p) for p in args.train_csv):
@@ -163,145 +349,6 @@ def parse_columns(manifest, args):
                                        sigma=args.target_sigma, radius=args.target_radius,
                                        similarity=column.similarity))
     return columns, specs
-
-
-def warn_label_changes(args, columns):
-    """Say which labeled-clip transforms contradict the declared label kinds."""
-    chain = augment.parse_augment(args.augment_labeled)
-    for column in columns:
-        for name in chain:
-            if column.kind in augment.LABEL_CHANGES.get(name, ()):
-                print(f"warning: transform {name!r} changes {column.kind} labels of column {column.name!r} "
-                      f"but runs on labeled clips; set --augment-labeled without it")
-
-
-def lr_factor(args, step):
-    """Learning-rate multiplier at `step`: linear warmup, then constant or cosine to 0."""
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    if args.schedule == "cosine":
-        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
-
-
-def batch_columns(batch, specs, num_views, device):
-    """Per-view (labels, labeled, spec) triples of this process's batch, for losses."""
-    triples = []
-    for k, spec in enumerate(specs):
-        labels = batch["labels"][k].to(device).repeat_interleave(num_views, dim=0)  # [b*V, ...]
-        labeled = batch["labeled"][k].to(device).repeat_interleave(num_views)  # [b*V]
-        triples.append((labels, labeled, spec))
-    return triples
-
-
-def contrastive_step(model, views, clip_ids, columns, args, rank):
-    """Encode, project, gather and compute the global-batch loss for this process's rows.
-
-    views: `[n, T]` augmented audio of this process; clip_ids `[n]`; columns from
-    batch_columns. Returns (loss to backpropagate, detached stats dict). The loss is
-    scaled so that, after DDP averages gradients over processes, they equal those of
-    one process holding the whole global batch.
-    """
-    z = model(views)  # [n, D]
-    z_all = utils.gather_with_grad(z)  # [N, D], N = world * n
-    clip_all = utils.gather(clip_ids)
-    columns_all = [(utils.gather(labels), utils.gather(labeled), spec) for labels, labeled, spec in columns]
-    target = losses.build_target(clip_all, columns_all)  # [N, N]
-    anchors = rank * len(z) + torch.arange(len(z), device=z.device)
-    row_loss, has_positive = losses.row_losses(z_all, target[anchors], args.temperature, anchors)
-    count = utils.all_reduce_sum(has_positive.sum().float())
-    loss = row_loss.sum() / count.clamp(min=1) * args.world_size
-    stats = {"loss_sum": row_loss.detach().sum(), "count": count, "z_all": z_all.detach(),
-             "target": target, "clip_all": clip_all, "columns_all": columns_all}
-    return loss, stats
-
-
-def augment_batch(audio, labeled, chains, generator, views=1):
-    """Augment `[n, T]` views: labeled ones with chains['labeled'], others with chains['unlabeled'].
-    labeled: `[n]` bool on the host.
-    Rows [k·views, (k+1)·views) are the views of one clip (the chain decides per clip)."""
-    if chains["labeled"] is chains["unlabeled"]:
-        return chains["unlabeled"](audio, generator, views=views)
-    out = audio.clone()
-    for mask, chain in ((labeled, chains["labeled"]), (~labeled, chains["unlabeled"])):
-        if mask.any():  # a host tensor: no sync
-            rows = mask.nonzero().squeeze(1).to(audio.device, non_blocking=True)  # whole clips, views kept together
-            out[rows] = chain(audio[rows], generator, views=views)
-    return out
-
-
-@torch.no_grad()
-def validate(model, loader, specs, chains, args, device, rank):
-    """The training objective on the validation batches (fixed crops and augmentation).
-
-    chains: the augmentation the training step applies on the device (identity when the
-    workers augment: their clips arrive augmented). Returns {"loss": the objective,
-    "views": its views part alone, "labels": its labels part alone (nan without labels)},
-    each a mean over the views with a positive.
-    """
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed + 10_000 + rank)
-    sums = torch.zeros(3, device=device)  # loss, views part, labels part
-    counts = torch.zeros(3, device=device)
-    for batch in loader:
-        views, clip_ids, labeled = prepare_batch(batch, args, device)
-        views = augment_batch(views, labeled, chains, generator, args.views)
-        columns = batch_columns(batch, specs, args.views, device)
-        with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
-            _, stats = contrastive_step(model, views, clip_ids, columns, args, rank)
-        sums[0] += utils.all_reduce_sum(stats["loss_sum"])
-        counts[0] += stats["count"]
-        # Every process holds the gathered batch: each part over all its rows, no reduction.
-        for k, part in enumerate(losses.target_parts(stats["clip_all"], stats["columns_all"]), start=1):
-            row_loss, has_positive = losses.row_losses(stats["z_all"], part, args.temperature)
-            sums[k] += row_loss.sum()
-            counts[k] += has_positive.sum()
-    model.train()
-    means = (sums / counts.clamp(min=1)).tolist()
-    return {"loss": means[0], "views": means[1], "labels": means[2] if counts[2] > 0 else float("nan")}
-
-
-def prepare_batch(batch, args, device):
-    """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]` (on the host)."""
-    audio = batch["audio"].to(device, non_blocking=True)  # [b, V, T] or [b, V, L_max] at source rates
-    if audio.shape[-1] != args.clip_samples or (batch["rate"] != args.sample_rate).any():
-        audio = datasets.resample_batch(audio, batch["rate"], args.clip_samples, args.sample_rate)  # [b, V, T]
-    views = audio.reshape(-1, audio.shape[-1])  # [b*V, T]
-    clip_ids = batch["clip"].to(device).repeat_interleave(args.views)  # [b*V]
-    # Kept on the host: which rows take which chain is decided without reading the device.
-    any_labeled = torch.stack(batch["labeled"]).any(0) if batch["labeled"] else \
-        torch.zeros(len(audio), dtype=torch.bool)
-    return views, clip_ids, any_labeled.repeat_interleave(args.views)
-
-
-def make_loader(dataset, batches, args, device):
-    """DataLoader over an iterable of draw lists (a batch sampler)."""
-    workers = args.workers
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
-        collate_fn=datasets.collate_clips,
-        persistent_workers=workers > 0 and not isinstance(batches, list), prefetch_factor=4 if workers else None)
-
-
-def check_out_folder(folder, needed_bytes):
-    """Fail now, not hours later, if `folder` cannot take checkpoints (unwritable or full)."""
-    probe_path = os.path.join(folder, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe_path, "wb") as f:
-            f.write(b"\0" * (1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as error:
-        raise utils.UserError(f"--out {folder} is not writable: {error}; choose a folder you can write") from None
-    finally:
-        if os.path.exists(probe_path):
-            os.remove(probe_path)
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes:
-        raise utils.UserError(f"--out {folder} has {free / 2**20:.0f} MiB free; the checkpoints need about "
-                         f"{needed_bytes / 2**20:.0f} MiB")
 
 
 def check_data(manifest, args, is_main):
@@ -374,125 +421,37 @@ def resolved_from_current_folder(manifest, report):
             f"read as {path}); write them relative to that folder, or absolute")
 
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit 0; twice: exit now."""
+def build_pools(manifest, columns, given_columns, given_share, saved, resume_path, args, is_main):
+    """The labeled and unlabeled pools of train rows, checked; fills in what the data decides.
 
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-        for name in ("SIGTERM", "SIGUSR1"):
-            if hasattr(signal, name):
-                self.previous[name] = signal.signal(getattr(signal, name), self.handle)
-
-    def close(self):
-        """Give the signals back to the handlers they had before."""
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-    def handle(self, number, frame):
-        if self.requested:
-            print(f"second signal {signal.Signals(number).name}: exiting now", flush=True)
-            os._exit(1)
-        self.requested = True
-        print(f"signal {signal.Signals(number).name}: saving after this step", flush=True)
-
-    def any_process(self, device, world_size):
-        """True if any process got a signal (all processes must stop at the same step)."""
-        if world_size == 1:
-            return self.requested  # no tensor, so no host-device sync
-        flag = torch.tensor(float(self.requested), device=device)
-        return bool(utils.all_reduce_sum(flag).item() > 0)
-
-
-def worker_paths(status_dir, error):
-    """The files that DataLoader workers named in `error` were reading when they died."""
-    pids = re.findall(r"\d+", str(error).split("pid")[-1]) if "pid" in str(error) else []
-    found = []
-    for pid in pids:
-        path = os.path.join(status_dir, f"worker-{pid}.txt")
-        if os.path.isfile(path):
-            with open(path) as f:
-                found.append(f.read().strip())
-    return found
-
-
-# Flags that define the network: resuming with another value cannot load the weights.
-MODEL_FLAGS = ("encoder", "width", "clip_seconds", "sample_rate", "views", "hidden_dim", "projection_dim")
-# Flags a resume may change freely: length, logging, saving, validation, processes, speed knobs.
-RESUME_FREE_FLAGS = ("steps", "log_every", "image_every", "val_every", "val_batches", "save_every", "keep",
-                     "workers", "world_size", "resume", "out", "check_data", "skip_check", "max_bad_fraction",
-                     "max_bad_steps", "allow_changed_settings", "synthetic_dir", "train_csv", "compile",
-                     "activation_checkpointing", "resample_on", "precision_name")
-
-
-def check_flags(args):
-    """Refuse flag values that cannot train, before anything is written."""
-    if args.steps < 1:
-        raise utils.UserError(f"--steps {args.steps}: nothing to train; --steps is the total number of optimizer "
-                              f"steps (a resumed run continues up to it), give at least 1")
-    if args.batch_size < 2:
-        raise utils.UserError(f"--batch-size {args.batch_size}: a clip's negatives are the other clips of its "
-                              f"batch, so one clip has none and the loss is 0 from the first step; give at least "
-                              f"2 (the paper uses 96)")
-    for name in ("views", "log_every", "save_every", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
-    for name in ("labeled_fraction", "labeled_per_batch"):
-        value = getattr(args, name)
-        if value is not None and not 0 <= value <= 1:
-            raise utils.UserError(f"--{name.replace('_', '-')} {value}: a share between 0 and 1")
-
-
-def find_resume(args, device, is_main):
-    """(path, state) of the checkpoint to continue from, or (None, None) to start afresh.
-
-    --resume auto takes the newest checkpoint in --out that loads, naming each newer
-    file it skips and why; a path (file or folder) that gives no loadable checkpoint is
-    a UserError naming it.
+    given_columns, given_share: --label-column and --labeled-per-batch as the user gave
+    them; saved: the arguments of the checkpoint at resume_path, or None. Sets args.labeled_per_batch
+    (when not given), args.manifest_rows and args.manifest_digest.
+    Returns (any_labeled `[rows]` bool, labeled_rows, unlabeled_rows).
     """
-    if args.resume == "none" or (args.resume == "auto" and not utils.list_checkpoints(args.out)):
-        return None, None
-    folder = args.out if args.resume == "auto" else args.resume
-    path, state = utils.find_checkpoint(folder, device, print if is_main else None)
-    if state is None:
-        raise utils.UserError(f"no checkpoint in {folder} loads (each is named above); move the broken files "
-                              f"away to start afresh, or pass --resume none")
-    return path, state
-
-
-def check_model_flags(saved, args, path):
-    """UserError naming every model flag whose value differs from the checkpoint's."""
-    differences = [f"--{flag.replace('_', '-')} {saved[flag]} in the checkpoint, {getattr(args, flag)} given"
-                   for flag in MODEL_FLAGS if flag in saved and saved[flag] != getattr(args, flag)]
-    if differences:
-        raise utils.UserError(f"{path} holds another model ({'; '.join(differences)}); resume with the "
-                              f"checkpoint's values, or start afresh with another --out or --resume none")
-
-
-def check_settings(saved, args, path, is_main):
-    """Refuse a resume whose data, sampler or optimizer settings differ, unless allowed.
-
-    Compares every saved argument but the model flags (check_model_flags) and those a
-    resume may change (RESUME_FREE_FLAGS); the manifest rows are compared by digest.
-    """
-    current = saved_args(args)
-    differences = []
-    for name in sorted(set(saved) & set(current) - set(MODEL_FLAGS) - set(RESUME_FREE_FLAGS)):
-        if name == "manifest_rows" or saved[name] == current[name]:
-            continue
-        if name == "manifest_digest":
-            differences.append(f"manifest rows {saved.get('manifest_rows')} (digest {saved[name]}) -> "
-                               f"{current['manifest_rows']} (digest {current[name]})")
-        else:
-            differences.append(f"--{name.replace('_', '-')} {saved[name]} -> {current[name]}")
-    if not differences:
-        return
-    if not args.allow_changed_settings:
-        raise utils.UserError(f"{path} was trained with other settings: {'; '.join(differences)}; resuming would "
-                              f"continue on another sample stream or optimizer. Use the checkpoint's values, pass "
-                              f"--allow-changed-settings to resume anyway, or start afresh with another --out")
+    has_labels = any(c.labeled.any() for c in columns)
+    if args.labeled_per_batch is None:
+        args.labeled_per_batch = 0.5 if has_labels else 0.0  # b_s = 0.5: half of each batch labeled
+    any_labeled = np.zeros(len(manifest), dtype=bool)
+    for column in columns:
+        any_labeled |= column.labeled
+    train_rows = np.flatnonzero(manifest["split"].to_numpy() == "train")
+    labeled_rows, unlabeled_rows = datasets.split_pools(any_labeled, train_rows, args.labeled_fraction, args.seed)
+    check_labeled_pool(manifest, columns, given_columns, given_share, labeled_rows, args)
+    args.manifest_rows, args.manifest_digest = len(manifest), manifest_digest(manifest, columns)
+    if saved is not None:
+        check_settings(saved, args, resume_path, is_main)
+    if args.labeled_per_batch < 1 and not len(unlabeled_rows):
+        # Every train row is labeled: the unlabeled share of each batch hides the labels of train rows.
+        unlabeled_rows = train_rows
+        if is_main:
+            print("no unlabeled rows: the unlabeled share of each batch draws from all train rows, labels hidden")
     if is_main:
-        print(f"resuming {path} with changed settings (--allow-changed-settings): {'; '.join(differences)}")
+        print(f"train rows {len(train_rows)}: labeled pool {len(labeled_rows)}, unlabeled pool "
+              f"{len(unlabeled_rows)}; b_s={args.labeled_per_batch} p_s={args.labeled_fraction}; "
+              f"signals: {[c.name + ':' + c.task for c in columns] or 'none (self-supervised)'}")
+        warn_label_changes(args, columns)
+    return any_labeled, labeled_rows, unlabeled_rows
 
 
 def check_labeled_pool(manifest, columns, named_columns, explicit_share, labeled_rows, args):
@@ -525,32 +484,476 @@ def manifest_digest(manifest, columns):
     return hashlib.sha1(manifest[names].to_csv(index=False).encode()).hexdigest()[:16]
 
 
+def warn_label_changes(args, columns):
+    """Say which labeled-clip transforms contradict the declared label kinds."""
+    chain = augment.parse_augment(args.augment_labeled)
+    for column in columns:
+        for name in chain:
+            if column.kind in augment.LABEL_CHANGES.get(name, ()):
+                print(f"warning: transform {name!r} changes {column.kind} labels of column {column.name!r} "
+                      f"but runs on labeled clips; set --augment-labeled without it")
+
+
+def build_chains(args):
+    """The augmentation switch, decided once: (worker_chains, device_chains).
+
+    Each is {"labeled": chain, "unlabeled": chain}. With --augment-on workers the data
+    workers augment each clip (worker_chains) and the device chains are the identity;
+    with --augment-on device, worker_chains is None and the step augments whole batches.
+    Training and validation both take this one pair, so no clip is augmented twice.
+    """
+    chains = {"unlabeled": augment.build_chain(augment.parse_augment(args.augment), args.severity, args.sample_rate,
+                                               args.pitch_shifts)}
+    # One chain object for both when the lists agree: augment_batch then makes one call, no split.
+    chains["labeled"] = chains["unlabeled"] if args.augment_labeled == args.augment else \
+        augment.build_chain(augment.parse_augment(args.augment_labeled), args.severity, args.sample_rate,
+                            args.pitch_shifts)
+    identity = augment.build_chain([], 0.0, args.sample_rate)
+    if args.augment_on == "workers":
+        return chains, {"labeled": identity, "unlabeled": identity}
+    return None, chains
+
+
+def build_dataset(manifest, columns, labeled_rows, unlabeled_rows, worker_chains, args, rank):
+    """The ClipDataset of the run and the folder where its workers note the file they read.
+
+    Returns (dataset, status_dir).
+    """
+    status_dir = os.path.join(args.out, "workers", str(rank))
+    # Worker-side augmentation needs audio at the training rate, so the workers resample too.
+    resample_in_workers = args.resample_on == "workers" or worker_chains is not None
+    dataset = datasets.ClipDataset(manifest["path"], columns, {1: labeled_rows, 0: unlabeled_rows}, args.views,
+                                   args.clip_samples, args.sample_rate, worker_chains,
+                                   status_dir if args.workers else None, resample_in_workers)
+    return dataset, status_dir
+
+
+# ---------------------------------------------------------------- set-up: model, optimizer, resume, loaders
+
+def build_model(args, device):
+    """Encoder and projection head on `device`: the bare model, before any compile or DDP wrapper."""
+    encoder = models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width)
+    model = models.ContrastiveModel(encoder, args.hidden_dim, args.projection_dim)
+    models.set_activation_checkpointing(model.encoder, args.activation_checkpointing)
+    if args.sync_bn:
+        # torch's SyncBatchNorm is GPU-only; the project's GlobalBatchNorm covers gloo on CPUs.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else \
+            utils.convert_batch_norm(model)
+    return model.to(device)
+
+
+def build_optimizer(model, args, device):
+    """Adam with its lr schedule and the fp16 grad scaler: (optimizer, scheduler, scaler)."""
+    # Fused Adam takes `found_inf` from the device and skips the update there: a step with a
+    # non-finite loss or gradient is dropped without the host reading any value.
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args, step))
+    # Only fp16 needs loss scaling (its range is narrow); disabled, the scaler passes values through.
+    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def lr_factor(args, step):
+    """Learning-rate multiplier at `step`: linear warmup, then constant or cosine to 0."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if args.schedule == "cosine":
+        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def restore(state, path, model, optimizer, scheduler, scaler, generator, rank, is_main):
+    """Load a checkpoint's state into the run's objects; returns (step, best_val)."""
+    utils.load_weights(model, state["model"], path)
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None)  # a checkpoint of an unfused optimizer keeps the fused step
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    # With another process count than the saved run, process r takes saved state r mod count.
+    utils.set_rng_states(state["rng"][rank % len(state["rng"])])
+    generator.set_state(state["generator"][rank % len(state["generator"])].cpu())
+    if is_main:
+        print(f"resumed from {path} at step {state['step']}")
+    return state["step"], state["best_val"]
+
+
+def wrap_model(model, args, world_size, local_rank, device):
+    """The model the step calls: compiled if asked, under DDP with several processes."""
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        # DDP broadcasts rank 0's weights at construction and averages gradients after backward.
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return model
+
+
+def make_loader(dataset, batches, args, device):
+    """DataLoader over an iterable of draw lists (a batch sampler)."""
+    workers = args.workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=datasets.collate_clips,
+        persistent_workers=workers > 0 and not isinstance(batches, list), prefetch_factor=4 if workers else None)
+
+
+def build_loaders(dataset, manifest, any_labeled, labeled_rows, unlabeled_rows, step, args, device, rank):
+    """(endless training batch iterator starting at `step`, validation loader or None)."""
+    # One sampler step per micro-batch: --grad-accum k reads k batches per optimizer step.
+    sampler = datasets.MixedBatchSampler(labeled_rows, unlabeled_rows, args.batch_size, args.labeled_per_batch,
+                                         args.seed, rank, args.world_size, start_step=step * args.grad_accum)
+    loader = iter(make_loader(dataset, sampler, args, device))
+    val_rows = np.flatnonzero(manifest["split"].to_numpy() == "val")
+    # Validation measures the objective the run trains on: labels only where batches hold them (b_s > 0).
+    val_labeled = any_labeled if args.labeled_per_batch > 0 else np.zeros_like(any_labeled)
+    val_batches = datasets.fixed_batches(val_rows, val_labeled, args.batch_size, args.seed, rank, args.world_size)
+    val_loader = make_loader(dataset, val_batches[:args.val_batches], args, device) if val_batches else None
+    return loader, val_loader
+
+
+def start_logging(args, bare_model, device, is_main):
+    """Main process: write args.json, open TensorBoard, print the run's set-up; returns the writer or None."""
+    if not is_main:
+        return None
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(saved_args(args), f, indent=2)
+    print(f"{args.encoder}: {utils.count_parameters(bare_model.encoder):,} parameters; "
+          f"{args.world_size} process(es) on {device}, {torch.get_num_threads()} threads and {args.workers} data "
+          f"workers each, precision {args.precision_name}; out {args.out}")
+    return SummaryWriter(args.out)
+
+
+@dataclass
+class Run:
+    """What the training loop uses besides the batches: built by main's set-up phases."""
+    args: argparse.Namespace
+    model: torch.nn.Module  # what the step calls: compiled and/or under DDP
+    bare_model: torch.nn.Module  # the same weights unwrapped: what checkpoints hold
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # the device augmentation's random draws
+    columns: list  # LabelColumns, described in each checkpoint
+    specs: list  # one losses.TargetSpec per column
+    device_chains: dict  # {"labeled", "unlabeled"}: what the step applies on the device
+    status_dir: str  # where the data workers note the file they read
+    device: torch.device
+    rank: int
+    is_main: bool
+    writer: SummaryWriter | None  # TensorBoard, main process only
+    best_val: float = float("inf")  # the lowest validation loss so far (best.pt)
+
+
+# ---------------------------------------------------------------- one training step, in the order the loop calls its parts
+
+def next_batch(loader, status_dir):
+    """The next batch from the data workers; a worker that died becomes a UserError naming its file."""
+    try:
+        return next(loader)
+    except RuntimeError as error:
+        if "DataLoader worker" in str(error):
+            raise utils.UserError(f"a data-loading worker died ({' '.join(str(error).split())}); it was "
+                                  f"reading {worker_paths(status_dir, error) or 'an unknown file'}: check "
+                                  f"or remove that file and rerun (the run resumes)") from error
+        raise
+
+
+def worker_paths(status_dir, error):
+    """The files that DataLoader workers named in `error` were reading when they died."""
+    pids = re.findall(r"\d+", str(error).split("pid")[-1]) if "pid" in str(error) else []
+    found = []
+    for pid in pids:
+        path = os.path.join(status_dir, f"worker-{pid}.txt")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found.append(f.read().strip())
+    return found
+
+
+def prepare_batch(batch, args, device):
+    """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]` (on the host)."""
+    audio = batch["audio"].to(device, non_blocking=True)  # [b, V, T] or [b, V, L_max] at source rates
+    if audio.shape[-1] != args.clip_samples or (batch["rate"] != args.sample_rate).any():
+        audio = datasets.resample_batch(audio, batch["rate"], args.clip_samples, args.sample_rate)  # [b, V, T]
+    views = audio.reshape(-1, audio.shape[-1])  # [b*V, T]
+    clip_ids = batch["clip"].to(device).repeat_interleave(args.views)  # [b*V]
+    # Kept on the host: which rows take which chain is decided without reading the device.
+    any_labeled = torch.stack(batch["labeled"]).any(0) if batch["labeled"] else \
+        torch.zeros(len(audio), dtype=torch.bool)
+    return views, clip_ids, any_labeled.repeat_interleave(args.views)
+
+
+def augment_batch(audio, labeled, chains, generator, views=1):
+    """Augment `[n, T]` views: labeled ones with chains['labeled'], others with chains['unlabeled'].
+    labeled: `[n]` bool on the host.
+    Rows [k·views, (k+1)·views) are the views of one clip (the chain decides per clip)."""
+    if chains["labeled"] is chains["unlabeled"]:
+        return chains["unlabeled"](audio, generator, views=views)
+    out = audio.clone()
+    for mask, chain in ((labeled, chains["labeled"]), (~labeled, chains["unlabeled"])):
+        if mask.any():  # a host tensor: no sync
+            rows = mask.nonzero().squeeze(1).to(audio.device, non_blocking=True)  # whole clips, views kept together
+            out[rows] = chain(audio[rows], generator, views=views)
+    return out
+
+
+def batch_signals(batch, specs, num_views, device):
+    """Per-view losses.Signals of this process's batch, one per label column."""
+    signals = []
+    for k, spec in enumerate(specs):
+        labels = batch["labels"][k].to(device).repeat_interleave(num_views, dim=0)  # [b*V, ...]
+        labeled = batch["labeled"][k].to(device).repeat_interleave(num_views)  # [b*V]
+        signals.append(losses.Signal(labels, labeled, spec))
+    return signals
+
+
+def contrastive_step(model, views, clip_ids, signals, temperature, world_size, rank):
+    """Encode, project, gather and compute the global-batch loss for this process's rows.
+
+    views: `[n, T]` augmented audio of this process; clip_ids `[n]`; signals from
+    batch_signals; temperature: tau. Returns (loss to backpropagate, detached stats
+    dict). The loss is scaled so that, after DDP averages gradients over processes, they
+    equal those of one process holding the whole global batch.
+    """
+    z = model(views)  # [n, D]
+    z_all = utils.gather_with_grad(z)  # [N, D], N = world * n
+    clip_all = utils.gather(clip_ids)  # [N]
+    signals_all = [losses.Signal(utils.gather(labels), utils.gather(labeled), spec)
+                   for labels, labeled, spec in signals]
+    target = losses.build_target(clip_all, signals_all)  # [N, N]
+    anchors = rank * len(z) + torch.arange(len(z), device=z.device)  # [n]: this process's rows of z_all
+    row_loss, has_positive = losses.row_losses(z_all, target[anchors], temperature, anchors)
+    # Rows without a positive carry no loss: the mean is over the rows with one, in all processes.
+    count = utils.all_reduce_sum(has_positive.sum().float())
+    loss = row_loss.sum() / count.clamp(min=1) * world_size
+    stats = {"loss_sum": row_loss.detach().sum(), "count": count, "z_all": z_all.detach(),
+             "target": target, "clip_all": clip_all, "signals_all": signals_all}
+    return loss, stats
+
+
+def optimizer_step(run, loss_sum):
+    """Unscale, clip, step (or skip), zero the gradients, advance the schedule.
+
+    loss_sum: the last micro-batch's detached loss sum. Returns is_bad, a 0-d bool
+    tensor on the device: the loss or the gradient norm was not finite and the update
+    was skipped. Nothing here reads a device value on the host.
+    """
+    run.scaler.unscale_(run.optimizer)
+    # With --clip-grad 0 the max norm is infinite: nothing is clipped, but the norm still
+    # comes back, and it is what tells a non-finite gradient.
+    norm = torch.nn.utils.clip_grad_norm_(run.bare_model.parameters(), run.args.clip_grad or float("inf"))
+    # Gradients are identical on every process after DDP, so every process skips together.
+    is_bad = ~(torch.isfinite(norm) & torch.isfinite(loss_sum))  # on the device, never read here
+    if not run.scaler.is_enabled():
+        run.optimizer.found_inf = is_bad.float()  # fp16's scaler sets it itself
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return is_bad
+
+
+@torch.no_grad()
+def log_scalars(writer, stats, args, step, lr, failed_files, skipped_steps, clips_per_second, progress):
+    """Scalars of the last step: losses restricted to each target part, density, speed.
+
+    Returns the global-batch loss of the step (every process gets it).
+    """
+    z_all, target = stats["z_all"], stats["target"]
+    total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
+    failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=z_all.device)).item())
+    if writer is None:
+        return total
+    writer.add_scalar("loss/total", total, step)
+    parts = losses.target_parts(stats["clip_all"], stats["signals_all"])
+    for name, part in zip(("views", "labels"), parts):
+        if part.sum() > 0:
+            writer.add_scalar(f"loss/{name}", losses.contrastive_loss(z_all, part, args.temperature).item(), step)
+    off_diagonal = len(target) * (len(target) - 1)
+    writer.add_scalar("target/density", (target.sum() / off_diagonal).item(), step)
+    writer.add_scalar("lr", lr, step)
+    writer.add_scalar("speed/clips_per_s", clips_per_second, step)
+    writer.add_scalar("data/failed_files", failed, step)
+    writer.add_scalar("train/skipped_steps", skipped_steps, step)
+    progress.set_postfix(loss=f"{total:.3f}", failed=failed)
+    return total
+
+
+def log_speed(writer, data_wait_share, step, device):
+    """Share of the interval the host waited on the data workers, and peak GPU memory (MiB)."""
+    if writer is None:
+        return
+    writer.add_scalar("speed/data_wait_share", data_wait_share, step)
+    if device.type == "cuda":
+        writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(device) / 2**20, step)
+
+
+@torch.no_grad()
+def log_images(writer, stats, step):
+    """The batch's target matrix and cosine-similarity matrix as TensorBoard images."""
+    z = torch.nn.functional.normalize(stats["z_all"].float(), dim=1)
+    writer.add_image("batch/target", stats["target"][None].float().cpu(), step)
+    writer.add_image("batch/similarity", ((z @ z.T + 1) / 2)[None].cpu(), step)
+
+
+@torch.no_grad()
+def validate(model, loader, specs, chains, args, device, rank):
+    """The training objective on the validation batches (fixed crops and augmentation).
+
+    chains: the augmentation the training step applies on the device (identity when the
+    workers augment: their clips arrive augmented). Returns {"loss": the objective,
+    "views": its views part alone, "labels": its labels part alone (nan without labels)},
+    each a mean over the views with a positive.
+    """
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed + 10_000 + rank)
+    sums = torch.zeros(3, device=device)  # loss, views part, labels part
+    counts = torch.zeros(3, device=device)
+    for batch in loader:
+        views, clip_ids, labeled = prepare_batch(batch, args, device)
+        views = augment_batch(views, labeled, chains, generator, args.views)
+        signals = batch_signals(batch, specs, args.views, device)
+        with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
+            _, stats = contrastive_step(model, views, clip_ids, signals, args.temperature, args.world_size, rank)
+        sums[0] += utils.all_reduce_sum(stats["loss_sum"])
+        counts[0] += stats["count"]
+        # Every process holds the gathered batch: each part over all its rows, no reduction.
+        for k, part in enumerate(losses.target_parts(stats["clip_all"], stats["signals_all"]), start=1):
+            row_loss, has_positive = losses.row_losses(stats["z_all"], part, args.temperature)
+            sums[k] += row_loss.sum()
+            counts[k] += has_positive.sum()
+    model.train()
+    # The one host-device sync of a validation: the means, read once at its end.
+    means = (sums / counts.clamp(min=1)).tolist()
+    return {"loss": means[0], "views": means[1], "labels": means[2] if counts[2] > 0 else float("nan")}
+
+
+def validate_and_keep_best(run, val_loader, step):
+    """Validate, log the three validation losses, save best.pt on a new best; returns the val loss."""
+    # device_chains, as the step: clips the workers augmented are not augmented twice.
+    val = validate(run.model, val_loader, run.specs, run.device_chains, run.args, run.device, run.rank)
+    if run.writer:
+        run.writer.add_scalar("val/loss", val["loss"], step)
+        run.writer.add_scalar("val/loss_views", val["views"], step)
+        if not math.isnan(val["labels"]):
+            run.writer.add_scalar("val/loss_labels", val["labels"], step)
+    if val["loss"] < run.best_val:
+        run.best_val = val["loss"]
+        save(run, step, is_best=True)
+    return val["loss"]
+
+
+def save(run, step, is_best=False):
+    """Checkpoint everything needed to continue exactly (main process writes; all wait).
+
+    is_best: write best.pt instead of the numbered checkpoint (which keeps the --keep newest).
+    """
+    # Every process's RNG states are saved, so each continues its own stream on resume.
+    rngs, generators = utils.gather_objects(utils.rng_states()), utils.gather_objects(run.generator.get_state())
+    if run.is_main:
+        state = {"model": run.bare_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": step,
+                 "args": saved_args(run.args), "rng": rngs, "generator": generators, "best_val": run.best_val,
+                 "labels": [c.describe() for c in run.columns]}
+        if is_best:
+            utils.write_atomic(state, os.path.join(run.args.out, "best.pt"))
+        else:
+            utils.save_checkpoint(state, run.args.out, step, run.args.keep)
+    utils.barrier()
+
+
+# ---------------------------------------------------------------- the loop and main
+
+def train_loop(run, loader, val_loader, step, stop):
+    """The training loop, from global step `step` up to --steps (see STYLE.md: one step, top to bottom).
+
+    Returns (step reached, history [(step, global-batch loss)] of the logging steps,
+    files that failed to load, skipped non-finite steps, last validation loss).
+    """
+    args, device = run.args, run.device
+    failed_files, clips_seen, data_wait, tick, history = 0, 0, 0.0, time.time(), []
+    # Non-finite steps in a row and in all, counted on the device and read on logging steps only.
+    bad_steps = torch.zeros((), dtype=torch.long, device=device)
+    skipped_steps = torch.zeros((), dtype=torch.long, device=device)
+    val_loss = float("nan")
+    progress = tqdm(total=args.steps, initial=step, disable=not run.is_main, desc="train")
+    while step < args.steps:
+        for micro_step in range(args.grad_accum):
+            # ---- 1. the next batch, to the device
+            waited = time.perf_counter()
+            batch = next_batch(loader, run.status_dir)
+            data_wait += time.perf_counter() - waited  # host time blocked on the data workers
+            views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n] (host)
+            # ---- 2. augment on the device (the identity when the workers augmented)
+            views = augment_batch(views, labeled, run.device_chains, run.generator, args.views)
+            signals = batch_signals(batch, run.specs, args.views, device)
+            # ---- 3.-5. encode, project, gather, target and loss
+            with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
+                loss, stats = contrastive_step(run.model, views, clip_ids, signals, args.temperature,
+                                               args.world_size, run.rank)
+            # ---- 6. backward; accumulation averages k separate contrastive batches (negatives
+            # never cross micro-batches). No host-device sync: failed counts live on the host.
+            run.scaler.scale(loss / args.grad_accum).backward()
+            failed_files += int(batch["failed"].sum())
+            clips_seen += len(batch["clip"]) * args.world_size
+        # ---- 6. clip, optimizer step (skipped on the device if not finite), zero the gradients
+        is_bad = optimizer_step(run, stats["loss_sum"])
+        bad_steps = torch.where(is_bad, bad_steps + 1, 0)
+        skipped_steps += is_bad
+        step += 1
+        progress.update(1)
+
+        # ---- 7. log every --log-every steps
+        is_logging = step % args.log_every == 0 or step == args.steps
+        if is_logging:
+            # The one host-device sync of a step happens here, on logging steps only.
+            elapsed = time.time() - tick
+            total = log_scalars(run.writer, stats, args, step, run.scheduler.get_last_lr()[0], failed_files,
+                                int(skipped_steps), clips_seen / elapsed, progress)
+            log_speed(run.writer, data_wait / elapsed, step, device)
+            history.append((step, total))
+            clips_seen, data_wait, tick = 0, 0.0, time.time()
+        if run.writer and args.image_every and step % args.image_every == 0:
+            log_images(run.writer, stats, step)
+        # ---- 7. validate every --val-every steps (and at the end); best.pt on a new best
+        if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
+            val_loss = validate_and_keep_best(run, val_loader, step)
+        # ---- stop on --max-bad-steps non-finite steps in a row (read on logging steps: a sync)
+        if is_logging and int(bad_steps) >= args.max_bad_steps:
+            # Skipped steps left the weights untouched: this saves the last good weights.
+            save(run, step)
+            raise utils.UserError(f"{int(bad_steps)} steps in a row had a non-finite loss or gradient; stopped and "
+                                  f"saved the last good weights at step {step} in {args.out}. Lower --lr, set "
+                                  f"--clip-grad, or check the data.")
+        # ---- 7. save every --save-every steps, at the end, and on a stop signal
+        # Several processes agree on a signal through an all-reduce read on the host: on
+        # logging steps only (one process reads its own flag, no tensor, every step).
+        stopping = stop.any_process(device, args.world_size) if args.world_size == 1 or is_logging else False
+        if step % args.save_every == 0 or step == args.steps or stopping:
+            save(run, step)
+        if stopping:
+            if run.is_main:
+                print(f"stopped by signal at step {step}; resume with the same command (--resume auto) "
+                      f"to continue from {args.out}", flush=True)
+            break
+    progress.close()
+    return step, history, failed_files, int(skipped_steps), val_loss
+
+
 def main(argv=None):
-    # ---- arguments and process
+    """Train from the command line `argv`; returns {"out", "losses", "failed_files", "skipped_steps", "step"}."""
+    # ---- flags and process
     args = build_parser().parse_args(argv)
     check_flags(args)
     stop = StopSignal()  # from the start: a signal during set-up saves after the first step
     rank, world_size, local_rank, device = utils.setup_process()
     is_main = rank == 0
-    args.world_size = world_size
-    if args.batch_size % world_size:
-        raise utils.UserError(f"--batch-size {args.batch_size} is global and must divide by {world_size} "
-                              f"processes; give a multiple of {world_size}")
-    named_columns, explicit_share = list(args.label_column), args.labeled_per_batch
-    args.clip_samples = int(round(args.clip_seconds * args.sample_rate))
-    if args.resample_on == "auto":
-        args.resample_on = "device" if device.type == "cuda" else "workers"
-    args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
-    args.precision_name = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision_name)
+    # The label flags as the user gave them, before the data fills in defaults (build_pools checks them).
+    given_columns, given_share = list(args.label_column), args.labeled_per_batch
+    derive_args(args, world_size, device)
     utils.seed_everything(args.seed + rank)
-    lock = None
-    if is_main:
-        check_out_folder(args.out, 64 << 20)
-        # One run per folder: a second one would resume from this run's checkpoints and prune them.
-        lock = utils.RunLock(args.out).acquire()
-        for path in utils.remove_stale_temporaries(args.out):
-            print(f"removed {path}: the partial file of a save that was killed")
+    lock = claim_out_folder(args.out) if is_main else None
     utils.barrier()
 
     # ---- resume point: the newest checkpoint that loads, checked against these flags
@@ -561,224 +964,46 @@ def main(argv=None):
             if is_main:
                 print(f"{args.out} is finished: {resume_path} is at step {state['step']} and --steps is "
                       f"{args.steps}; nothing to do (raise --steps to train on, or use another --out)")
-                lock.release()
-            stop.close()
-            utils.cleanup_process()
-            return {"out": args.out, "losses": [], "failed_files": 0, "skipped_steps": 0, "step": state["step"]}
+            return close_run(stop, lock, {"out": args.out, "losses": [], "failed_files": 0, "skipped_steps": 0,
+                                          "step": state["step"]})
 
-    # ---- data
+    # ---- data: manifests, the file check, label columns, pools, augmentation
     manifest, columns, specs = load_data(args, is_main)
     if args.check_data or not args.skip_check:
         manifest = check_data(manifest, args, is_main)
         if args.check_data:
-            stop.close()
-            utils.cleanup_process()
-            return {"out": args.out, "files": len(manifest)}
+            return close_run(stop, None, {"out": args.out, "files": len(manifest)})
+        # Label columns hold one entry per manifest row: the check dropped rows, so read them again.
         columns, specs = parse_columns(manifest, args)
-    has_labels = any(c.labeled.any() for c in columns)
-    if args.labeled_per_batch is None:
-        args.labeled_per_batch = 0.5 if has_labels else 0.0
-    any_labeled = np.zeros(len(manifest), dtype=bool)
-    for column in columns:
-        any_labeled |= column.labeled
-    train_rows = np.flatnonzero(manifest["split"].to_numpy() == "train")
-    labeled_rows, unlabeled_rows = datasets.split_pools(any_labeled, train_rows, args.labeled_fraction, args.seed)
-    check_labeled_pool(manifest, columns, named_columns, explicit_share, labeled_rows, args)
-    args.manifest_rows, args.manifest_digest = len(manifest), manifest_digest(manifest, columns)
-    if state is not None:
-        check_settings(state["args"], args, resume_path, is_main)
-    if args.labeled_per_batch < 1 and not len(unlabeled_rows):
-        # Every train row is labeled: the unlabeled share of each batch hides the labels of train rows.
-        unlabeled_rows = train_rows
-        if is_main:
-            print("no unlabeled rows: the unlabeled share of each batch draws from all train rows, labels hidden")
-    if is_main:
-        print(f"train rows {len(train_rows)}: labeled pool {len(labeled_rows)}, unlabeled pool "
-              f"{len(unlabeled_rows)}; b_s={args.labeled_per_batch} p_s={args.labeled_fraction}; "
-              f"signals: {[c.name + ':' + c.task for c in columns] or 'none (self-supervised)'}")
-        warn_label_changes(args, columns)
-    chains = {"unlabeled": augment.build_chain(augment.parse_augment(args.augment), args.severity, args.sample_rate,
-                                               args.pitch_shifts)}
-    chains["labeled"] = chains["unlabeled"] if args.augment_labeled == args.augment else \
-        augment.build_chain(augment.parse_augment(args.augment_labeled), args.severity, args.sample_rate,
-                            args.pitch_shifts)
-    identity = augment.build_chain([], 0.0, args.sample_rate)
-    on_device = args.augment_on == "device"
-    device_chains = chains if on_device else {"labeled": identity, "unlabeled": identity}
-    status_dir = os.path.join(args.out, "workers", str(rank))
-    # Worker-side augmentation needs audio at the training rate, so it resamples there too.
-    resample_here = args.resample_on == "workers" or not on_device
-    dataset = datasets.ClipDataset(manifest["path"], columns, {1: labeled_rows, 0: unlabeled_rows}, args.views,
-                                   args.clip_samples, args.sample_rate, None if on_device else chains,
-                                   status_dir if args.workers else None, resample_here)
+    any_labeled, labeled_rows, unlabeled_rows = build_pools(manifest, columns, given_columns, given_share,
+                                                            state and state["args"], resume_path, args, is_main)
+    worker_chains, device_chains = build_chains(args)
+    dataset, status_dir = build_dataset(manifest, columns, labeled_rows, unlabeled_rows, worker_chains, args, rank)
 
-    # ---- model and optimizer
-    encoder = models.build_encoder(args.encoder, args.clip_samples, args.sample_rate, args.width)
-    model = models.ContrastiveModel(encoder, args.hidden_dim, args.projection_dim)
-    models.set_activation_checkpointing(model.encoder, args.activation_checkpointing)
-    if args.sync_bn:
-        # torch's SyncBatchNorm is GPU-only; the project's GlobalBatchNorm covers gloo on CPUs.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else \
-            utils.convert_batch_norm(model)
-    model.to(device)
-    # Fused Adam takes `found_inf` from the device and skips the update there: a step with a
-    # non-finite loss or gradient is dropped without the host reading any value.
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args, step))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast_dtype == torch.float16)
-    generator = torch.Generator(device=device).manual_seed(args.seed + rank)
-    step, best_val = 0, float("inf")
+    # ---- model, optimizer, resume
+    bare_model = build_model(args, device)
+    optimizer, scheduler, scaler = build_optimizer(bare_model, args, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # device augmentation's draws
+    step, best_val = (0, float("inf")) if state is None else \
+        restore(state, resume_path, bare_model, optimizer, scheduler, scaler, generator, rank, is_main)
+    model = wrap_model(bare_model, args, world_size, local_rank, device)
 
-    # ---- resume
-    if state is not None:
-        utils.load_weights(model, state["model"], resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group.update(fused=True, foreach=None)  # a checkpoint of an unfused optimizer keeps the fused step
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        # With another process count than the saved run, process r takes saved state r mod count.
-        utils.set_rng_states(state["rng"][rank % len(state["rng"])])
-        generator.set_state(state["generator"][rank % len(state["generator"])].cpu())
-        step, best_val = state["step"], state["best_val"]
-        if is_main:
-            print(f"resumed from {resume_path} at step {step}")
-    bare_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        # DDP broadcasts rank 0's weights at construction and averages gradients after backward.
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    # One sampler step per micro-batch: --grad-accum k reads k batches per optimizer step.
-    sampler = datasets.MixedBatchSampler(labeled_rows, unlabeled_rows, args.batch_size, args.labeled_per_batch,
-                                         args.seed, rank, world_size, start_step=step * args.grad_accum)
-    loader = iter(make_loader(dataset, sampler, args, device))
-    val_rows = np.flatnonzero(manifest["split"].to_numpy() == "val")
-    # Validation measures the objective the run trains on: labels only where batches hold them (b_s > 0).
-    val_labeled = any_labeled if args.labeled_per_batch > 0 else np.zeros_like(any_labeled)
-    val_batches = datasets.fixed_batches(val_rows, val_labeled, args.batch_size, args.seed, rank, world_size)
-    val_loader = make_loader(dataset, val_batches[:args.val_batches], args, device) if val_batches else None
-
-    writer = SummaryWriter(args.out) if is_main else None
-    if is_main:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(saved_args(args), f, indent=2)
-        print(f"{args.encoder}: {utils.count_parameters(bare_model.encoder):,} parameters; "
-              f"{world_size} process(es) on {device}, {torch.get_num_threads()} threads and {args.workers} data "
-              f"workers each, precision {args.precision_name}; out {args.out}")
-
-    def save(step, is_best=False):
-        rngs, generators = utils.gather_objects(utils.rng_states()), utils.gather_objects(generator.get_state())
-        if is_main:
-            state = {"model": bare_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                     "args": saved_args(args), "rng": rngs, "generator": generators, "best_val": best_val,
-                     "labels": [c.describe() for c in columns]}
-            if is_best:
-                utils.write_atomic(state, os.path.join(args.out, "best.pt"))
-            else:
-                utils.save_checkpoint(state, args.out, step, args.keep)
-        utils.barrier()
+    # ---- loaders and logging
+    loader, val_loader = build_loaders(dataset, manifest, any_labeled, labeled_rows, unlabeled_rows, step, args,
+                                       device, rank)
+    writer = start_logging(args, bare_model, device, is_main)
+    run = Run(args, model, bare_model, optimizer, scheduler, scaler, generator, columns, specs, device_chains,
+              status_dir, device, rank, is_main, writer, best_val)
 
     # ---- training loop
-    failed_files, clips_seen, data_wait, tick, history = 0, 0, 0.0, time.time(), []
-    # Non-finite steps in a row and in all, counted on the device and read on logging steps only.
-    bad_steps = torch.zeros((), dtype=torch.long, device=device)
-    skipped_steps = torch.zeros((), dtype=torch.long, device=device)
-    start_step, started, val_loss = step, time.time(), float("nan")
-    progress = tqdm(total=args.steps, initial=step, disable=not is_main, desc="train")
-    while step < args.steps:
-        for micro_step in range(args.grad_accum):
-            waited = time.perf_counter()
-            try:
-                batch = next(loader)
-            except RuntimeError as error:
-                if "DataLoader worker" in str(error):
-                    raise utils.UserError(f"a data-loading worker died ({' '.join(str(error).split())}); it was "
-                                          f"reading {worker_paths(status_dir, error) or 'an unknown file'}: check "
-                                          f"or remove that file and rerun (the run resumes)") from error
-                raise
-            data_wait += time.perf_counter() - waited  # host time blocked on the data workers
-            views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n]
-            views = augment_batch(views, labeled, device_chains, generator, args.views)
-            columns_batch = batch_columns(batch, specs, args.views, device)
-            with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
-                loss, stats = contrastive_step(model, views, clip_ids, columns_batch, args, rank)
-            # Accumulation averages k separate contrastive batches: negatives never cross micro-batches.
-            scaler.scale(loss / args.grad_accum).backward()
-            failed_files += int(batch["failed"].sum())
-            clips_seen += len(batch["clip"]) * world_size
-        scaler.unscale_(optimizer)
-        # With --clip-grad 0 the max norm is infinite: nothing is clipped, but the norm still
-        # comes back, and it is what tells a non-finite gradient.
-        norm = torch.nn.utils.clip_grad_norm_(bare_model.parameters(), args.clip_grad or float("inf"))
-        # Gradients are identical on every process after DDP, so every process skips together.
-        is_bad = ~(torch.isfinite(norm) & torch.isfinite(stats["loss_sum"]))  # on the device, never read here
-        if not scaler.is_enabled():
-            optimizer.found_inf = is_bad.float()  # fp16's scaler sets it itself
-        scaler.step(optimizer)
-        bad_steps = torch.where(is_bad, bad_steps + 1, 0)
-        skipped_steps += is_bad
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        progress.update(1)
-
-        is_logging = step % args.log_every == 0 or step == args.steps
-        if is_logging:
-            # The one host-device sync of a step happens here, on logging steps only.
-            elapsed = time.time() - tick
-            total = log_scalars(writer, stats, args, step, scheduler.get_last_lr()[0], failed_files,
-                                int(skipped_steps), clips_seen / elapsed, progress)
-            if writer:
-                writer.add_scalar("speed/data_wait_share", data_wait / elapsed, step)
-                if device.type == "cuda":
-                    writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(device) / 2**20, step)
-            history.append((step, total))
-            clips_seen, data_wait, tick = 0, 0.0, time.time()
-        if writer and args.image_every and step % args.image_every == 0:
-            log_images(writer, stats, step)
-        if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
-            # device_chains, as the step: clips the workers augmented are not augmented twice.
-            val = validate(model, val_loader, specs, device_chains, args, device, rank)
-            val_loss = val["loss"]
-            if writer:
-                writer.add_scalar("val/loss", val_loss, step)
-                writer.add_scalar("val/loss_views", val["views"], step)
-                if not math.isnan(val["labels"]):
-                    writer.add_scalar("val/loss_labels", val["labels"], step)
-            if val_loss < best_val:
-                best_val = val_loss
-                save(step, is_best=True)
-        if is_logging and int(bad_steps) >= args.max_bad_steps:
-            # Skipped steps left the weights untouched: this saves the last good weights.
-            save(step)
-            raise utils.UserError(f"{int(bad_steps)} steps in a row had a non-finite loss or gradient; stopped and saved "
-                             f"the last good weights at step {step} in {args.out}. Lower --lr, set --clip-grad, "
-                             f"or check the data.")
-        # Several processes agree on a signal through an all-reduce read on the host: on
-        # logging steps only (one process reads its own flag, no tensor, every step).
-        stopping = stop.any_process(device, world_size) if world_size == 1 or is_logging else False
-        if step % args.save_every == 0 or step == args.steps or stopping:
-            save(step)
-        if stopping:
-            if is_main:
-                print(f"stopped by signal at step {step}; resume with the same command (--resume auto) "
-                      f"to continue from {args.out}", flush=True)
-            break
-    progress.close()
-    stop.close()
+    start_step, started = step, time.time()
+    step, history, failed_files, skipped_steps, val_loss = train_loop(run, loader, val_loader, step, stop)
     if writer:
         writer.close()
     if is_main:
-        print_summary(args, start_step, step, time.time() - started, val_loss, best_val)
-    if lock:
-        lock.release()
-    utils.cleanup_process()
-    return {"out": args.out, "losses": history, "failed_files": failed_files, "skipped_steps": int(skipped_steps),
-            "step": step}
+        print_summary(args, start_step, step, time.time() - started, val_loss, run.best_val)
+    return close_run(stop, lock, {"out": args.out, "losses": history, "failed_files": failed_files,
+                                  "skipped_steps": skipped_steps, "step": step})
 
 
 def print_summary(args, start_step, step, seconds, val_loss, best_val):
@@ -794,45 +1019,6 @@ def print_summary(args, start_step, step, seconds, val_loss, best_val):
     labels += f" --task {args.task[0]}" if args.task and args.label_column else ""
     print(f"next, a linear probe of the encoder: python probe.py --checkpoint {args.out} --csv {args.train_csv[0]}"
           f"{labels}")
-
-
-def saved_args(args):
-    """The arguments as plain JSON-friendly values (for args.json and checkpoints)."""
-    return {k: v for k, v in vars(args).items() if k != "autocast_dtype"}
-
-
-@torch.no_grad()
-def log_scalars(writer, stats, args, step, lr, failed_files, skipped_steps, clips_per_second, progress):
-    """Scalars of the last step: losses restricted to each target part, density, speed.
-
-    Returns the global-batch loss of the step (every process gets it).
-    """
-    z_all, target = stats["z_all"], stats["target"]
-    total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
-    failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=z_all.device)).item())
-    if writer is None:
-        return total
-    writer.add_scalar("loss/total", total, step)
-    parts = losses.target_parts(stats["clip_all"], stats["columns_all"])
-    for name, part in zip(("views", "labels"), parts):
-        if part.sum() > 0:
-            writer.add_scalar(f"loss/{name}", losses.contrastive_loss(z_all, part, args.temperature).item(), step)
-    off_diagonal = len(target) * (len(target) - 1)
-    writer.add_scalar("target/density", (target.sum() / off_diagonal).item(), step)
-    writer.add_scalar("lr", lr, step)
-    writer.add_scalar("speed/clips_per_s", clips_per_second, step)
-    writer.add_scalar("data/failed_files", failed, step)
-    writer.add_scalar("train/skipped_steps", skipped_steps, step)
-    progress.set_postfix(loss=f"{total:.3f}", failed=failed)
-    return total
-
-
-@torch.no_grad()
-def log_images(writer, stats, step):
-    """The batch's target matrix and cosine-similarity matrix as TensorBoard images."""
-    z = torch.nn.functional.normalize(stats["z_all"].float(), dim=1)
-    writer.add_image("batch/target", stats["target"][None].float().cpu(), step)
-    writer.add_image("batch/similarity", ((z @ z.T + 1) / 2)[None].cpu(), step)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 import augment
 import datasets
 import probe
+import synthetic
 import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by make gpu-check)")
@@ -23,7 +24,7 @@ TINY = ["--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000", "-
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic")
-    return datasets.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=16000, seed=1)
+    return synthetic.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=16000, seed=1)
 
 
 def test_device_resampling_matches_the_cpu():

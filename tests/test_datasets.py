@@ -167,7 +167,7 @@ def test_sampler_proportions(labeled_fraction, labeled_per_batch):
     for _ in range(100):
         batch = next(iterator)
         assert len(batch) == 16
-        labeled_draws = [row for row, _, pool, is_labeled in batch if is_labeled]
+        labeled_draws = [row for row, _, pool in batch if pool == 1]
         assert set(labeled_draws) <= set(labeled_rows.tolist())
         counts.append(len(labeled_draws))
     assert set(counts) == {int(16 * labeled_per_batch)}
@@ -176,7 +176,7 @@ def test_sampler_proportions(labeled_fraction, labeled_per_batch):
 def test_sampler_cycles_small_pool_and_resumes_exactly():
     sampler = datasets.MixedBatchSampler(np.arange(5), np.arange(5, 105), 8, 0.5, seed=0)
     stream = [sampler.batch(step) for step in range(20)]
-    seen = [row for batch in stream[:5] for row, _, pool, _ in batch if pool == 1]
+    seen = [row for batch in stream[:5] for row, _, pool in batch if pool == 1]
     assert sorted(seen) == sorted(list(range(5)) * 4)  # every labeled row once per pass
     resumed = iter(datasets.MixedBatchSampler(np.arange(5), np.arange(5, 105), 8, 0.5, seed=0, start_step=12))
     assert [next(resumed) for _ in range(8)] == stream[12:]
@@ -195,7 +195,7 @@ def test_no_row_twice_in_a_batch_while_passes_stay_exact(labeled, unlabeled, bat
     stream = [sampler.batch(step) for step in range(1000)]
     assert all(len({row for row, *_ in batch}) == batch_size for batch in stream)
     for pool, rows in ((1, pools[0]), (0, pools[1])):
-        drawn = np.array([row for batch in stream for row, _, p, _ in batch if p == pool])
+        drawn = np.array([row for batch in stream for row, _, p in batch if p == pool])
         whole = len(drawn) // len(rows) * len(rows)
         passes = np.sort(drawn[:whole].reshape(-1, len(rows)), axis=1)
         assert (passes == rows).all()  # every row once per pass
@@ -209,7 +209,7 @@ def test_ranks_take_disjoint_shares_of_the_global_batch():
     whole = datasets.MixedBatchSampler(*args, seed=4).batch(7)
     shares = [datasets.MixedBatchSampler(*args, seed=4, rank=r, world_size=3).batch(7) for r in range(3)]
     assert sorted(d for share in shares for d in share) == sorted(whole)
-    assert all(sum(d[3] for d in share) == 2 for share in shares)
+    assert all(sum(d.pool == 1 for d in share) == 2 for share in shares)
 
 
 def test_dataset_replaces_bad_files_and_counts_them(tmp_path):
@@ -220,13 +220,13 @@ def test_dataset_replaces_bad_files_and_counts_them(tmp_path):
                                   values=np.array([0, 0]), labeled=np.array([True, True]))
     dataset = datasets.ClipDataset([good, bad], [column], {1: np.array([0, 1]), 0: np.array([0, 1])},
                                    2, 4000, 8000)
-    item = dataset[(1, 5, 1, True)]
+    item = dataset[datasets.Draw(1, 5, 1)]
     assert item["audio"].shape == (2, 4000) and item["clip"] == 0
     assert item["failed"] >= 1 and bad in item["failed_paths"]
     assert item["labeled"] == [True]
     only_bad = datasets.ClipDataset([bad], [], {0: np.array([0])}, 2, 4000, 8000)
     with pytest.raises(datasets.AudioError, match="failed to load"):
-        only_bad[(0, 1, 0, False)]
+        only_bad[datasets.Draw(0, 1, 0)]
 
 
 def test_class_similarity_file_errors(tmp_path):
@@ -282,7 +282,7 @@ def test_resampling_on_the_device_equals_resampling_in_workers(tmp_path):
     column = datasets.LabelColumn(columns=["label"], task="multiclass", classes=["a"],
                                   values=np.zeros(4, dtype=np.int64), labeled=np.ones(4, dtype=bool))
     pools = {0: np.arange(4)}
-    draws = [(row, 100 + row, 0, False) for row in range(4)]
+    draws = [datasets.Draw(row, 100 + row, 0) for row in range(4)]
     in_workers = datasets.ClipDataset(paths, [column], pools, 2, 8000, 16000)
     on_device = datasets.ClipDataset(paths, [column], pools, 2, 8000, 16000, resample_here=False)
     expected = datasets.collate_clips([in_workers[d] for d in draws])

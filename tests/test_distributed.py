@@ -1,5 +1,4 @@
 """Two gloo processes holding half a batch each equal one process holding all of it."""
-import argparse
 import os
 import socket
 import subprocess
@@ -10,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import datasets
 import losses
+import synthetic
 import train
 import utils
 
@@ -48,10 +47,9 @@ def worker(rank, world_size, port, out):
         model = torch.nn.parallel.DistributedDataParallel(model)
     views, clip_ids, classes, labeled, tags = global_batch()
     share = slice(rank * len(views) // world_size, (rank + 1) * len(views) // world_size)
-    columns = [(classes[share], labeled[share], losses.TargetSpec("multiclass")),
-               (tags[share], labeled[share], losses.TargetSpec("multilabel", threshold=None))]
-    args = argparse.Namespace(temperature=0.1, world_size=world_size)
-    loss, stats = train.contrastive_step(model, views[share], clip_ids[share], columns, args, rank)
+    signals = [losses.Signal(classes[share], labeled[share], losses.TargetSpec("multiclass")),
+               losses.Signal(tags[share], labeled[share], losses.TargetSpec("multilabel", threshold=None))]
+    loss, stats = train.contrastive_step(model, views[share], clip_ids[share], signals, 0.1, world_size, rank)
     loss.backward()
     total = stats["loss_sum"].clone()
     if world_size > 1:
@@ -87,7 +85,7 @@ def scalars(folder, tag):
 
 def test_torchrun_two_processes_train_like_one(tmp_path):
     """A real 2-process gloo run of train.py follows the 1-process run on the same global batch."""
-    manifest = datasets.make_synthetic_set(str(tmp_path / "data"), num_files=40, seconds=1.2, sample_rate=8000)
+    manifest = synthetic.make_synthetic_set(str(tmp_path / "data"), num_files=40, seconds=1.2, sample_rate=8000)
     common = ["train.py", "--train-csv", manifest, "--width", "0.125", "--clip-seconds", "0.5", "--sample-rate",
               "8000", "--batch-size", "8", "--steps", "4", "--log-every", "1", "--val-every", "2", "--lr", "1e-3",
               "--workers", "0", "--augment", "none", "--sync-bn", "--skip-check", "--save-every", "4"]

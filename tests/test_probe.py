@@ -11,6 +11,7 @@ import torch
 
 import datasets
 import probe
+import synthetic
 import train
 import utils
 
@@ -22,7 +23,7 @@ FAST = ["--max-epochs", "3", "--patience", "3", "--batch-size", "16"]
 def tiny_set(tmp_path_factory):
     # 40 files: 28 train, 6 val, 6 test; timbre cycles through 4 classes (7 train tracks each).
     folder = tmp_path_factory.mktemp("synthetic")
-    return datasets.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000)
+    return synthetic.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000)
 
 
 @pytest.fixture(scope="module")

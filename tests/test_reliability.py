@@ -23,6 +23,7 @@ import torch
 
 import datasets
 import probe
+import synthetic
 import train
 import utils
 
@@ -35,7 +36,7 @@ ENVIRONMENT = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic")
-    return datasets.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000, seed=1)
+    return synthetic.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000, seed=1)
 
 
 def train_args(manifest, out, steps, *extra):

@@ -17,6 +17,7 @@ import torch
 import augment
 import datasets
 import probe
+import synthetic
 import train
 import utils
 
@@ -28,7 +29,7 @@ TINY = ["--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000", "-
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic")
-    return datasets.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000, seed=1)
+    return synthetic.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000, seed=1)
 
 
 def run(tmp_path, name, manifest, *extra, steps=6):

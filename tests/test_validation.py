@@ -6,7 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import augment
-import datasets
+import synthetic
 import train
 
 TINY = ["--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000", "--batch-size", "8",
@@ -17,7 +17,7 @@ TRAINED = TINY + ["--steps", "20", "--val-every", "20", "--augment", "none", "--
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic")
-    return datasets.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000, seed=1)
+    return synthetic.make_synthetic_set(str(folder), num_files=40, seconds=1.2, sample_rate=8000, seed=1)
 
 
 def scalars(out):
