@@ -27,7 +27,7 @@ test: $(VENV)/installed
 	$(PY) -m pytest -q -rs --durations=10 tests
 
 bench: $(VENV)/installed
-	$(PY) bench.py all
+	$(PY) bench.py all --report docs/bench-results.md
 
 # The GPU check runs on a machine that reaches no package index, with its own python3 and
 # torch: what it lacks (soundfile, with cffi and pycparser) comes from wheels that

@@ -1159,6 +1159,49 @@ def join_labels(frame, relatives, labels_csv, join_on, join_column):
     return frame, unmatched, shared
 
 
+def find_audio(folder, own_files, min_seconds):
+    """Every file below `folder` (hidden ones and `own_files` left out), probed.
+
+    Returns (names: every path relative to folder, sorted; rows: {"relative", seconds,
+    sample_rate, channels} of the readable files; skipped: {"path", "reason"} of the rest).
+    """
+    names = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        names.extend(os.path.relpath(os.path.join(root, f), folder) for f in sorted(files)
+                     if os.path.join(root, f) not in own_files)
+    rows, skipped = [], []
+    for relative in tqdm(names, desc="scan", unit="file", disable=len(names) < 50):
+        if os.path.basename(relative).startswith("."):
+            skipped.append({"path": relative, "reason": "hidden file"})
+            continue
+        info, reason = probe_audio(os.path.join(folder, relative), min_seconds)
+        if reason:
+            skipped.append({"path": relative, "reason": reason})
+        else:
+            rows.append({"relative": relative, **info})
+    return names, rows, skipped
+
+
+def find_duplicates(folder, rows, skipped, keep_duplicates):
+    """Relative paths of the rows whose bytes equal an earlier row's; each is added to `skipped`."""
+    # Only files of equal size can be equal: hash those alone.
+    sizes = {}
+    for row in rows:
+        sizes.setdefault(os.path.getsize(os.path.join(folder, row["relative"])), []).append(row)
+    first_of, duplicates = {}, set()
+    for same_size in (group for group in sizes.values() if len(group) > 1):
+        for row in same_size:
+            digest = file_digest(os.path.join(folder, row["relative"]))
+            if digest in first_of:
+                duplicates.add(row["relative"])
+                skipped.append({"path": row["relative"], "reason": f"duplicate of {first_of[digest]}"
+                                + (" (kept: --keep-duplicates)" if keep_duplicates else "")})
+            else:
+                first_of[digest] = row["relative"]
+    return duplicates
+
+
 def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="stem", join_column=None, split=None,
                 group_by=-1, split_seed=0, min_seconds=0.0, keep_duplicates=False, log=print):
     """Walk `folder` for every file soundfile can read and write a manifest to `out_csv`.
@@ -1178,35 +1221,8 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
         raise utils.UserError(f"{folder}: not a folder; give the folder that holds your audio files")
     skipped_csv = os.path.splitext(out_csv)[0] + ".skipped.csv"
     own_files = {os.path.abspath(out_csv), os.path.abspath(skipped_csv)}  # a manifest written inside DIR
-    names = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        names.extend(os.path.relpath(os.path.join(root, f), folder) for f in sorted(files)
-                     if os.path.join(root, f) not in own_files)
-    rows, skipped = [], []
-    for relative in tqdm(names, desc="scan", unit="file", disable=len(names) < 50):
-        if os.path.basename(relative).startswith("."):
-            skipped.append({"path": relative, "reason": "hidden file"})
-            continue
-        info, reason = probe_audio(os.path.join(folder, relative), min_seconds)
-        if reason:
-            skipped.append({"path": relative, "reason": reason})
-        else:
-            rows.append({"relative": relative, **info})
-    # Only files of equal size can be equal: hash those alone.
-    sizes = {}
-    for row in rows:
-        sizes.setdefault(os.path.getsize(os.path.join(folder, row["relative"])), []).append(row)
-    first_of, duplicates = {}, set()
-    for same_size in (group for group in sizes.values() if len(group) > 1):
-        for row in same_size:
-            digest = file_digest(os.path.join(folder, row["relative"]))
-            if digest in first_of:
-                duplicates.add(row["relative"])
-                skipped.append({"path": row["relative"], "reason": f"duplicate of {first_of[digest]}"
-                                + (" (kept: --keep-duplicates)" if keep_duplicates else "")})
-            else:
-                first_of[digest] = row["relative"]
+    names, rows, skipped = find_audio(folder, own_files, min_seconds)
+    duplicates = find_duplicates(folder, rows, skipped, keep_duplicates)
     if not keep_duplicates:
         rows = [row for row in rows if row["relative"] not in duplicates]
     if not rows:

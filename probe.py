@@ -453,6 +453,92 @@ def embed_files(model, paths, settings, layer, device, max_clips, corruption=Non
     return torch.cat(chunks).numpy(), np.array(owners), failed
 
 
+def open_export_parts(parts, job):
+    """Make the parts folder of an export; empty it first if its parts are of another job.
+
+    job: the inputs that decide the parts' contents (checkpoint, files, flags), kept in
+    PARTS/job.json so that a rerun with the same inputs continues.
+    """
+    job_file = os.path.join(parts, "job.json")
+    if os.path.isfile(job_file):
+        with open(job_file) as f:
+            if json.load(f) != job:
+                print(f"export: {parts} holds parts of other inputs (checkpoint, files or flags); starting over")
+                for name in os.listdir(parts):
+                    os.remove(os.path.join(parts, name))
+    os.makedirs(parts, exist_ok=True)
+    with open(job_file, "w") as f:
+        json.dump(job, f)
+
+
+def embed_part(model, paths, rows, settings, args, device, bar):
+    """Embeddings of the files at `rows`, in batches of about --batch-size clips.
+
+    Returns (x `[clips, E]` float32, or `[tracks, E]` with --per-track; table with
+    row and clip / start_seconds, or row and clips; messages of the unreadable files).
+    """
+    chunks, records, pending, pending_records, skipped = [], [], [], [], []
+    for row in rows:
+        try:
+            clips = datasets.read_clips(paths[row], settings["clip_samples"], settings["sample_rate"])
+        except datasets.AudioError as error:
+            skipped.append(str(error))
+            bar.update(1)
+            continue
+        kept = torch.arange(len(clips))
+        if args.max_clips is not None and len(clips) > args.max_clips:
+            # The same evenly spread clips as datasets.read_clips(..., max_clips).
+            kept = torch.linspace(0, len(clips) - 1, args.max_clips).round().long()
+        pending.append(clips[kept])  # [K, T]
+        pending_records.extend((row, int(c)) for c in kept)
+        if sum(len(p) for p in pending) >= args.batch_size or row == rows[-1]:
+            with torch.no_grad():
+                chunks.append(embed(model, torch.cat(pending).to(device), args.layer).float().cpu())
+            records.extend(pending_records)
+            pending, pending_records = [], []
+        bar.update(1)
+    if pending:
+        with torch.no_grad():
+            chunks.append(embed(model, torch.cat(pending).to(device), args.layer).float().cpu())
+        records.extend(pending_records)
+    x = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)  # [rows, E]
+    table = pd.DataFrame(records, columns=["row", "clip"])
+    if args.per_track and len(table):
+        owners = table["row"].to_numpy()
+        tracks = np.unique(owners)
+        x = track_embeddings(x, owners, tracks).numpy()  # [tracks, E]
+        table = pd.DataFrame({"row": tracks, "clips": np.bincount(owners)[tracks]})
+    else:
+        clip_seconds = settings["clip_samples"] / settings["sample_rate"]
+        table["start_seconds"] = (table["clip"] * clip_seconds).round(6)
+    return x, table, skipped
+
+
+def write_part(part, x, table, skipped):
+    """Save one finished part (PART.npy, PART.csv, PART.skipped.json), each renamed into place."""
+    np.save(part + ".tmp.npy", x.astype(np.float32))
+    os.replace(part + ".tmp.npy", part + ".npy")
+    with open(part + ".skipped.json", "w") as f:
+        json.dump(skipped, f)
+    table.to_csv(part + ".tmp.csv", index=False)
+    os.replace(part + ".tmp.csv", part + ".csv")
+
+
+def join_parts(parts, count, csv, paths):
+    """The `count` parts in order: (x `[rows, E]` float32, table with row, skipped messages)."""
+    arrays = [np.load(os.path.join(parts, f"part-{k:05d}.npy")) for k in range(count)]
+    skipped = []
+    for k in range(count):
+        with open(os.path.join(parts, f"part-{k:05d}.skipped.json")) as f:
+            skipped.extend(json.load(f))
+    tables = [pd.read_csv(os.path.join(parts, f"part-{k:05d}.csv")) for k in range(count)]
+    arrays = [a for a in arrays if a.size]
+    if not arrays:
+        raise utils.UserError(f"none of the {len(paths)} files of {csv} could be read, e.g. "
+                              f"{skipped[0] if skipped else ''}")
+    return np.concatenate(arrays).astype(np.float32), pd.concat(tables, ignore_index=True), skipped
+
+
 def export_embeddings(args, device):
     """--export-embeddings: frozen embeddings of every file of --csv, written for one's own use.
 
@@ -477,86 +563,24 @@ def export_embeddings(args, device):
     out_folder = os.path.dirname(os.path.abspath(out))
     parts = out + ".parts"
     paths = list(manifest["path"])
-    job = {"checkpoint": settings["key"], "layer": args.layer, "max_clips": args.max_clips,
-           "per_track": args.per_track, "part_files": args.export_part_files,
-           "files": hashlib.sha256(json.dumps(paths).encode()).hexdigest()}
-    job_file = os.path.join(parts, "job.json")
-    if os.path.isfile(job_file):
-        with open(job_file) as f:
-            if json.load(f) != job:
-                print(f"export: {parts} holds parts of other inputs (checkpoint, files or flags); starting over")
-                for name in os.listdir(parts):
-                    os.remove(os.path.join(parts, name))
-    os.makedirs(parts, exist_ok=True)
-    with open(job_file, "w") as f:
-        json.dump(job, f)
-    extra = [c for c in manifest.columns if c not in ("path", "source", "source_row")]
-    clip_seconds = settings["clip_samples"] / settings["sample_rate"]
+    open_export_parts(parts, {"checkpoint": settings["key"], "layer": args.layer, "max_clips": args.max_clips,
+                              "per_track": args.per_track, "part_files": args.export_part_files,
+                              "files": hashlib.sha256(json.dumps(paths).encode()).hexdigest()})
     starts = range(0, len(paths), args.export_part_files)
     done = [k for k in range(len(starts)) if os.path.isfile(os.path.join(parts, f"part-{k:05d}.csv"))]
     if done:
         print(f"export: {len(done)} of {len(starts)} parts already in {parts}; continuing")
-    skipped = []
     with tqdm(total=len(paths), initial=min(len(paths), len(done) * args.export_part_files), desc="embed",
               unit="file") as bar:
         for k, start in enumerate(starts):
-            part = os.path.join(parts, f"part-{k:05d}")
-            if k in done:
-                continue
-            rows = list(range(start, min(start + args.export_part_files, len(paths))))
-            chunks, records, pending, pending_records, part_skipped = [], [], [], [], []
-            for row in rows:
-                try:
-                    clips = datasets.read_clips(paths[row], settings["clip_samples"], settings["sample_rate"])
-                except datasets.AudioError as error:
-                    part_skipped.append(str(error))
-                    bar.update(1)
-                    continue
-                kept = torch.arange(len(clips))
-                if args.max_clips is not None and len(clips) > args.max_clips:
-                    # The same evenly spread clips as datasets.read_clips(..., max_clips).
-                    kept = torch.linspace(0, len(clips) - 1, args.max_clips).round().long()
-                pending.append(clips[kept])  # [K, T]
-                pending_records.extend((row, int(c)) for c in kept)
-                if sum(len(p) for p in pending) >= args.batch_size or row == rows[-1]:
-                    with torch.no_grad():
-                        chunks.append(embed(model, torch.cat(pending).to(device), args.layer).float().cpu())
-                    records.extend(pending_records)
-                    pending, pending_records = [], []
-                bar.update(1)
-            if pending:
-                with torch.no_grad():
-                    chunks.append(embed(model, torch.cat(pending).to(device), args.layer).float().cpu())
-                records.extend(pending_records)
-            x = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)  # [rows, E]
-            table = pd.DataFrame(records, columns=["row", "clip"])
-            if args.per_track and len(table):
-                owners = table["row"].to_numpy()
-                tracks = np.unique(owners)
-                x = track_embeddings(x, owners, tracks).numpy()  # [tracks, E]
-                table = pd.DataFrame({"row": tracks, "clips": np.bincount(owners)[tracks]})
-            else:
-                table["start_seconds"] = (table["clip"] * clip_seconds).round(6)
-            np.save(part + ".tmp.npy", x.astype(np.float32))
-            os.replace(part + ".tmp.npy", part + ".npy")
-            with open(part + ".skipped.json", "w") as f:
-                json.dump(part_skipped, f)
-            table.to_csv(part + ".tmp.csv", index=False)
-            os.replace(part + ".tmp.csv", part + ".csv")
-    arrays = [np.load(os.path.join(parts, f"part-{k:05d}.npy")) for k in range(len(starts))]
-    for k in range(len(starts)):
-        with open(os.path.join(parts, f"part-{k:05d}.skipped.json")) as f:
-            skipped.extend(json.load(f))
-    tables = [pd.read_csv(os.path.join(parts, f"part-{k:05d}.csv")) for k in range(len(starts))]
-    arrays = [a for a in arrays if a.size]
-    if not arrays:
-        raise utils.UserError(f"none of the {len(paths)} files of {csv} could be read, e.g. "
-                              f"{skipped[0] if skipped else ''}")
-    x = np.concatenate(arrays).astype(np.float32)  # [rows, E]
-    table = pd.concat(tables, ignore_index=True)
+            if k not in done:
+                rows = list(range(start, min(start + args.export_part_files, len(paths))))
+                write_part(os.path.join(parts, f"part-{k:05d}"), *embed_part(model, paths, rows, settings, args,
+                                                                             device, bar))
+    x, table, skipped = join_parts(parts, len(starts), csv, paths)  # x [rows, E]
     owners = table.pop("row").to_numpy()
     table.insert(0, "path", [os.path.relpath(paths[r], out_folder).replace(os.sep, "/") for r in owners])
-    for column in extra:
+    for column in [c for c in manifest.columns if c not in ("path", "source", "source_row")]:
         table[column] = manifest[column].to_numpy()[owners]
     os.makedirs(out_folder, exist_ok=True)
     np.save(out + ".tmp.npy", x)
