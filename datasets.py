@@ -945,6 +945,8 @@ def fixed_batches(rows, labeled, batch_size, seed, rank=0, world_size=1):
 
 
 # ---------------------------------------------------------------- pre-decoded cache
+# The writer of the cache format sits here, beside CachedAudio and open_audio that read it:
+# one file defines the format, and `python datasets.py cache` is its command.
 
 def _cache_one(task):
     """Decode, mix to mono, resample and store one file as int16 .npy; (row, error or None)."""
