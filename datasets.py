@@ -48,6 +48,14 @@ KEY_WEIGHTS = {"same": 1.0, "fifth": 0.5, "relative": 0.3, "parallel": 0.2}
 MAX_REPLACEMENTS = 10
 
 
+def add_label_flags(group, column_help, task_help, kind_help):
+    """Add --label-column, --task and --label-kind to an argparse group: one flag name per
+    idea in train.py and probe.py, each script giving its own help texts."""
+    group.add_argument("--label-column", action="append", default=[], help=column_help)
+    group.add_argument("--task", action="append", default=[], choices=TASKS, help=task_help)
+    group.add_argument("--label-kind", action="append", default=[], choices=LABEL_KINDS, help=kind_help)
+
+
 class ManifestError(utils.UserError, ValueError):
     """A manifest or label problem, found before training; the message names the place."""
 

@@ -57,14 +57,12 @@ def build_parser():
     data = parser.add_argument_group("data")
     data.add_argument("--csv", default=None, help="manifest with a split column (default: the synthetic set)")
     data.add_argument("--synthetic-dir", default=".cache/synthetic", help="folder of the built-in synthetic set")
-    data.add_argument("--label-column", action="append", default=[],
-                      help="label column(s) to probe, repeatable (one probe each); comma-separated columns "
-                           "form one regression target (default: label)")
-    data.add_argument("--task", action="append", default=[], choices=datasets.TASKS,
-                      help="how each label is read (one value, or one per --label-column; default multiclass)")
-    data.add_argument("--label-kind", action="append", default=[], choices=datasets.LABEL_KINDS,
-                      help="what each label means (one value, or one per --label-column; default generic); "
-                           "key adds the MIREX key score")
+    datasets.add_label_flags(
+        data, column_help="label column(s) to probe, repeatable (one probe each); comma-separated columns "
+                          "form one regression target (default: label)",
+        task_help="how each label is read (one value, or one per --label-column; default multiclass)",
+        kind_help="what each label means (one value, or one per --label-column; default generic); "
+                        "key adds the MIREX key score")
     data.add_argument("--tasks", default=None,
                       help="CSV of probes to run (columns csv, label_column, task; optional label_kind, name, "
                            "head (linear or mlp) and patience; an empty cell means the flag); replaces "

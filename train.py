@@ -46,13 +46,11 @@ def build_parser():
                            "without it, the built-in synthetic music set is used")
     data.add_argument("--synthetic-dir", default=".cache/synthetic",
                       help="folder where the built-in synthetic set is written once")
-    data.add_argument("--label-column", action="append", default=[],
-                      help="label column(s) of one supervision signal; repeat for several signals; "
-                           "comma-separated columns form one regression signal (default: 'label' if present)")
-    data.add_argument("--task", action="append", default=[], choices=datasets.TASKS,
-                      help="how each --label-column is read (one value, or one per column; default multiclass)")
-    data.add_argument("--label-kind", action="append", default=[], choices=datasets.LABEL_KINDS,
-                      help="what each label means (one value, or one per column; default generic)")
+    datasets.add_label_flags(
+        data, column_help="label column(s) of one supervision signal; repeat for several signals; "
+                          "comma-separated columns form one regression signal (default: 'label' if present)",
+        task_help="how each --label-column is read (one value, or one per column; default multiclass)",
+        kind_help="what each label means (one value, or one per column; default generic)")
     data.add_argument("--clip-seconds", type=float, default=2.7, help="crop length in seconds (paper: 2.7)")
     data.add_argument("--sample-rate", type=int, default=22050, help="audio is resampled to this rate (Hz)")
     data.add_argument("--views", type=int, default=2, help="crops per clip (paper: 2)")
