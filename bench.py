@@ -11,6 +11,7 @@ Usage:
     python bench.py all                            # every section but gpu
     python bench.py gpu                            # make gpu-check: the CUDA path checked and timed
     python bench.py gpu --tiny                     # the same on a CPU at a tiny size (CI)
+    python bench.py all --report docs/bench-results.md   # make bench: the tables, dated, to a file
     python bench.py compare-augment --reference-path DIR   # our chain next to the authors' (below)
 
 The loss section times building the target matrix plus the loss forward and backward
@@ -94,7 +95,8 @@ def build_parser():
     parser.add_argument("--gpu-steps", type=int, default=200, help="gpu: training steps of the timed run")
     parser.add_argument("--gpu-batch-cap", type=int, default=8192, help="gpu: largest batch (clips) tried")
     parser.add_argument("--report", default="",
-                        help="also write what the section(s) print to this file, under a header line (date, machine: CPU count and GPU, torch version, load average)")
+                        help="also write what the section(s) print to this file, under a header line (date, "
+                             "machine: CPU count and GPU, torch version, load average)")
     parser.add_argument("--compare-clips", type=int, default=300, help="compare-augment: clips (2 views each) per case")
     parser.add_argument("--reference-path", default=os.environ.get("SEMISUPCON_REFERENCE_PATH", ""),
                         help="compare-augment: folder holding torch-audiomentations 0.12 and its dependencies "

@@ -764,8 +764,9 @@ class ClipDataset(torch.utils.data.Dataset):
     and counted in the item's `failed` field, so the batch keeps its size and mix.
 
     paths: per-row file paths; columns: LabelColumns; pools: {pool id: row array}.
-    augment: optional {"labeled": chain, "unlabeled": chain} of callables `[V, T] -> [V, T]`
-        applied here (augmentation in the data workers), chosen by the draw's labeled flag.
+    worker_chains: optional {"labeled": chain, "unlabeled": chain} of callables `[V, T] -> [V, T]`
+        applied here (augmentation in the data workers; train.build_chains decides), chosen
+        by the draw's pool.
     resample_here: resample to sample_rate in the dataset (the workers); if False, crops
         keep their source rate and length (batch them with collate_clips, then
         resample_batch on the device).
@@ -776,7 +777,7 @@ class ClipDataset(torch.utils.data.Dataset):
     (int), failed_paths (";"-joined).
     """
 
-    def __init__(self, paths, columns, pools, num_views, clip_samples, sample_rate, augment=None, status_dir=None,
+    def __init__(self, paths, columns, pools, num_views, clip_samples, sample_rate, worker_chains=None, status_dir=None,
                  resample_here=True):
         self.paths = list(paths)
         self.columns = columns
@@ -784,7 +785,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.num_views = num_views
         self.clip_samples = clip_samples
         self.sample_rate = sample_rate
-        self.augment = augment
+        self.worker_chains = worker_chains
         self.status_dir = status_dir
         self.resample_here = resample_here
 
@@ -816,8 +817,8 @@ class ClipDataset(torch.utils.data.Dataset):
                              f"run `python train.py --check-data` on the manifest")
         if self.resample_here:
             audio, rate = resample_views(audio, rate, self.clip_samples, self.sample_rate), self.sample_rate
-        if self.augment is not None:
-            chain = self.augment["labeled" if is_labeled else "unlabeled"]
+        if self.worker_chains is not None:
+            chain = self.worker_chains["labeled" if is_labeled else "unlabeled"]
             audio = chain(audio, torch.Generator().manual_seed(seed % 2**63), views=len(audio))  # [V, T]: one clip
         labels = [torch.as_tensor(c.values[row]) for c in self.columns]
         labeled = [bool(is_labeled and c.labeled[row]) for c in self.columns]
