@@ -14,6 +14,7 @@ import datasets
 import manifests
 import models
 import probe
+import synthetic
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,13 +39,26 @@ def help_text(run):
 
 def script_flags():
     """{script: set of its flags}, from each parser's own --help (unwrapped: a wide terminal)."""
+    columns = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "10000"
+    try:
+        return {name: set(FLAG.findall(text)) - {"--help"} for name, text in help_texts().items()}
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+
+
+def help_texts():
+    """{script: its --help text}."""
     texts = {
         "train.py": train.build_parser().format_help(),
         "probe.py": probe.build_parser().format_help(),
         "manifests.py": manifests.build_parser().format_help(),
         "bench.py": bench.build_parser().format_help(),
-        "datasets.py": "".join(help_text(lambda c=c: datasets.main([c, "--help"])) for c in ("scan", "synth", "cache")),
+        "datasets.py": "".join(help_text(lambda c=c: datasets.main([c, "--help"])) for c in ("scan", "cache")),
+        "synthetic.py": synthetic.build_parser().format_help(),
     }
     argv = sys.argv
     try:
@@ -52,7 +66,7 @@ def script_flags():
         texts["models.py"] = help_text(models.parse_args)
     finally:
         sys.argv = argv
-    return {name: set(FLAG.findall(text)) - {"--help"} for name, text in texts.items()}
+    return texts
 
 
 def documents():
