@@ -133,7 +133,7 @@ def target_parts(clip_ids, signals=()):
     return views_part, labels_part.fill_diagonal_(0)
 
 
-def row_losses(z, target, temperature=0.1, anchors=None):
+def row_losses(z, target, temperature=0.1, anchors=None, has_zero_self_pairs=False):
     """Per-anchor contrastive losses against every other view.
 
     With s_ij the cosine similarity and tau the temperature, for anchor i
@@ -147,6 +147,8 @@ def row_losses(z, target, temperature=0.1, anchors=None):
     z: `[N, D]` projections of all views (normalized here).
     target: `[A, N]` target rows of the anchors, values in [0, 1].
     anchors: `[A]` indices into z of the anchor views, or None for all N (A = N).
+    has_zero_self_pairs: the caller guarantees target[i, anchors[i]] == 0 (as
+        build_target and target_parts give), so the self-pairs need no zeroing.
     Returns (losses `[A]`, has_positive `[A]` bool); losses are 0 where an anchor has
     no positive (zero off-diagonal target sum), and such rows must be left out.
     """
@@ -162,9 +164,12 @@ def row_losses(z, target, temperature=0.1, anchors=None):
     lowest = torch.tensor(torch.finfo(logits.dtype).min, device=z.device, dtype=logits.dtype)
     logits.index_put_((rows, anchors), lowest)
     log_prob = F.log_softmax(logits, dim=1)  # [A, N]
-    # Self-pairs are dropped from the target by a copy rather than a check of whether any
-    # is set: the check would read a device value on the host (a sync on every step).
-    target = target.to(log_prob.dtype).index_put((rows, anchors), lowest.new_zeros(()))
+    target = target.to(log_prob.dtype)
+    if not has_zero_self_pairs:
+        # A copy with the self-pairs zeroed, rather than a check whether any is set: the
+        # check would read a device value on the host (a sync). The training step passes
+        # build_target's rows, whose self-pairs are 0, and skips the copy ([A, N] floats).
+        target = target.index_put((rows, anchors), lowest.new_zeros(()))
     weighted = (target[:, None, :] @ log_prob[:, :, None]).reshape(-1)  # [A] row-wise dot, no [A, N] product
     positives = target.sum(1)
     has_positive = positives > 0
@@ -172,11 +177,11 @@ def row_losses(z, target, temperature=0.1, anchors=None):
     return losses, has_positive
 
 
-def contrastive_loss(z, target, temperature=0.1):
+def contrastive_loss(z, target, temperature=0.1, has_zero_self_pairs=False):
     """Mean of row_losses over the views that have at least one positive.
 
     z: `[N, D]` projections; target: `[N, N]` in [0, 1] (diagonal ignored).
     Returns a scalar; 0 (with a gradient path) when no row has a positive.
     """
-    losses, has_positive = row_losses(z, target, temperature)
+    losses, has_positive = row_losses(z, target, temperature, has_zero_self_pairs=has_zero_self_pairs)
     return losses.sum() / has_positive.sum().clamp(min=1)

@@ -721,7 +721,9 @@ def contrastive_step(model, views, clip_ids, signals, temperature, world_size, r
                    for labels, labeled, spec in signals]
     target = losses.build_target(clip_all, signals_all)  # [N, N]
     anchors = rank * len(z) + torch.arange(len(z), device=z.device)  # [n]: this process's rows of z_all
-    row_loss, has_positive = losses.row_losses(z_all, target[anchors], temperature, anchors)
+    # build_target's diagonal is 0: no copy of the target to clear its self-pairs.
+    row_loss, has_positive = losses.row_losses(z_all, target[anchors], temperature, anchors,
+                                               has_zero_self_pairs=True)
     # Rows without a positive carry no loss: the mean is over the rows with one, in all processes.
     count = utils.all_reduce_sum(has_positive.sum().float())
     loss = row_loss.sum() / count.clamp(min=1) * world_size
@@ -767,7 +769,8 @@ def log_scalars(writer, stats, args, step, lr, failed_files, skipped_steps, clip
     parts = losses.target_parts(stats["clip_all"], stats["signals_all"])
     for name, part in zip(("views", "labels"), parts):
         if part.sum() > 0:
-            writer.add_scalar(f"loss/{name}", losses.contrastive_loss(z_all, part, args.temperature).item(), step)
+            part_loss = losses.contrastive_loss(z_all, part, args.temperature, has_zero_self_pairs=True)
+            writer.add_scalar(f"loss/{name}", part_loss.item(), step)
     off_diagonal = len(target) * (len(target) - 1)
     writer.add_scalar("target/density", (target.sum() / off_diagonal).item(), step)
     writer.add_scalar("lr", lr, step)
@@ -818,7 +821,8 @@ def validate(model, loader, specs, chains, args, device, rank):
         counts[0] += stats["count"]
         # Every process holds the gathered batch: each part over all its rows, no reduction.
         for k, part in enumerate(losses.target_parts(stats["clip_all"], stats["signals_all"]), start=1):
-            row_loss, has_positive = losses.row_losses(stats["z_all"], part, args.temperature)
+            row_loss, has_positive = losses.row_losses(stats["z_all"], part, args.temperature,
+                                                       has_zero_self_pairs=True)
             sums[k] += row_loss.sum()
             counts[k] += has_positive.sum()
     model.train()

@@ -175,3 +175,14 @@ def test_combined_columns_take_the_max():
     assert target.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
     target = losses.build_target(clip_ids, [(key, labeled, losses.TargetSpec(similarity=similarity))])
     assert target.tolist() == [[0, 0.5, 0.5], [0.5, 0, 1], [0.5, 1, 0]]
+
+
+def test_a_target_known_to_have_zero_self_pairs_gives_the_same_loss_without_the_copy():
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(12, 8, generator=generator, dtype=torch.float64)
+    target = losses.build_target(torch.arange(12) // 2)
+    with_copy = losses.row_losses(z, target, 0.1)
+    without = losses.row_losses(z, target, 0.1, has_zero_self_pairs=True)
+    assert torch.equal(with_copy[0], without[0]) and torch.equal(with_copy[1], without[1])
+    with_self_pairs = target.clone().fill_diagonal_(1.0)
+    assert torch.equal(losses.row_losses(z, with_self_pairs, 0.1)[0], with_copy[0])  # self-pairs ignored
