@@ -475,7 +475,8 @@ class RunLock:
         try:
             previous = json.loads(text) if text else None
         except ValueError:
-            pass
+            # A record cut off mid-write by a killed run: still a takeover, said as such.
+            previous = {"pid": "?", "host": "?", "started": "? (its record was unreadable)"}
         if previous and previous.get("pid") != os.getpid() and log:
             log(f"took over {self.path} from process {previous.get('pid')} on {previous.get('host')} "
                 f"(started {previous.get('started')}), which is no longer running")
