@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch.utils.checkpoint import checkpoint
 
+import safety
 import utils
 
 EMBED_DIM = 512  # paper: 512-d SampleCNN embedding at full width
@@ -740,14 +741,14 @@ def load_pretrained(path: str, layer: str = "encoder", device: str | torch.devic
     Returns:
         a Pretrained in eval mode; `model.embed(waveform, sample_rate)` -> `[clips, D]`.
     """
-    # A folder's newest loadable checkpoint; a broken file is a utils.CheckpointError naming it.
-    found, state = utils.find_checkpoint(path)
+    # A folder's newest loadable checkpoint; a broken file is a safety.CheckpointError naming it.
+    found, state = safety.find_checkpoint(path)
     if state is None:
-        raise utils.CheckpointError(f"{path}: no checkpoint-*.pt in this folder")
+        raise safety.CheckpointError(f"{path}: no checkpoint-*.pt in this folder")
     saved = state["args"]
     encoder = build_encoder(saved["encoder"], saved["clip_samples"], saved["sample_rate"], saved["width"])
     model = ContrastiveModel(encoder, saved["hidden_dim"], saved["projection_dim"])
-    utils.load_weights(model, state["model"], found)
+    safety.load_weights(model, state["model"], found)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     return Pretrained(model, saved["sample_rate"], saved["clip_samples"], layer).to(device).eval()
 

@@ -45,6 +45,7 @@ import augment
 import datasets
 import models
 import synthetic
+import safety
 import utils
 
 
@@ -364,7 +365,7 @@ def load_encoder(checkpoint, args, device):
         state, path = None, None
     else:
         # A folder gives its newest checkpoint that loads; a broken file is one line naming it.
-        path, state = utils.find_checkpoint(checkpoint)
+        path, state = safety.find_checkpoint(checkpoint)
         if state is None:
             raise utils.UserError(f"{checkpoint}: no loadable checkpoint-*.pt in this folder; give a checkpoint "
                                   f"file, a run folder of train.py, or 'random'")
@@ -379,7 +380,7 @@ def load_encoder(checkpoint, args, device):
                                        settings["width"])
         model = models.ContrastiveModel(encoder, settings["hidden_dim"], settings["projection_dim"])
     if state is not None:
-        utils.load_weights(model, state["model"], path)
+        safety.load_weights(model, state["model"], path)
     settings.update(key=key, file=path, step=0 if state is None else int(state["step"]),
                     sha256=None if state is None else key[:12])
     return model.to(device).eval(), settings

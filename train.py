@@ -17,8 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
-import signal
 import time
 from dataclasses import dataclass
 
@@ -33,6 +31,7 @@ import datasets
 import losses
 import models
 import synthetic
+import safety
 import utils
 
 
@@ -179,37 +178,14 @@ def saved_args(args):
     return {k: v for k, v in vars(args).items() if k != "autocast_dtype"}
 
 
-def check_out_folder(folder, needed_bytes):
-    """Fail now, not hours later, if `folder` cannot take checkpoints (unwritable or full)."""
-    probe_path = os.path.join(folder, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with open(probe_path, "wb") as f:
-            f.write(b"\0" * (1 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as error:
-        raise utils.UserError(f"--out {folder} is not writable: {error}; choose a folder you can write") from None
-    finally:
-        if os.path.exists(probe_path):
-            os.remove(probe_path)
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes:
-        raise utils.UserError(f"--out {folder} has {free / 2**20:.0f} MiB free; the checkpoints need about "
-                         f"{needed_bytes / 2**20:.0f} MiB")
-
-
 def claim_out_folder(out):
     """Main process: check that --out takes checkpoints, lock it to this run, remove partial saves.
 
-    Returns the utils.RunLock, released when the run ends.
+    Returns the safety.FolderLock, released when the run ends.
     """
-    check_out_folder(out, 64 << 20)  # 64 MiB: room for a few checkpoints of the small encoders
+    safety.check_writable(out, f"--out {out}", 64 << 20)  # 64 MiB: a few checkpoints of the small encoders
     # One run per folder: a second one would resume from this run's checkpoints and prune them.
-    lock = utils.RunLock(out).acquire()
-    for path in utils.remove_stale_temporaries(out):
-        print(f"removed {path}: the partial file of a save that was killed")
-    return lock
+    return safety.FolderLock(out, f"--out {out}").acquire()
 
 
 def close_run(stop, lock, result):
@@ -219,36 +195,6 @@ def close_run(stop, lock, result):
         lock.release()
     utils.cleanup_process()
     return result
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit 0; twice: exit now."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-        for name in ("SIGTERM", "SIGUSR1"):
-            if hasattr(signal, name):
-                self.previous[name] = signal.signal(getattr(signal, name), self.handle)
-
-    def close(self):
-        """Give the signals back to the handlers they had before."""
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-    def handle(self, number, frame):
-        if self.requested:
-            print(f"second signal {signal.Signals(number).name}: exiting now", flush=True)
-            os._exit(1)
-        self.requested = True
-        print(f"signal {signal.Signals(number).name}: saving after this step", flush=True)
-
-    def any_process(self, device, world_size):
-        """True if any process got a signal (all processes must stop at the same step)."""
-        if world_size == 1:
-            return self.requested  # no tensor, so no host-device sync
-        flag = torch.tensor(float(self.requested), device=device)
-        return bool(utils.all_reduce_sum(flag).item() > 0)
 
 
 # ---------------------------------------------------------------- set-up: resume point
@@ -269,10 +215,10 @@ def find_resume(args, device, is_main):
     file it skips and why; a path (file or folder) that gives no loadable checkpoint is
     a UserError naming it.
     """
-    if args.resume == "none" or (args.resume == "auto" and not utils.list_checkpoints(args.out)):
+    if args.resume == "none" or (args.resume == "auto" and not safety.list_checkpoints(args.out)):
         return None, None
     folder = args.out if args.resume == "auto" else args.resume
-    path, state = utils.find_checkpoint(folder, device, print if is_main else None)
+    path, state = safety.find_checkpoint(folder, device, print if is_main else None, safety.CHECKPOINT_KEYS)
     if state is None:
         raise utils.UserError(f"no checkpoint in {folder} loads (each is named above); move the broken files "
                               f"away to start afresh, or pass --resume none")
@@ -563,7 +509,7 @@ def lr_factor(args, step):
 
 def restore(state, path, model, optimizer, scheduler, scaler, generator, rank, is_main):
     """Load a checkpoint's state into the run's objects; returns (step, best_val)."""
-    utils.load_weights(model, state["model"], path)
+    safety.load_weights(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
         group.update(fused=True, foreach=None)  # a checkpoint of an unfused optimizer keeps the fused step
@@ -859,9 +805,9 @@ def save(run, step, is_best=False):
                  "args": saved_args(run.args), "rng": rngs, "generator": generators, "best_val": run.best_val,
                  "labels": [c.describe() for c in run.columns]}
         if is_best:
-            utils.write_atomic(state, os.path.join(run.args.out, "best.pt"))
+            safety.save_torch(os.path.join(run.args.out, "best.pt"), {"format": safety.FORMAT} | state)
         else:
-            utils.save_checkpoint(state, run.args.out, step, run.args.keep)
+            safety.save_checkpoint(state, run.args.out, step, run.args.keep)
     utils.barrier()
 
 
@@ -948,7 +894,7 @@ def main(argv=None):
     # ---- flags and process
     args = build_parser().parse_args(argv)
     check_flags(args)
-    stop = StopSignal()  # from the start: a signal during set-up saves after the first step
+    stop = safety.StopSignal()  # from the start: a signal during set-up saves after the first step
     rank, world_size, local_rank, device = utils.setup_process()
     is_main = rank == 0
     # The label flags as the user gave them, before the data fills in defaults (build_pools checks them).
@@ -1013,7 +959,7 @@ def print_summary(args, start_step, step, seconds, val_loss, best_val):
     clips = (step - start_step) * args.batch_size * args.grad_accum
     val = f"val loss last {val_loss:.4f}, best {best_val:.4f} (best.pt)" if math.isfinite(best_val) else \
         "no validation (no val rows or --val-every 0)"
-    checkpoints = utils.list_checkpoints(args.out)
+    checkpoints = safety.list_checkpoints(args.out)
     print(f"done: steps {start_step} -> {step} in {seconds:.1f} s ({clips / max(seconds, 1e-9):.1f} clips/s); {val}; "
           f"checkpoint {checkpoints[-1] if checkpoints else 'none'}")
     labels = "".join(f" --label-column {name}" for name in args.label_column[:1]) or \

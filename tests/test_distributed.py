@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import losses
+import safety
 import synthetic
 import train
 import utils
@@ -105,8 +106,8 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     assert [s for s, _ in val_one] == [s for s, _ in val_two] == [2, 4]
     for (_, a), (_, b) in zip(val_one, val_two):
         assert b == pytest.approx(a, rel=1e-4)
-    final_one = utils.load_checkpoint(utils.list_checkpoints(one)[-1])["model"]
-    final_two = utils.load_checkpoint(utils.list_checkpoints(two)[-1])["model"]
+    final_one = safety.load_model_file(safety.list_checkpoints(one)[-1])["model"]
+    final_two = safety.load_model_file(safety.list_checkpoints(two)[-1])["model"]
     # Summation order differs between 1 and 2 processes (float32 rounding), and Adam turns a
     # gradient at rounding level (a dead unit's, say) into a step of up to lr = 1e-3. So a
     # few weights may drift by up to steps x lr; all but 0.1% must agree to 1e-4. The

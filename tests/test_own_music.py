@@ -18,6 +18,7 @@ import torch
 import datasets
 import models
 import probe
+import safety
 import train
 import utils
 
@@ -311,8 +312,8 @@ def test_scan_joins_by_path_groups_by_artist_and_names_bad_label_files(library, 
 def test_load_pretrained_names_a_broken_checkpoint(tmp_path):
     broken = tmp_path / "checkpoint-00000004.pt"
     broken.write_bytes(b"PK\x03\x04 torn in the middle")
-    with pytest.raises(utils.CheckpointError, match="checkpoint-00000004.pt.*(truncated|damaged|cannot)"):
+    with pytest.raises(safety.CheckpointError, match="checkpoint-00000004.pt.*(truncated|damaged|cannot)"):
         models.load_pretrained(str(broken))
     (tmp_path / "empty-run").mkdir()
-    with pytest.raises(utils.CheckpointError, match="no checkpoint"):
+    with pytest.raises(safety.CheckpointError, match="no checkpoint"):
         models.load_pretrained(str(tmp_path / "empty-run"))

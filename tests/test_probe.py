@@ -11,6 +11,7 @@ import torch
 
 import datasets
 import probe
+import safety
 import synthetic
 import train
 import utils
@@ -31,7 +32,7 @@ def checkpoint(tiny_set, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
     train.main(MODEL + ["--train-csv", tiny_set, "--out", out, "--steps", "3", "--batch-size", "8", "--workers", "0",
                         "--log-every", "1", "--val-every", "0", "--save-every", "3", "--augment", "none"])
-    return utils.list_checkpoints(out)[-1]
+    return safety.list_checkpoints(out)[-1]
 
 
 def run_probe(tiny_set, tmp_path, *extra, checkpoint="random"):
@@ -425,15 +426,15 @@ def test_labels_that_do_not_fit_the_task_name_file_line_and_column(tiny_set, tmp
 
 def test_cache_from_another_checkpoint_is_never_reused(tiny_set, checkpoint, tmp_path, capsys):
     path = str(tmp_path / "model.pt")
-    state = utils.load_checkpoint(checkpoint)
-    utils.write_atomic(state, path)
+    state = safety.load_model_file(checkpoint)
+    safety.save_torch(path, state)
     first = run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=path)[0]
     assert "extracting 40 files" in capsys.readouterr().out
     # Another checkpoint under the same file name: new weights, same path.
     for value in state["model"].values():
         if value.is_floating_point():
             value.add_(0.05 * torch.randn_like(value))
-    utils.write_atomic(state, path)
+    safety.save_torch(path, state)
     run_probe(tiny_set, tmp_path, "--label-column", "timbre", checkpoint=path)
     printed = capsys.readouterr().out
     assert "extracting 40 files" in printed

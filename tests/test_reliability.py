@@ -23,6 +23,7 @@ import torch
 
 import datasets
 import probe
+import safety
 import synthetic
 import train
 import utils
@@ -87,7 +88,7 @@ def test_auto_resume_skips_a_broken_newest_checkpoint_and_stays_exact(tiny_set, 
     whole = train.main(train_args(tiny_set, tmp_path / "whole", 6, "--save-every", "2"))
     out = tmp_path / "parts"
     train.main(train_args(tiny_set, out, 4, "--save-every", "2"))
-    newest = utils.list_checkpoints(str(out))[-1]
+    newest = safety.list_checkpoints(str(out))[-1]
     assert newest.endswith("checkpoint-00000004.pt")
     with open(newest, "r+b") as f:  # a torn write: the file stops partway (or never got bytes)
         f.truncate(0 if damage == "zero bytes" else os.path.getsize(newest) // 2)
@@ -121,17 +122,17 @@ def test_every_checkpoint_broken_is_one_line(tiny_set, tmp_path, capsys):
 def test_probe_names_a_broken_checkpoint_and_falls_back_in_a_folder(tiny_set, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(train_args(tiny_set, out, 4, "--save-every", "2"))
-    older, newest = utils.list_checkpoints(str(out))
+    older, newest = safety.list_checkpoints(str(out))
     with open(newest, "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(utils.CheckpointError, match=f"{newest}: cannot be loaded"):
+    with pytest.raises(safety.CheckpointError, match=f"{newest}: cannot be loaded"):
         probe.load_encoder(newest, None, torch.device("cpu"))
     capsys.readouterr()
     model, settings = probe.load_encoder(str(out), argparse.Namespace(seed=0), torch.device("cpu"))
     assert settings["file"] == older and f"skipped {newest}" in capsys.readouterr().err
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    with pytest.raises(utils.CheckpointError, match=f"{empty}: empty file"):
+    with pytest.raises(safety.CheckpointError, match=f"{empty}: empty file"):
         probe.load_encoder(str(empty), None, torch.device("cpu"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
@@ -147,7 +148,7 @@ def test_probe_names_a_broken_checkpoint_and_falls_back_in_a_folder(tiny_set, tm
 def test_full_file_size_limit_fails_cleanly_and_keeps_the_last_checkpoint(tiny_set, tmp_path):
     out = tmp_path / "run"
     train.main(train_args(tiny_set, out, 2, "--save-every", "2"))
-    first = utils.list_checkpoints(str(out))[-1]
+    first = safety.list_checkpoints(str(out))[-1]
     size = os.path.getsize(first)
     # The start-up write test (1 MiB) passes; the next checkpoint does not fit.
     result = train_py(train_args(tiny_set, out, 4, "--save-every", "2"), limit_bytes=(1 << 20) + size // 4)
@@ -156,7 +157,7 @@ def test_full_file_size_limit_fails_cleanly_and_keeps_the_last_checkpoint(tiny_s
     needed = int(message.split("it needs ")[1].split(" bytes")[0].replace(",", ""))
     assert abs(needed - size) < 1000 and "bytes are free there" in message and "ulimit -f" in message
     assert not glob.glob(str(out / "*.tmp*")), "the partial file is removed"
-    assert utils.list_checkpoints(str(out)) == [first] and utils.load_checkpoint(first)["step"] == 2
+    assert safety.list_checkpoints(str(out)) == [first] and safety.load_model_file(first)["step"] == 2
 
 
 def mount_tmpfs(folder, megabytes):
@@ -187,7 +188,7 @@ def test_a_disk_that_fills_during_the_run_fails_cleanly(tiny_set, tmp_path):
         message = error_line(subprocess.CompletedProcess(process.args, process.returncode, "", err))
         assert "No space left on device; it needs " in message and f" in {out}: " in message
         assert not glob.glob(str(out / "*.tmp*"))
-        assert utils.load_checkpoint(utils.list_checkpoints(str(out))[-1])["step"] >= 30
+        assert safety.load_model_file(safety.list_checkpoints(str(out))[-1])["step"] >= 30
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
 
@@ -196,11 +197,11 @@ def test_a_killed_save_leaves_nothing_behind_at_the_next_start(tiny_set, tmp_pat
     out = tmp_path / "run"
     train.main(train_args(tiny_set, out, 2, "--save-every", "2"))
     # A real save killed mid-write (kill -9): its half-written temporary file stays.
-    writer = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import utils\n"
+    writer = (f"import sys, time; sys.path.insert(0, {ROOT!r}); import safety\n"
               f"def stalled_save(state, f):\n"
               f"    f.write(b'half a checkpoint'); print('writing', flush=True); time.sleep(120)\n"
-              f"utils.torch.save = stalled_save\n"
-              f"utils.save_checkpoint({{k: 0 for k in utils.CHECKPOINT_KEYS}}, {str(out)!r}, 3)\n")
+              f"safety.torch.save = stalled_save\n"
+              f"safety.save_checkpoint({{k: 0 for k in safety.CHECKPOINT_KEYS}}, {str(out)!r}, 3)\n")
     process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True, env=ENVIRONMENT)
     assert process.stdout.readline().strip() == "writing"
     process.send_signal(signal.SIGKILL)
@@ -209,7 +210,7 @@ def test_a_killed_save_leaves_nothing_behind_at_the_next_start(tiny_set, tmp_pat
     assert len(stale) == 1
     capsys.readouterr()
     train.main(train_args(tiny_set, out, 3, "--save-every", "2"))
-    assert f"removed {stale[0]}: the partial file of a save that was killed" in capsys.readouterr().out
+    assert f"removed {stale[0]}: the partial file of a write that was killed" in capsys.readouterr().out
     assert not glob.glob(str(out / "*.tmp*"))
 
 
@@ -220,9 +221,9 @@ def test_pruning_keeps_the_checkpoint_just_written(tiny_set, tmp_path, capsys):
     # delete the only good checkpoint in its favour.
     (out / "checkpoint-00000100.pt").write_bytes(b"cut off")
     train.main(train_args(tiny_set, out, 3, "--save-every", "2", "--keep", "1"))
-    names = [os.path.basename(p) for p in utils.list_checkpoints(str(out))]
+    names = [os.path.basename(p) for p in safety.list_checkpoints(str(out))]
     assert names == ["checkpoint-00000003.pt", "checkpoint-00000100.pt"]
-    assert utils.load_checkpoint(str(out / "checkpoint-00000003.pt"))["step"] == 3
+    assert safety.load_model_file(str(out / "checkpoint-00000003.pt"))["step"] == 3
 
 
 # ---------------------------------------------------------------- one run per folder
@@ -242,7 +243,7 @@ def test_a_second_run_on_the_same_out_refuses_and_a_dead_holders_lock_is_taken_o
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert not utils.list_checkpoints(str(out)), "the refused run wrote no checkpoint"
+    assert not safety.list_checkpoints(str(out)), "the refused run wrote no checkpoint"
     train.main(train_args(tiny_set, out, 2))
     assert f"took over {out / 'run.lock'} from process {first.pid}" in capsys.readouterr().out
 
@@ -252,7 +253,7 @@ def test_a_second_run_on_the_same_out_refuses_and_a_dead_holders_lock_is_taken_o
 def test_a_changed_model_flag_is_one_line_naming_flag_and_both_values(tiny_set, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(train_args(tiny_set, out, 2, "--save-every", "2"))
-    checkpoint = utils.list_checkpoints(str(out))[-1]
+    checkpoint = safety.list_checkpoints(str(out))[-1]
     message = cli_error(capsys, train_args(tiny_set, out, 4, "--width", "0.25"))
     assert message.startswith(f"{checkpoint} holds another model (--width 0.125 in the checkpoint, 0.25 given)")
     message = cli_error(capsys, train_args(tiny_set, tmp_path / "other", 4, "--encoder", "tuneplus", "--resume",
@@ -327,7 +328,7 @@ def test_torchrun_max_restarts_resumes_after_a_worker_dies(tiny_set, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "connectFullMesh" not in result.stderr
     assert f"resumed from {out / 'checkpoint-00000002.pt'} at step 2" in result.stdout
-    assert utils.load_checkpoint(utils.list_checkpoints(str(out))[-1])["step"] == 4
+    assert safety.load_model_file(safety.list_checkpoints(str(out))[-1])["step"] == 4
 
 
 # ---------------------------------------------------------------- one line for every user error

@@ -18,6 +18,7 @@ import torch
 import augment
 import datasets
 import probe
+import safety
 import synthetic
 import train
 import utils
@@ -43,8 +44,8 @@ def test_short_run_lowers_the_loss_and_probe_loads_the_checkpoint(tiny_set, tmp_
     values = [loss for _, loss in result["losses"]]
     assert len(values) == 25 and all(np.isfinite(values))
     assert np.mean(values[-5:]) < np.mean(values[:5]) - 0.1
-    checkpoint = utils.list_checkpoints(result["out"])[-1]
-    state = utils.load_checkpoint(checkpoint)
+    checkpoint = safety.list_checkpoints(result["out"])[-1]
+    state = safety.load_model_file(checkpoint)
     assert state["step"] == 25
     with open(os.path.join(result["out"], "args.json")) as f:
         assert json.load(f)["clip_samples"] == 4000
@@ -208,7 +209,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_set, tmp_path, monk
     monkeypatch.setattr(train, "contrastive_step", poisoned_step)
     with pytest.raises(utils.UserError, match="3 steps in a row"):
         run(tmp_path, "nan", tiny_set, "--max-bad-steps", "3", "--save-every", "100", steps=10)
-    state = utils.load_checkpoint(utils.list_checkpoints(str(tmp_path / "nan"))[-1])
+    state = safety.load_model_file(safety.list_checkpoints(str(tmp_path / "nan"))[-1])
     assert state["step"] == 6
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -226,7 +227,7 @@ def test_sigterm_saves_and_resume_continues(tiny_set, tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     assert "resume with the same command" in output
-    saved = utils.load_checkpoint(utils.list_checkpoints(out)[-1])
+    saved = safety.load_model_file(safety.list_checkpoints(out)[-1])
     assert 0 < saved["step"] < 100000
     resumed = train.main(TINY + ["--train-csv", tiny_set, "--out", out, "--steps", str(saved["step"] + 2),
                                  "--skip-check"])
@@ -234,21 +235,21 @@ def test_sigterm_saves_and_resume_continues(tiny_set, tmp_path):
 
 
 def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
-    first = utils.save_checkpoint({k: 0 for k in utils.CHECKPOINT_KEYS} | {"model": {"w": torch.ones(3)}},
+    first = safety.save_checkpoint({k: 0 for k in safety.CHECKPOINT_KEYS} | {"model": {"w": torch.ones(3)}},
                                   str(tmp_path), 1)
     # The writer stalls halfway through its file, so the kill lands mid-write every time.
-    writer = (f"import sys, time, torch; sys.path.insert(0, {ROOT!r}); import utils\n"
+    writer = (f"import sys, time, torch; sys.path.insert(0, {ROOT!r}); import safety\n"
               f"def stalled_save(state, f):\n"
               f"    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(120)\n"
-              f"utils.torch.save = stalled_save\n"
-              f"utils.save_checkpoint({{k: 0 for k in utils.CHECKPOINT_KEYS}}, {str(tmp_path)!r}, 2)\n")
+              f"safety.torch.save = stalled_save\n"
+              f"safety.save_checkpoint({{k: 0 for k in safety.CHECKPOINT_KEYS}}, {str(tmp_path)!r}, 2)\n")
     process = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "writing"
     assert glob.glob(str(tmp_path / "checkpoint-00000002.pt.tmp*")), "the write is under way"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert utils.list_checkpoints(str(tmp_path)) == [first]
-    assert torch.equal(utils.load_checkpoint(first)["model"]["w"], torch.ones(3))
+    assert safety.list_checkpoints(str(tmp_path)) == [first]
+    assert torch.equal(safety.load_model_file(first)["model"]["w"], torch.ones(3))
 
 
 @pytest.mark.parametrize("encoder", ["samplecnn", "samplecnn-xl", "tuneplus", "melcnn"])
@@ -261,7 +262,7 @@ def test_gradient_accumulation_and_cosine_schedule_run(tiny_set, tmp_path):
     result = run(tmp_path, "accum", tiny_set, "--grad-accum", "2", "--schedule", "cosine", "--warmup-steps", "1",
                  "--clip-grad", "1.0", "--skip-check", steps=3)
     assert [s for s, _ in result["losses"]] == [1, 2, 3]
-    state = utils.load_checkpoint(utils.list_checkpoints(result["out"])[-1])
+    state = safety.load_model_file(safety.list_checkpoints(result["out"])[-1])
     assert state["scheduler"]["last_epoch"] == 3
 
 
