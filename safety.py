@@ -15,8 +15,10 @@ import atexit
 import errno
 import fcntl
 import glob
+import hashlib
 import io
 import json
+import math
 import os
 import re
 import secrets
@@ -25,7 +27,9 @@ import signal
 import socket
 import time
 
+import pandas as pd
 import torch
+from tqdm import tqdm
 
 import utils
 from utils import UserError
@@ -416,3 +420,313 @@ class StopSignal:
             return bool(self.requested)  # no tensor, so no host-device sync
         flag = torch.tensor(float(bool(self.requested)), device=device)
         return bool(utils.all_reduce_sum(flag).item() > 0)
+
+
+def ignore_interrupts(worker_id=None):
+    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group; only the main process acts on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class WorkerDied(UserError):
+    """A data-loading worker that died: the stop path saves, then this is the one line."""
+
+
+def next_batch(loader, status_dir):
+    """The next batch from the data workers; a worker that died becomes WorkerDied naming why.
+
+    A worker killed by a signal (SIGKILL: most often the kernel's out-of-memory killer) is
+    named as such with the settings to lower; one that crashed names the file it read.
+    """
+    try:
+        return next(loader)
+    except RuntimeError as error:
+        text = " ".join(str(error).split())
+        if "DataLoader worker" not in text:
+            raise
+        killed = re.search(r"killed by signal: ([\w ]+)", text)
+        if killed:
+            raise WorkerDied(f"a data-loading worker was killed by signal ({killed.group(1).strip()}), most likely "
+                             f"by the kernel for lack of memory; it was reading "
+                             f"{', '.join(worker_paths(status_dir, text)) or 'an unknown file'}. Lower --workers "
+                             f"(or --batch-size), then rerun the same command: it resumes") from error
+        raise WorkerDied(f"a data-loading worker died ({text}); it was reading "
+                         f"{', '.join(worker_paths(status_dir, text)) or 'an unknown file'}: check or remove that "
+                         f"file and rerun the same command: it resumes") from error
+
+
+def worker_paths(status_dir, text):
+    """The files that the DataLoader workers named in an error `text` were reading when they died."""
+    pids = re.findall(r"\d+", text.split("pid")[-1]) if "pid" in text else []
+    found = []
+    for pid in pids:
+        path = os.path.join(status_dir, f"worker-{pid}.txt")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found.append(f.read().strip())
+    return found
+
+
+def stopped(error, save, step, out, writer=None):
+    """The one line for a run stopped by a failed write or a dead worker, after saving what can be saved.
+
+    save: a function that writes the checkpoint of `step`; writer: the run's TensorBoard
+    writer, closed here (its own failure is the cause, or it would fail again at exit).
+    Returns the UserError to raise.
+    """
+    if writer is not None:
+        try:
+            writer.close()
+        except OSError:
+            pass  # the event file already failed: what it holds up to here stays readable
+    try:
+        save()
+        kept = f"saved step {step} in {out}"
+    except UserError as save_error:
+        kept = f"could not save step {step} either ({save_error}); the last checkpoint in {out} is intact"
+    if isinstance(error, UserError):
+        return UserError(f"stopped at step {step}: {error}; {kept}")
+    reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    return UserError(f"stopped at step {step}: a write failed{where}: {reason}; {kept}. Free space or fix the "
+                     f"folder, then rerun the same command: it resumes")
+
+
+# ---------------------------------------------------------------- flags and the out folder
+
+def check_flags(args):
+    """train.py: refuse flag values that cannot train, before anything is written."""
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: nothing to train; --steps is the total number of optimizer "
+                              f"steps (a resumed run continues up to it), give at least 1")
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size {args.batch_size}: a clip's negatives are the other clips of its "
+                              f"batch, so one clip has none and the loss is 0 from the first step; give at least "
+                              f"2 (the paper uses 96)")
+    for name in ("views", "log_every", "save_every", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
+    for name in ("labeled_fraction", "labeled_per_batch"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: a share between 0 and 1")
+
+
+def claim_out_folder(out):
+    """Main process: check that --out takes checkpoints, lock it to this run, remove partial saves.
+
+    Returns the FolderLock, released when the run ends.
+    """
+    check_writable(out, f"--out {out}", 64 << 20)  # 64 MiB: a few checkpoints of the small encoders
+    # One run per folder: a second one would resume from this run's checkpoints and prune them.
+    return FolderLock(out, f"--out {out}").acquire()
+
+
+def close_run(stop, lock, result):
+    """Give back the signal handlers, the folder lock and the process group; returns `result`."""
+    stop.close()
+    if lock:
+        lock.release()
+    utils.cleanup_process()
+    return result
+
+
+# ---------------------------------------------------------------- the resume point
+
+# Flags that define the network: resuming with another value cannot load the weights.
+MODEL_FLAGS = ("encoder", "width", "clip_seconds", "sample_rate", "views", "hidden_dim", "projection_dim")
+# Flags a resume may change freely: length, logging, saving, validation, processes, speed knobs.
+RESUME_FREE_FLAGS = ("steps", "log_every", "image_every", "val_every", "val_batches", "save_every", "keep",
+                     "workers", "world_size", "resume", "out", "check_data", "skip_check", "max_bad_fraction",
+                     "max_bad_steps", "allow_changed_settings", "synthetic_dir", "train_csv", "compile",
+                     "activation_checkpointing", "resample_on", "precision_name")
+
+
+def find_resume(args, device, is_main):
+    """(path, state) of the checkpoint to continue from, or (None, None) to start afresh.
+
+    --resume auto takes the newest checkpoint in --out that loads, naming each newer
+    file it skips and why; a path (file or folder) that gives no loadable checkpoint is
+    a UserError naming it.
+    """
+    if args.resume == "none" or (args.resume == "auto" and not list_checkpoints(args.out)):
+        return None, None
+    folder = args.out if args.resume == "auto" else args.resume
+    path, state = find_checkpoint(folder, device, print if is_main else None, CHECKPOINT_KEYS)
+    if state is None:
+        raise UserError(f"no checkpoint in {folder} loads (each is named above); move the broken files "
+                              f"away to start afresh, or pass --resume none")
+    return path, state
+
+
+def check_model_flags(saved, args, path):
+    """UserError naming every model flag whose value differs from the checkpoint's."""
+    differences = [f"--{flag.replace('_', '-')} {saved[flag]} in the checkpoint, {getattr(args, flag)} given"
+                   for flag in MODEL_FLAGS if flag in saved and saved[flag] != getattr(args, flag)]
+    if differences:
+        raise UserError(f"{path} holds another model ({'; '.join(differences)}); resume with the "
+                              f"checkpoint's values, or start afresh with another --out or --resume none")
+
+
+def check_settings(saved, current, defaults, path, is_main):
+    """Refuse a resume whose data, sampler or optimizer settings differ, unless allowed.
+
+    saved, current: the checkpoint's arguments and this run's (plain values); defaults:
+    every flag's default. Compares every argument but the model flags (check_model_flags)
+    and those a resume may change (RESUME_FREE_FLAGS); the manifest rows by digest. A
+    flag the checkpoint lacks (it predates the flag) must be at its default: those runs
+    had no other value.
+    """
+    differences = [f"--{name.replace('_', '-')} {current[name]} (the checkpoint predates this flag: it trained as "
+                   f"with the default, {defaults[name]})"
+                   for name in sorted(set(defaults) - set(saved) - set(RESUME_FREE_FLAGS))
+                   if current[name] != defaults[name]]
+    for name in sorted(set(saved) & set(current) - set(MODEL_FLAGS) - set(RESUME_FREE_FLAGS)):
+        if name == "manifest_rows" or saved[name] == current[name]:
+            continue
+        if name == "manifest_digest":
+            differences.append(f"manifest rows {saved.get('manifest_rows')} (digest {saved[name]}) -> "
+                               f"{current['manifest_rows']} (digest {current[name]})")
+        else:
+            differences.append(f"--{name.replace('_', '-')} {saved[name]} -> {current[name]}")
+    if not differences:
+        return
+    if not current["allow_changed_settings"]:
+        raise UserError(f"{path} was trained with other settings: {'; '.join(differences)}; resuming would "
+                              f"continue on another sample stream or optimizer. Use the checkpoint's values, pass "
+                              f"--allow-changed-settings to resume anyway, or start afresh with another --out")
+    if is_main:
+        print(f"resuming {path} with changed settings (--allow-changed-settings): {'; '.join(differences)}")
+
+
+# ---------------------------------------------------------------- the data check
+
+def check_data(manifest, args, is_main, check_files):
+    """Open every file once (cached in --out), drop unusable ones, refuse a broken data set.
+
+    check_files: datasets.check_files (paths, min_seconds, sample_rate, workers, progress)
+    -> report frame. Returns the manifest without the bad rows. Writes data-check.csv (every file) and
+    bad-files.csv (the excluded ones) to --out.
+    """
+    report_path = os.path.join(args.out, "data-check.csv")
+    if is_main:
+        stats = [(p, os.path.getsize(p) if os.path.exists(p) else -1,
+                  os.path.getmtime(p) if os.path.exists(p) else -1) for p in manifest["path"]]
+        previous = read_report(report_path)
+        # The verdict depends on the crop length and rate too: a changed flag re-checks.
+        key = [f"{p}|{size}|{mtime}|{args.clip_seconds}|{args.sample_rate}" for p, size, mtime in stats]
+        if previous is not None and "key" in previous.columns and list(previous["key"]) == key:
+            report = previous
+        else:
+            print(f"checking {len(manifest)} audio files (--skip-check to skip; cached in {report_path})")
+            with tqdm(total=len(manifest), desc="check") as bar:
+                report = check_files(list(manifest["path"]), args.clip_seconds / 2, args.sample_rate,
+                                              max(1, args.workers), bar.update)
+            report["key"] = key
+            write_csv(report_path, report)
+        bad = report[report["status"] == "bad"]
+        write_csv(os.path.join(args.out, "bad-files.csv"), bad)
+        notes = report[(report["status"] == "ok") & (report["problems"] != "")]
+        print(f"data check: {len(report)} files, {len(bad)} excluded as bad, {len(notes)} with notes "
+              f"(see {report_path})")
+        for _, row in bad.head(5).iterrows():
+            print(f"  bad: {row['path']}: {row['problems']}")
+    utils.barrier()
+    report = read_report(report_path)
+    is_bad = (report["status"] == "bad").to_numpy()
+    wrong_folder = resolved_from_current_folder(manifest, report)
+    if is_main and wrong_folder and is_bad.mean() <= args.max_bad_fraction:
+        print(f"warning: {wrong_folder}")
+    if is_bad.mean() > args.max_bad_fraction:
+        kinds = report.loc[is_bad, "problems"].str.split(r" \(|;").str[0].value_counts()
+        first = report[is_bad].iloc[0]
+        raise UserError(
+            f"{is_bad.sum()} of {len(is_bad)} files are bad ({is_bad.mean():.1%} > --max-bad-fraction "
+            f"{args.max_bad_fraction:.1%}): {', '.join(f'{n} {kind}' for kind, n in kinds.items())}; first "
+            f"{first['path']}: {first['problems']}. " + (wrong_folder or f"See {args.out}/bad-files.csv"))
+    silent = report["problems"].str.split(";").apply(lambda problems: "silent" in problems).to_numpy()
+    if silent.any() and (silent | is_bad).all():
+        raise UserError(f"every usable file is silent (all {int(silent.sum())} hold only zeros, e.g. "
+                              f"{report['path'][silent].iloc[0]}): nothing to learn from; check the export or "
+                              f"conversion that wrote them ({report_path} lists every file)")
+    return manifest[~is_bad].reset_index(drop=True)
+
+
+def read_report(path):
+    """A data-check report, or None when it is missing or damaged (then the check runs again)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        report = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        return None
+    return report if {"path", "status", "problems"} <= set(report.columns) else None
+
+
+def resolved_from_current_folder(manifest, report):
+    """The hint for files missing under the CSV's folder but present under the current one, or None.
+
+    Manifest paths are relative to the CSV's own folder; paths written relative to the
+    folder the command runs in are the common mistake, and this names it.
+    """
+    missing = report["problems"].to_numpy() == "does not exist"
+    found, example = 0, None
+    for path, source in zip(manifest["path"][missing], manifest["source"][missing]):
+        written = os.path.relpath(path, os.path.dirname(os.path.abspath(source)))
+        if os.path.exists(written):
+            found, example = found + 1, (source, written, path)
+    if not found:
+        return None
+    source, written, path = example
+    return (f"{found} of {int(missing.sum())} missing files exist relative to the current folder but not to the "
+            f"CSV's: manifest paths are read relative to the folder of the CSV itself ({source}: {written!r} is "
+            f"read as {path}); write them relative to that folder, or absolute")
+
+
+
+def check_labeled_pool(manifest, columns, named_columns, explicit_share, labeled_rows, args):
+    """Refuse labels that cannot fill the labeled share b_s of each batch, naming file and column.
+
+    named_columns: the --label-column values the user gave; explicit_share: the
+    --labeled-per-batch the user gave (None if not). A named column without any labeled
+    train row is refused unless b_s = 0 was asked for: that run is self-supervised.
+    """
+    if explicit_share == 0:
+        return
+    is_train = manifest["split"].to_numpy() == "train"
+    sources = ", ".join(sorted(set(manifest["source"])))
+    for column in columns:
+        if (column.labeled & is_train).any() or (column.name not in named_columns and args.labeled_per_batch == 0):
+            continue
+        elsewhere = int(column.labeled.sum())
+        raise UserError(f"{sources}: label column {column.name!r} has no label on any of the "
+                              f"{int(is_train.sum())} train rows" + (f" ({elsewhere} labeled rows are in val/test)"
+                                                                     if elsewhere else " (every cell is empty)") +
+                              "; fill it in, or train self-supervised with --labeled-per-batch 0")
+    if args.labeled_per_batch > 0 and not len(labeled_rows):
+        raise UserError(f"--labeled-fraction {args.labeled_fraction} keeps none of the labeled train rows; "
+                              f"raise it, or train self-supervised with --labeled-per-batch 0")
+
+
+def manifest_digest(manifest, columns):
+    """SHA-256 (16 hex digits) of the manifest rows a run trains on: path, split and label cells."""
+    names = ["path", "split"] + [name for column in columns for name in column.columns]
+    return hashlib.sha256(manifest[names].to_csv(index=False).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the end
+
+def print_summary(args, start_step, step, seconds, val_loss, best_val):
+    """The run's closing lines: steps, time (monotonic clock), speed, validation, checkpoint, model file, the
+    probe to run next."""
+    clips = (step - start_step) * args.batch_size * args.grad_accum
+    val = f"val loss last {val_loss:.4f}, best {best_val:.4f} (best.pt)" if math.isfinite(best_val) else \
+        "no validation (no val rows or --val-every 0)"
+    checkpoints = list_checkpoints(args.out)
+    print(f"done: steps {start_step} -> {step} in {seconds:.1f} s ({clips / max(seconds, 1e-9):.1f} clips/s); {val}; "
+          f"checkpoint {checkpoints[-1] if checkpoints else 'none'}; model file for sharing "
+          f"{os.path.join(args.out, 'model.pt')}")
+    labels = "".join(f" --label-column {name}" for name in args.label_column[:1]) or \
+        " --label-column COLUMN (a labeled column of the manifest)"
+    labels += f" --task {args.task[0]}" if args.task and args.label_column else ""
+    print(f"next, a linear probe of the encoder: python probe.py --checkpoint {args.out} --csv {args.train_csv[0]}"
+          f"{labels}")

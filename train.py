@@ -8,20 +8,22 @@ CPU or one GPU, on your manifests (labeled and unlabeled):
 Several GPUs (the batch size is global; projections are gathered across processes):
     torchrun --nproc_per_node=4 train.py --train-csv mtat.csv --label-column tags --task multilabel
 Elastic restarts after a process dies: torchrun --standalone --nproc_per_node=4 --max-restarts 3 train.py ...
-Resume: run the same command again; --out's newest checkpoint that loads is picked up, after
-checking that the model flags and settings match (docs/training.md: faults and what happens).
+Resume: run the same command again (or after Ctrl-C, SIGTERM, a full disk); --out's newest
+checkpoint that loads is picked up, after checking that the model flags and settings match
+(docs/training.md: faults and what happens). A finished run also writes OUT/model.pt, the
+file to share (weights and settings, no optimizer state).
+
+Reading order: build_parser, main (the set-up phases by name), train_loop (one step, top
+to bottom), the step's functions, then logging, saving and the set-up phases. Run safety
+(the out-folder lock, the resume point, the data check, the stop path) lives in safety.py.
 """
 import argparse
-import hashlib
-import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -68,14 +70,19 @@ def build_parser():
     model.add_argument("--projection-dim", type=int, default=128, help="projection size D")
     loss = parser.add_argument_group("loss")
     loss.add_argument("--temperature", type=float, default=0.1, help="tau")
-    loss.add_argument("--positive-threshold", default="1",
-                      help="multilabel: shared tags needed for a positive (T), or 'weighted' for the soft target")
-    loss.add_argument("--target-kernel", default="gaussian", choices=losses.KERNELS,
-                      help="regression: how target distance becomes a target value")
-    loss.add_argument("--target-sigma", type=float, default=0.5,
-                      help="regression, gaussian kernel: sigma in standardized units")
-    loss.add_argument("--target-radius", type=float, default=0.5,
-                      help="regression, threshold kernel: radius in standardized units")
+    # Each setting of a signal takes one value (for every --label-column) or one per column.
+    loss.add_argument("--positive-threshold", action="append", default=[],
+                      help="multilabel: shared tags needed for a positive (T), or 'weighted' for the soft target "
+                           "(one, or one per column; default 1)")
+    loss.add_argument("--target-kernel", action="append", default=[], choices=losses.KERNELS,
+                      help="regression: how target distance becomes a target value (one, or one per column; "
+                           "default gaussian)")
+    loss.add_argument("--target-sigma", action="append", type=float, default=[],
+                      help="regression, gaussian kernel: sigma in standard deviations of the labeled train values "
+                           "(one, or one per column; default 0.5)")
+    loss.add_argument("--target-radius", action="append", type=float, default=[],
+                      help="regression, threshold kernel: radius in standard deviations (one, or one per column; "
+                           "default 0.5)")
     loss.add_argument("--class-similarity", action="append", default=[],
                       help="multiclass: 'key', 'pitch', 'pitch-octave' or a C x C CSV (one, or one per column; "
                            "'none' to skip a column)")
@@ -131,24 +138,358 @@ def build_parser():
     return parser
 
 
-# ---------------------------------------------------------------- set-up: flags, process, run folder (in the order main runs them)
+# ---------------------------------------------------------------- main: set-up phases, then the loop
 
-def check_flags(args):
-    """Refuse flag values that cannot train, before anything is written."""
-    if args.steps < 1:
-        raise utils.UserError(f"--steps {args.steps}: nothing to train; --steps is the total number of optimizer "
-                              f"steps (a resumed run continues up to it), give at least 1")
-    if args.batch_size < 2:
-        raise utils.UserError(f"--batch-size {args.batch_size}: a clip's negatives are the other clips of its "
-                              f"batch, so one clip has none and the loss is 0 from the first step; give at least "
-                              f"2 (the paper uses 96)")
-    for name in ("views", "log_every", "save_every", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
-    for name in ("labeled_fraction", "labeled_per_batch"):
-        value = getattr(args, name)
-        if value is not None and not 0 <= value <= 1:
-            raise utils.UserError(f"--{name.replace('_', '-')} {value}: a share between 0 and 1")
+def main(argv=None):
+    """Train from the command line `argv`; returns {"out", "losses", "failed_files", "skipped_steps", "step"}."""
+    # ---- flags and process
+    args = build_parser().parse_args(argv)
+    safety.check_flags(args)
+    stop = safety.StopSignal()  # from the start: a signal during set-up saves after the first step
+    rank, world_size, local_rank, device = utils.setup_process()
+    is_main = rank == 0
+    # The label flags as the user gave them, before the data fills in defaults (build_pools checks them).
+    given_columns, given_share = list(args.label_column), args.labeled_per_batch
+    derive_args(args, world_size, device)
+    utils.seed_everything(args.seed + rank)
+    lock = safety.claim_out_folder(args.out) if is_main else None
+    utils.barrier()
+
+    # ---- resume point: the newest checkpoint that loads, checked against these flags
+    resume_path, state = (None, None) if args.check_data else safety.find_resume(args, device, is_main)
+    if state is not None:
+        safety.check_model_flags(state["args"], args, resume_path)
+        if state["step"] >= args.steps:
+            if is_main:
+                print(f"{args.out} is finished: {resume_path} is at step {state['step']} and --steps is "
+                      f"{args.steps}; nothing to do (raise --steps to train on, or use another --out)")
+            return safety.close_run(stop, lock, {"out": args.out, "losses": [], "failed_files": 0,
+                                                 "skipped_steps": 0, "step": state["step"]})
+
+    # ---- data: manifests, the file check, label columns, pools, augmentation
+    manifest, columns, specs = load_data(args, is_main)
+    if args.check_data or not args.skip_check:
+        manifest = safety.check_data(manifest, args, is_main, datasets.check_files)
+        if args.check_data:
+            return safety.close_run(stop, None, {"out": args.out, "files": len(manifest)})
+        # Label columns hold one entry per manifest row: the check dropped rows, so read them again.
+        columns, specs = parse_columns(manifest, args)
+    any_labeled, labeled_rows, unlabeled_rows = build_pools(manifest, columns, given_columns, given_share, args,
+                                                            is_main)
+    if state is not None:
+        safety.check_settings(state["args"], saved_args(args), flag_defaults(), resume_path, is_main)
+    worker_chains, device_chains = build_chains(args)
+    dataset, status_dir = build_dataset(manifest, columns, labeled_rows, unlabeled_rows, worker_chains, args, rank)
+
+    # ---- model, optimizer, resume
+    bare_model = build_model(args, device)
+    optimizer, scheduler, scaler = build_optimizer(bare_model, args, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # device augmentation's draws
+    step, best_val = (0, float("inf")) if state is None else \
+        restore(state, resume_path, bare_model, optimizer, scheduler, scaler, generator, rank, is_main)
+    model = wrap_model(bare_model, args, world_size, local_rank, device)
+
+    # ---- loaders and logging
+    loader, val_loader = build_loaders(dataset, manifest, any_labeled, labeled_rows, unlabeled_rows, step, args,
+                                       device, rank)
+    writer = start_logging(args, bare_model, device, is_main)
+    run = Run(args, model, bare_model, optimizer, scheduler, scaler, generator, columns, specs, device_chains,
+              status_dir, device, rank, is_main, writer, best_val)
+
+    # ---- training loop
+    start_step, started = step, time.perf_counter()
+    step, history, failed_files, skipped_steps, val_loss = train_loop(run, loader, val_loader, step, stop)
+    if writer:
+        writer.close()
+    if is_main:
+        safety.print_summary(args, start_step, step, time.perf_counter() - started, val_loss, run.best_val)
+    return safety.close_run(stop, lock, {"out": args.out, "losses": history, "failed_files": failed_files,
+                                         "skipped_steps": skipped_steps, "step": step})
+
+
+def train_loop(run, loader, val_loader, step, stop):
+    """The training loop, from global step `step` up to --steps, one step top to bottom.
+
+    A failed write or a dead data worker ends the loop through safety.stopped, which
+    saves the last step. Returns (step reached, history [(step, global-batch loss)] of the
+    logging steps, files that failed to load, skipped non-finite steps, last validation loss).
+    """
+    args, device = run.args, run.device
+    failed_files, clips_seen, data_wait, tick, history = 0, 0, 0.0, time.perf_counter(), []
+    # Non-finite steps in a row and in all, counted on the device and read on logging steps only.
+    bad_steps = torch.zeros((), dtype=torch.long, device=device)
+    skipped_steps = torch.zeros((), dtype=torch.long, device=device)
+    val_loss = float("nan")
+    progress = tqdm(total=args.steps, initial=step, disable=not run.is_main, desc="train")
+    try:
+        while step < args.steps:
+            for _ in range(args.grad_accum):
+                # ---- 1. the next batch, to the device
+                waited = time.perf_counter()
+                batch = safety.next_batch(loader, run.status_dir)
+                data_wait += time.perf_counter() - waited  # host time blocked on the data workers
+                views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n] (host)
+                # ---- 2. augment on the device (the identity when the workers augmented)
+                views = augment_batch(views, labeled, run.device_chains, run.generator, args.views)
+                signals = batch_signals(batch, run.specs, args.views, device)
+                # ---- 3.-5. encode, project, gather, target and loss
+                with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
+                    loss, stats = contrastive_step(run.model, views, clip_ids, signals, args.temperature,
+                                                   args.world_size, run.rank)
+                # ---- 6. backward; accumulation averages k separate contrastive batches (negatives
+                # never cross micro-batches). No host-device sync: failed counts live on the host.
+                run.scaler.scale(loss / args.grad_accum).backward()
+                failed_files += int(batch["failed"].sum())
+                clips_seen += len(batch["clip"]) * args.world_size
+            # ---- 6. clip, optimizer step (skipped on the device if not finite), zero the gradients
+            is_bad = optimizer_step(run, stats["loss_sum"])
+            bad_steps = torch.where(is_bad, bad_steps + 1, 0)
+            skipped_steps += is_bad
+            step += 1
+            progress.update(1)
+
+            # ---- 7. log every --log-every steps (the one host-device sync of a step, on these steps only)
+            is_logging = step % args.log_every == 0 or step == args.steps
+            if is_logging:
+                elapsed = time.perf_counter() - tick
+                total = log_scalars(run.writer, stats, step, run.scheduler.get_last_lr()[0], failed_files,
+                                    int(skipped_steps), clips_seen / elapsed, progress)
+                log_speed(run.writer, data_wait / elapsed, step, device)
+                history.append((step, total))
+                clips_seen, data_wait, tick = 0, 0.0, time.perf_counter()
+            if run.writer and args.image_every and step % args.image_every == 0:
+                log_images(run.writer, stats, step)
+            # ---- 7. validate every --val-every steps (and at the end); best.pt on a new best
+            if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
+                val_loss = validate_and_keep_best(run, val_loader, step)
+            # ---- stop on --max-bad-steps non-finite steps in a row (read on logging steps: a sync)
+            if is_logging and int(bad_steps) >= args.max_bad_steps:
+                save(run, step)  # skipped steps left the weights untouched: the last good weights
+                raise utils.UserError(f"{int(bad_steps)} steps in a row had a non-finite loss or gradient; stopped "
+                                      f"and saved the last good weights at step {step} in {args.out}. Lower --lr, "
+                                      f"set --clip-grad, or check the data.")
+            # ---- 7. save every --save-every steps, at the end, and on a stop signal (SIGTERM, Ctrl-C).
+            # Several processes agree on a signal through an all-reduce: on logging steps only.
+            stopping = stop.any_process(device, args.world_size) if args.world_size == 1 or is_logging else False
+            if step % args.save_every == 0 or step == args.steps or stopping:
+                save(run, step)
+            if stopping:
+                if run.is_main:
+                    print(f"stopped by {stop.requested or 'a signal'} at step {step}; resume with the same command "
+                          f"(--resume auto) to continue from {args.out}", flush=True)
+                break
+    except (OSError, safety.WorkerDied) as error:
+        raise safety.stopped(error, lambda: save(run, step), step, args.out, run.writer) from error
+    finally:
+        progress.close()
+    return step, history, failed_files, int(skipped_steps), val_loss
+
+
+# ---------------------------------------------------------------- one training step, in the order the loop calls its parts
+
+def prepare_batch(batch, args, device):
+    """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]` (on the host)."""
+    audio = batch["audio"].to(device, non_blocking=True)  # [b, V, T] or [b, V, L_max] at source rates
+    if audio.shape[-1] != args.clip_samples or (batch["rate"] != args.sample_rate).any():
+        audio = datasets.resample_batch(audio, batch["rate"], args.clip_samples, args.sample_rate)  # [b, V, T]
+    views = audio.reshape(-1, audio.shape[-1])  # [b*V, T]
+    clip_ids = batch["clip"].to(device).repeat_interleave(args.views)  # [b*V]
+    # Kept on the host: which rows take which chain is decided without reading the device.
+    any_labeled = torch.stack(batch["labeled"]).any(0) if batch["labeled"] else \
+        torch.zeros(len(audio), dtype=torch.bool)
+    return views, clip_ids, any_labeled.repeat_interleave(args.views)
+
+
+def augment_batch(audio, labeled, chains, generator, views=1):
+    """Augment `[n, T]` views: labeled ones with chains['labeled'], others with chains['unlabeled'].
+    labeled: `[n]` bool on the host.
+    Rows [k·views, (k+1)·views) are the views of one clip (the chain decides per clip)."""
+    if chains["labeled"] is chains["unlabeled"]:
+        return chains["unlabeled"](audio, generator, views=views)
+    out = audio.clone()
+    for mask, chain in ((labeled, chains["labeled"]), (~labeled, chains["unlabeled"])):
+        if mask.any():  # a host tensor: no sync
+            rows = mask.nonzero().squeeze(1).to(audio.device, non_blocking=True)  # whole clips, views kept together
+            out[rows] = chain(audio[rows], generator, views=views)
+    return out
+
+
+def batch_signals(batch, specs, num_views, device):
+    """Per-view losses.Signals of this process's batch, one per label column."""
+    signals = []
+    for k, spec in enumerate(specs):
+        labels = batch["labels"][k].to(device).repeat_interleave(num_views, dim=0)  # [b*V, ...]
+        labeled = batch["labeled"][k].to(device).repeat_interleave(num_views)  # [b*V]
+        signals.append(losses.Signal(labels, labeled, spec))
+    return signals
+
+
+def contrastive_step(model, views, clip_ids, signals, temperature, world_size, rank):
+    """Encode, project, gather and compute the global-batch loss for this process's rows.
+
+    views: `[n, T]` augmented audio of this process; clip_ids `[n]`; signals from
+    batch_signals; temperature: tau. Returns (loss to backpropagate, detached stats
+    dict: loss_sum and count of the objective, parts (losses.LossParts of this
+    process's rows), z_all, clip_all, signals_all). The loss is scaled so that, after DDP
+    averages gradients over processes, they equal those of one process holding the
+    whole global batch.
+    """
+    z = model(views)  # [n, D]
+    z_all = utils.gather_with_grad(z)  # [N, D], N = world * n
+    clip_all = utils.gather(clip_ids)  # [N]
+    signals_all = [losses.Signal(utils.gather(labels), utils.gather(labeled), spec)
+                   for labels, labeled, spec in signals]
+    anchors = rank * len(z) + torch.arange(len(z), device=z.device)  # [n]: this process's rows of z_all
+    row_loss, has_positive, parts = losses.semisupcon_loss(z_all, clip_all, signals_all, temperature, anchors)
+    # Rows without a positive carry no loss: the mean is over the rows with one, in all processes.
+    count = utils.all_reduce_sum(has_positive.sum().float())
+    loss = row_loss.sum() / count.clamp(min=1) * world_size
+    stats = {"loss_sum": parts.loss_sum, "count": count, "parts": parts, "z_all": z_all.detach(),
+             "clip_all": clip_all, "signals_all": signals_all}
+    return loss, stats
+
+
+def optimizer_step(run, loss_sum):
+    """Unscale, clip, step (or skip), zero the gradients, advance the schedule.
+
+    loss_sum: the last micro-batch's detached loss sum. Returns is_bad, a 0-d bool
+    tensor on the device: the loss or the gradient norm was not finite and the update
+    was skipped. Nothing here reads a device value on the host.
+    """
+    run.scaler.unscale_(run.optimizer)
+    # With --clip-grad 0 the max norm is infinite: nothing is clipped, but the norm still
+    # comes back, and it is what tells a non-finite gradient.
+    norm = torch.nn.utils.clip_grad_norm_(run.bare_model.parameters(), run.args.clip_grad or float("inf"))
+    # Gradients are identical on every process after DDP, so every process skips together.
+    is_bad = ~(torch.isfinite(norm) & torch.isfinite(loss_sum))  # on the device, never read here
+    if not run.scaler.is_enabled():
+        run.optimizer.found_inf = is_bad.float()  # fp16's scaler sets it itself
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return is_bad
+
+
+# ---------------------------------------------------------------- logging, validation, saving
+
+def part_means(sums):
+    """Means of the objective and its views and labels parts from summed losses.LossParts `[6]`.
+
+    Returns {"loss", "views", "labels"}; a part without any row with a positive is nan.
+    """
+    sums = sums.tolist()  # a host-device sync: on logging and validation steps only
+    return {name: sums[2 * k] / sums[2 * k + 1] if sums[2 * k + 1] > 0 else float("nan")
+            for k, name in enumerate(("loss", "views", "labels"))}
+
+
+@torch.no_grad()
+def log_scalars(writer, stats, step, lr, failed_files, skipped_steps, clips_per_second, progress):
+    """Scalars of the last step: the loss and its views and labels parts (read, never recomputed),
+    target density, speed. Returns the global-batch loss of the step (every process gets it)."""
+    parts = utils.all_reduce_sum(torch.stack([part.float() for part in stats["parts"]]))  # [6]
+    total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
+    failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=parts.device)).item())
+    if writer is None:
+        return total
+    means = part_means(parts)
+    writer.add_scalar("loss/total", total, step)
+    for name in ("views", "labels"):
+        if not math.isnan(means[name]):
+            writer.add_scalar(f"loss/{name}", means[name], step)
+    writer.add_scalar("lr", lr, step)
+    writer.add_scalar("speed/clips_per_s", clips_per_second, step)
+    writer.add_scalar("data/failed_files", failed, step)
+    writer.add_scalar("train/skipped_steps", skipped_steps, step)
+    progress.set_postfix(loss=f"{total:.3f}", failed=failed)
+    return total
+
+
+def log_speed(writer, data_wait_share, step, device):
+    """Share of the interval the host waited on the data workers, and peak GPU memory (MiB)."""
+    if writer is None:
+        return
+    writer.add_scalar("speed/data_wait_share", data_wait_share, step)
+    if device.type == "cuda":
+        writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(device) / 2**20, step)
+
+
+@torch.no_grad()
+def log_images(writer, stats, step):
+    """The batch's target matrix, its density, and the cosine-similarity matrix (a diagnostic: image steps only)."""
+    target = losses.build_target(stats["clip_all"], stats["signals_all"])  # [N, N]
+    z = torch.nn.functional.normalize(stats["z_all"].float(), dim=1)
+    writer.add_scalar("target/density", (target.sum() / (len(target) * (len(target) - 1))).item(), step)
+    writer.add_image("batch/target", target[None].float().cpu(), step)
+    writer.add_image("batch/similarity", ((z @ z.T + 1) / 2)[None].cpu(), step)
+
+
+@torch.no_grad()
+def validate(model, loader, specs, chains, args, device, rank):
+    """The training objective on the validation batches (fixed crops and augmentation).
+
+    chains: the augmentation the training step applies on the device (identity when the
+    workers augment: their clips arrive augmented). Returns part_means: {"loss": the
+    objective, "views": its views part alone, "labels": its labels part alone (nan
+    without labels)}, each a mean over the views with a positive.
+    """
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed + 10_000 + rank)
+    sums = torch.zeros(6, device=device)  # losses.LossParts summed over the batches
+    for batch in loader:
+        views, clip_ids, labeled = prepare_batch(batch, args, device)
+        views = augment_batch(views, labeled, chains, generator, args.views)
+        signals = batch_signals(batch, specs, args.views, device)
+        with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
+            _, stats = contrastive_step(model, views, clip_ids, signals, args.temperature, args.world_size, rank)
+        sums += torch.stack([part.float() for part in stats["parts"]])
+    model.train()
+    return part_means(utils.all_reduce_sum(sums))
+
+
+def validate_and_keep_best(run, val_loader, step):
+    """Validate, log the three validation losses, save best.pt on a new best; returns the val loss."""
+    # device_chains, as the step: clips the workers augmented are not augmented twice.
+    val = validate(run.model, val_loader, run.specs, run.device_chains, run.args, run.device, run.rank)
+    if run.writer:
+        run.writer.add_scalar("val/loss", val["loss"], step)
+        run.writer.add_scalar("val/loss_views", val["views"], step)
+        if not math.isnan(val["labels"]):
+            run.writer.add_scalar("val/loss_labels", val["labels"], step)
+    if val["loss"] < run.best_val:
+        run.best_val = val["loss"]
+        save(run, step, is_best=True)
+    return val["loss"]
+
+
+def save(run, step, is_best=False):
+    """Checkpoint everything needed to continue exactly (main process writes; all wait).
+
+    is_best: write best.pt instead of the numbered checkpoint (which keeps the --keep
+    newest). At the last step, model.pt (weights and settings, no optimizer) is written too.
+    """
+    # Every process's RNG states are saved, so each continues its own stream on resume.
+    rngs, generators = utils.gather_objects(utils.rng_states()), utils.gather_objects(run.generator.get_state())
+    if run.is_main:
+        state = {"model": run.bare_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": step,
+                 "args": saved_args(run.args), "rng": rngs, "generator": generators, "best_val": run.best_val,
+                 "labels": [c.describe() for c in run.columns]}
+        if is_best:
+            safety.save_torch(os.path.join(run.args.out, "best.pt"), {"format": safety.FORMAT} | state)
+        else:
+            safety.save_checkpoint(state, run.args.out, step, run.args.keep)
+        if step == run.args.steps and not is_best:
+            safety.save_torch(os.path.join(run.args.out, "model.pt"), safety.model_file(state))
+    utils.barrier()
+
+
+# ---------------------------------------------------------------- set-up phases, in the order main runs them
+
+# One value per label column (or one for all); the flag's default where it is not given.
+SIGNAL_DEFAULTS = {"task": "multiclass", "label_kind": "generic", "class_similarity": "none",
+                   "positive_threshold": "1", "target_kernel": "gaussian", "target_sigma": 0.5,
+                   "target_radius": 0.5}
 
 
 def derive_args(args, world_size, device):
@@ -168,99 +509,23 @@ def derive_args(args, world_size, device):
         # A GPU resamples a whole batch at once; on a CPU the workers resample in parallel.
         args.resample_on = "device" if device.type == "cuda" else "workers"
     args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
+    for name, default in SIGNAL_DEFAULTS.items():
+        setattr(args, name, getattr(args, name) or [default])
     # bf16 on a GPU needs no loss scaling; on a CPU, autocast gains nothing, so fp32.
     args.precision_name = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     args.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision_name)
+
+
+def flag_defaults():
+    """Every flag's default, as saved_args would hold it (resume compares against these)."""
+    defaults = vars(build_parser().parse_args([]))
+    return defaults | {name: [default] for name, default in SIGNAL_DEFAULTS.items()}
 
 
 def saved_args(args):
     """The arguments as plain JSON-friendly values (for args.json and checkpoints)."""
     return {k: v for k, v in vars(args).items() if k != "autocast_dtype"}
 
-
-def claim_out_folder(out):
-    """Main process: check that --out takes checkpoints, lock it to this run, remove partial saves.
-
-    Returns the safety.FolderLock, released when the run ends.
-    """
-    safety.check_writable(out, f"--out {out}", 64 << 20)  # 64 MiB: a few checkpoints of the small encoders
-    # One run per folder: a second one would resume from this run's checkpoints and prune them.
-    return safety.FolderLock(out, f"--out {out}").acquire()
-
-
-def close_run(stop, lock, result):
-    """Give back the signal handlers, the folder lock and the process group; returns `result`."""
-    stop.close()
-    if lock:
-        lock.release()
-    utils.cleanup_process()
-    return result
-
-
-# ---------------------------------------------------------------- set-up: resume point
-
-# Flags that define the network: resuming with another value cannot load the weights.
-MODEL_FLAGS = ("encoder", "width", "clip_seconds", "sample_rate", "views", "hidden_dim", "projection_dim")
-# Flags a resume may change freely: length, logging, saving, validation, processes, speed knobs.
-RESUME_FREE_FLAGS = ("steps", "log_every", "image_every", "val_every", "val_batches", "save_every", "keep",
-                     "workers", "world_size", "resume", "out", "check_data", "skip_check", "max_bad_fraction",
-                     "max_bad_steps", "allow_changed_settings", "synthetic_dir", "train_csv", "compile",
-                     "activation_checkpointing", "resample_on", "precision_name")
-
-
-def find_resume(args, device, is_main):
-    """(path, state) of the checkpoint to continue from, or (None, None) to start afresh.
-
-    --resume auto takes the newest checkpoint in --out that loads, naming each newer
-    file it skips and why; a path (file or folder) that gives no loadable checkpoint is
-    a UserError naming it.
-    """
-    if args.resume == "none" or (args.resume == "auto" and not safety.list_checkpoints(args.out)):
-        return None, None
-    folder = args.out if args.resume == "auto" else args.resume
-    path, state = safety.find_checkpoint(folder, device, print if is_main else None, safety.CHECKPOINT_KEYS)
-    if state is None:
-        raise utils.UserError(f"no checkpoint in {folder} loads (each is named above); move the broken files "
-                              f"away to start afresh, or pass --resume none")
-    return path, state
-
-
-def check_model_flags(saved, args, path):
-    """UserError naming every model flag whose value differs from the checkpoint's."""
-    differences = [f"--{flag.replace('_', '-')} {saved[flag]} in the checkpoint, {getattr(args, flag)} given"
-                   for flag in MODEL_FLAGS if flag in saved and saved[flag] != getattr(args, flag)]
-    if differences:
-        raise utils.UserError(f"{path} holds another model ({'; '.join(differences)}); resume with the "
-                              f"checkpoint's values, or start afresh with another --out or --resume none")
-
-
-def check_settings(saved, args, path, is_main):
-    """Refuse a resume whose data, sampler or optimizer settings differ, unless allowed.
-
-    Compares every saved argument but the model flags (check_model_flags) and those a
-    resume may change (RESUME_FREE_FLAGS); the manifest rows are compared by digest.
-    """
-    current = saved_args(args)
-    differences = []
-    for name in sorted(set(saved) & set(current) - set(MODEL_FLAGS) - set(RESUME_FREE_FLAGS)):
-        if name == "manifest_rows" or saved[name] == current[name]:
-            continue
-        if name == "manifest_digest":
-            differences.append(f"manifest rows {saved.get('manifest_rows')} (digest {saved[name]}) -> "
-                               f"{current['manifest_rows']} (digest {current[name]})")
-        else:
-            differences.append(f"--{name.replace('_', '-')} {saved[name]} -> {current[name]}")
-    if not differences:
-        return
-    if not args.allow_changed_settings:
-        raise utils.UserError(f"{path} was trained with other settings: {'; '.join(differences)}; resuming would "
-                              f"continue on another sample stream or optimizer. Use the checkpoint's values, pass "
-                              f"--allow-changed-settings to resume anyway, or start afresh with another --out")
-    if is_main:
-        print(f"resuming {path} with changed settings (--allow-changed-settings): {'; '.join(differences)}")
-
-
-# ---------------------------------------------------------------- set-up: data
 
 def load_data(args, is_main):
     """Read the manifests and label columns; returns (manifest, columns, target specs)."""
@@ -279,99 +544,28 @@ def load_data(args, is_main):
 
 
 def parse_columns(manifest, args):
-    """LabelColumns and their losses.TargetSpecs from the label flags."""
+    """LabelColumns and their losses.TargetSpecs from the label flags, each flag per column."""
     count = len(args.label_column)
-    tasks = utils.per_column(args.task or ["multiclass"], count, "task")
-    kinds = utils.per_column(args.label_kind or ["generic"], count, "label-kind")
-    similarities = utils.per_column(args.class_similarity or ["none"], count, "class-similarity")
+    flags = {name: utils.per_column(getattr(args, name), count, name.replace("_", "-")) for name in SIGNAL_DEFAULTS}
     columns, specs = [], []
-    threshold = None if args.positive_threshold == "weighted" else int(args.positive_threshold)
-    for name, task, kind, similarity in zip(args.label_column, tasks, kinds, similarities):
-        column = datasets.parse_labels(manifest, name, task, kind, None if similarity == "none" else similarity)
+    for k, name in enumerate(args.label_column):
+        setting = {flag: values[k] for flag, values in flags.items()}
+        similarity = None if setting["class_similarity"] == "none" else setting["class_similarity"]
+        column = datasets.parse_labels(manifest, name, setting["task"], setting["label_kind"], similarity)
+        threshold = setting["positive_threshold"]
         columns.append(column)
-        specs.append(losses.TargetSpec(task=task, threshold=threshold, kernel=args.target_kernel,
-                                       sigma=args.target_sigma, radius=args.target_radius,
-                                       similarity=column.similarity))
+        specs.append(losses.TargetSpec(task=setting["task"], threshold=None if threshold == "weighted" else int(threshold),
+                                       kernel=setting["target_kernel"], sigma=setting["target_sigma"],
+                                       radius=setting["target_radius"], similarity=column.similarity))
     return columns, specs
 
 
-def check_data(manifest, args, is_main):
-    """Open every file once (cached in --out), drop unusable ones, refuse a broken data set.
-
-    Returns the manifest without the bad rows. Writes data-check.csv (every file) and
-    bad-files.csv (the excluded ones) to --out.
-    """
-    report_path = os.path.join(args.out, "data-check.csv")
-    if is_main:
-        stats = [(p, os.path.getsize(p) if os.path.exists(p) else -1,
-                  os.path.getmtime(p) if os.path.exists(p) else -1) for p in manifest["path"]]
-        previous = pd.read_csv(report_path, keep_default_na=False) if os.path.isfile(report_path) else None
-        # The verdict depends on the crop length and rate too: a changed flag re-checks.
-        key = [f"{p}|{size}|{mtime}|{args.clip_seconds}|{args.sample_rate}" for p, size, mtime in stats]
-        if previous is not None and "key" in previous.columns and list(previous["key"]) == key:
-            report = previous
-        else:
-            print(f"checking {len(manifest)} audio files (--skip-check to skip; cached in {report_path})")
-            with tqdm(total=len(manifest), desc="check") as bar:
-                report = datasets.check_files(list(manifest["path"]), args.clip_seconds / 2, args.sample_rate,
-                                              max(1, args.workers), bar.update)
-            report["key"] = key
-            report.to_csv(report_path, index=False)
-        bad = report[report["status"] == "bad"]
-        bad.to_csv(os.path.join(args.out, "bad-files.csv"), index=False)
-        notes = report[(report["status"] == "ok") & (report["problems"] != "")]
-        print(f"data check: {len(report)} files, {len(bad)} excluded as bad, {len(notes)} with notes "
-              f"(see {report_path})")
-        for _, row in bad.head(5).iterrows():
-            print(f"  bad: {row['path']}: {row['problems']}")
-    utils.barrier()
-    report = pd.read_csv(report_path, keep_default_na=False)
-    is_bad = (report["status"] == "bad").to_numpy()
-    wrong_folder = resolved_from_current_folder(manifest, report)
-    if is_main and wrong_folder and is_bad.mean() <= args.max_bad_fraction:
-        print(f"warning: {wrong_folder}")
-    if is_bad.mean() > args.max_bad_fraction:
-        kinds = report.loc[is_bad, "problems"].str.split(r" \(|;").str[0].value_counts()
-        first = report[is_bad].iloc[0]
-        raise utils.UserError(
-            f"{is_bad.sum()} of {len(is_bad)} files are bad ({is_bad.mean():.1%} > --max-bad-fraction "
-            f"{args.max_bad_fraction:.1%}): {', '.join(f'{n} {kind}' for kind, n in kinds.items())}; first "
-            f"{first['path']}: {first['problems']}. " + (wrong_folder or f"See {args.out}/bad-files.csv"))
-    silent = report["problems"].str.split(";").apply(lambda problems: "silent" in problems).to_numpy()
-    if silent.any() and (silent | is_bad).all():
-        raise utils.UserError(f"every usable file is silent (all {int(silent.sum())} hold only zeros, e.g. "
-                              f"{report['path'][silent].iloc[0]}): nothing to learn from; check the export or "
-                              f"conversion that wrote them ({report_path} lists every file)")
-    return manifest[~is_bad].reset_index(drop=True)
-
-
-def resolved_from_current_folder(manifest, report):
-    """The hint for files missing under the CSV's folder but present under the current one, or None.
-
-    Manifest paths are relative to the CSV's own folder; paths written relative to the
-    folder the command runs in are the common mistake, and this names it.
-    """
-    missing = report["problems"].to_numpy() == "does not exist"
-    found, example = 0, None
-    for path, source in zip(manifest["path"][missing], manifest["source"][missing]):
-        written = os.path.relpath(path, os.path.dirname(os.path.abspath(source)))
-        if os.path.exists(written):
-            found, example = found + 1, (source, written, path)
-    if not found:
-        return None
-    source, written, path = example
-    return (f"{found} of {int(missing.sum())} missing files exist relative to the current folder but not to the "
-            f"CSV's: manifest paths are read relative to the folder of the CSV itself ({source}: {written!r} is "
-            f"read as {path}); write them relative to that folder, or absolute")
-
-
-def build_pools(manifest, columns, given_columns, given_share, saved, resume_path, args, is_main):
+def build_pools(manifest, columns, given_columns, given_share, args, is_main):
     """The labeled and unlabeled pools of train rows, checked; fills in what the data decides.
 
     given_columns, given_share: --label-column and --labeled-per-batch as the user gave
-    them; saved: the arguments of the checkpoint at resume_path, or None. Sets args.labeled_per_batch
-    (when not given), args.manifest_rows and args.manifest_digest.
-    Returns (any_labeled `[rows]` bool, labeled_rows, unlabeled_rows).
+    them. Sets args.labeled_per_batch (when not given), args.manifest_rows and
+    args.manifest_digest. Returns (any_labeled `[rows]` bool, labeled_rows, unlabeled_rows).
     """
     has_labels = any(c.labeled.any() for c in columns)
     if args.labeled_per_batch is None:
@@ -381,10 +575,8 @@ def build_pools(manifest, columns, given_columns, given_share, saved, resume_pat
         any_labeled |= column.labeled
     train_rows = np.flatnonzero(manifest["split"].to_numpy() == "train")
     labeled_rows, unlabeled_rows = datasets.split_pools(any_labeled, train_rows, args.labeled_fraction, args.seed)
-    check_labeled_pool(manifest, columns, given_columns, given_share, labeled_rows, args)
-    args.manifest_rows, args.manifest_digest = len(manifest), manifest_digest(manifest, columns)
-    if saved is not None:
-        check_settings(saved, args, resume_path, is_main)
+    safety.check_labeled_pool(manifest, columns, given_columns, given_share, labeled_rows, args)
+    args.manifest_rows, args.manifest_digest = len(manifest), safety.manifest_digest(manifest, columns)
     if args.labeled_per_batch < 1 and not len(unlabeled_rows):
         # Every train row is labeled: the unlabeled share of each batch hides the labels of train rows.
         unlabeled_rows = train_rows
@@ -396,36 +588,6 @@ def build_pools(manifest, columns, given_columns, given_share, saved, resume_pat
               f"signals: {[c.name + ':' + c.task for c in columns] or 'none (self-supervised)'}")
         warn_label_changes(args, columns)
     return any_labeled, labeled_rows, unlabeled_rows
-
-
-def check_labeled_pool(manifest, columns, named_columns, explicit_share, labeled_rows, args):
-    """Refuse labels that cannot fill the labeled share b_s of each batch, naming file and column.
-
-    named_columns: the --label-column values the user gave; explicit_share: the
-    --labeled-per-batch the user gave (None if not). A named column without any labeled
-    train row is refused unless b_s = 0 was asked for: that run is self-supervised.
-    """
-    if explicit_share == 0:
-        return
-    is_train = manifest["split"].to_numpy() == "train"
-    sources = ", ".join(sorted(set(manifest["source"])))
-    for column in columns:
-        if (column.labeled & is_train).any() or (column.name not in named_columns and args.labeled_per_batch == 0):
-            continue
-        elsewhere = int(column.labeled.sum())
-        raise utils.UserError(f"{sources}: label column {column.name!r} has no label on any of the "
-                              f"{int(is_train.sum())} train rows" + (f" ({elsewhere} labeled rows are in val/test)"
-                                                                     if elsewhere else " (every cell is empty)") +
-                              "; fill it in, or train self-supervised with --labeled-per-batch 0")
-    if args.labeled_per_batch > 0 and not len(labeled_rows):
-        raise utils.UserError(f"--labeled-fraction {args.labeled_fraction} keeps none of the labeled train rows; "
-                              f"raise it, or train self-supervised with --labeled-per-batch 0")
-
-
-def manifest_digest(manifest, columns):
-    """SHA-1 (16 hex digits) of the manifest rows a run trains on: path, split and label cells."""
-    names = ["path", "split"] + [name for column in columns for name in column.columns]
-    return hashlib.sha1(manifest[names].to_csv(index=False).encode()).hexdigest()[:16]
 
 
 def warn_label_changes(args, columns):
@@ -538,7 +700,7 @@ def make_loader(dataset, batches, args, device):
     workers = args.workers
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
-        collate_fn=datasets.collate_clips,
+        collate_fn=datasets.collate_clips, worker_init_fn=safety.ignore_interrupts,
         persistent_workers=workers > 0 and not isinstance(batches, list), prefetch_factor=4 if workers else None)
 
 
@@ -560,8 +722,7 @@ def start_logging(args, bare_model, device, is_main):
     """Main process: write args.json, open TensorBoard, print the run's set-up; returns the writer or None."""
     if not is_main:
         return None
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(saved_args(args), f, indent=2)
+    safety.write_json(os.path.join(args.out, "args.json"), saved_args(args))
     print(f"{args.encoder}: {utils.count_parameters(bare_model.encoder):,} parameters; "
           f"{args.world_size} process(es) on {device}, {torch.get_num_threads()} threads and {args.workers} data "
           f"workers each, precision {args.precision_name}; out {args.out}")
@@ -587,386 +748,6 @@ class Run:
     is_main: bool
     writer: SummaryWriter | None  # TensorBoard, main process only
     best_val: float = float("inf")  # the lowest validation loss so far (best.pt)
-
-
-# ---------------------------------------------------------------- one training step, in the order the loop calls its parts
-
-def next_batch(loader, status_dir):
-    """The next batch from the data workers; a worker that died becomes a UserError naming its file."""
-    try:
-        return next(loader)
-    except RuntimeError as error:
-        if "DataLoader worker" in str(error):
-            raise utils.UserError(f"a data-loading worker died ({' '.join(str(error).split())}); it was "
-                                  f"reading {worker_paths(status_dir, error) or 'an unknown file'}: check "
-                                  f"or remove that file and rerun (the run resumes)") from error
-        raise
-
-
-def worker_paths(status_dir, error):
-    """The files that DataLoader workers named in `error` were reading when they died."""
-    pids = re.findall(r"\d+", str(error).split("pid")[-1]) if "pid" in str(error) else []
-    found = []
-    for pid in pids:
-        path = os.path.join(status_dir, f"worker-{pid}.txt")
-        if os.path.isfile(path):
-            with open(path) as f:
-                found.append(f.read().strip())
-    return found
-
-
-def prepare_batch(batch, args, device):
-    """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]` (on the host)."""
-    audio = batch["audio"].to(device, non_blocking=True)  # [b, V, T] or [b, V, L_max] at source rates
-    if audio.shape[-1] != args.clip_samples or (batch["rate"] != args.sample_rate).any():
-        audio = datasets.resample_batch(audio, batch["rate"], args.clip_samples, args.sample_rate)  # [b, V, T]
-    views = audio.reshape(-1, audio.shape[-1])  # [b*V, T]
-    clip_ids = batch["clip"].to(device).repeat_interleave(args.views)  # [b*V]
-    # Kept on the host: which rows take which chain is decided without reading the device.
-    any_labeled = torch.stack(batch["labeled"]).any(0) if batch["labeled"] else \
-        torch.zeros(len(audio), dtype=torch.bool)
-    return views, clip_ids, any_labeled.repeat_interleave(args.views)
-
-
-def augment_batch(audio, labeled, chains, generator, views=1):
-    """Augment `[n, T]` views: labeled ones with chains['labeled'], others with chains['unlabeled'].
-    labeled: `[n]` bool on the host.
-    Rows [k·views, (k+1)·views) are the views of one clip (the chain decides per clip)."""
-    if chains["labeled"] is chains["unlabeled"]:
-        return chains["unlabeled"](audio, generator, views=views)
-    out = audio.clone()
-    for mask, chain in ((labeled, chains["labeled"]), (~labeled, chains["unlabeled"])):
-        if mask.any():  # a host tensor: no sync
-            rows = mask.nonzero().squeeze(1).to(audio.device, non_blocking=True)  # whole clips, views kept together
-            out[rows] = chain(audio[rows], generator, views=views)
-    return out
-
-
-def batch_signals(batch, specs, num_views, device):
-    """Per-view losses.Signals of this process's batch, one per label column."""
-    signals = []
-    for k, spec in enumerate(specs):
-        labels = batch["labels"][k].to(device).repeat_interleave(num_views, dim=0)  # [b*V, ...]
-        labeled = batch["labeled"][k].to(device).repeat_interleave(num_views)  # [b*V]
-        signals.append(losses.Signal(labels, labeled, spec))
-    return signals
-
-
-def contrastive_step(model, views, clip_ids, signals, temperature, world_size, rank):
-    """Encode, project, gather and compute the global-batch loss for this process's rows.
-
-    views: `[n, T]` augmented audio of this process; clip_ids `[n]`; signals from
-    batch_signals; temperature: tau. Returns (loss to backpropagate, detached stats
-    dict). The loss is scaled so that, after DDP averages gradients over processes, they
-    equal those of one process holding the whole global batch.
-    """
-    z = model(views)  # [n, D]
-    z_all = utils.gather_with_grad(z)  # [N, D], N = world * n
-    clip_all = utils.gather(clip_ids)  # [N]
-    signals_all = [losses.Signal(utils.gather(labels), utils.gather(labeled), spec)
-                   for labels, labeled, spec in signals]
-    target = losses.build_target(clip_all, signals_all)  # [N, N]
-    anchors = rank * len(z) + torch.arange(len(z), device=z.device)  # [n]: this process's rows of z_all
-    # build_target's diagonal is 0: no copy of the target to clear its self-pairs.
-    row_loss, has_positive = losses.row_losses(z_all, target[anchors], temperature, anchors,
-                                               has_zero_self_pairs=True)
-    # Rows without a positive carry no loss: the mean is over the rows with one, in all processes.
-    count = utils.all_reduce_sum(has_positive.sum().float())
-    loss = row_loss.sum() / count.clamp(min=1) * world_size
-    stats = {"loss_sum": row_loss.detach().sum(), "count": count, "z_all": z_all.detach(),
-             "target": target, "clip_all": clip_all, "signals_all": signals_all}
-    return loss, stats
-
-
-def optimizer_step(run, loss_sum):
-    """Unscale, clip, step (or skip), zero the gradients, advance the schedule.
-
-    loss_sum: the last micro-batch's detached loss sum. Returns is_bad, a 0-d bool
-    tensor on the device: the loss or the gradient norm was not finite and the update
-    was skipped. Nothing here reads a device value on the host.
-    """
-    run.scaler.unscale_(run.optimizer)
-    # With --clip-grad 0 the max norm is infinite: nothing is clipped, but the norm still
-    # comes back, and it is what tells a non-finite gradient.
-    norm = torch.nn.utils.clip_grad_norm_(run.bare_model.parameters(), run.args.clip_grad or float("inf"))
-    # Gradients are identical on every process after DDP, so every process skips together.
-    is_bad = ~(torch.isfinite(norm) & torch.isfinite(loss_sum))  # on the device, never read here
-    if not run.scaler.is_enabled():
-        run.optimizer.found_inf = is_bad.float()  # fp16's scaler sets it itself
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    return is_bad
-
-
-@torch.no_grad()
-def log_scalars(writer, stats, args, step, lr, failed_files, skipped_steps, clips_per_second, progress):
-    """Scalars of the last step: losses restricted to each target part, density, speed.
-
-    Returns the global-batch loss of the step (every process gets it).
-    """
-    z_all, target = stats["z_all"], stats["target"]
-    total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
-    failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=z_all.device)).item())
-    if writer is None:
-        return total
-    writer.add_scalar("loss/total", total, step)
-    parts = losses.target_parts(stats["clip_all"], stats["signals_all"])
-    for name, part in zip(("views", "labels"), parts):
-        if part.sum() > 0:
-            part_loss = losses.contrastive_loss(z_all, part, args.temperature, has_zero_self_pairs=True)
-            writer.add_scalar(f"loss/{name}", part_loss.item(), step)
-    off_diagonal = len(target) * (len(target) - 1)
-    writer.add_scalar("target/density", (target.sum() / off_diagonal).item(), step)
-    writer.add_scalar("lr", lr, step)
-    writer.add_scalar("speed/clips_per_s", clips_per_second, step)
-    writer.add_scalar("data/failed_files", failed, step)
-    writer.add_scalar("train/skipped_steps", skipped_steps, step)
-    progress.set_postfix(loss=f"{total:.3f}", failed=failed)
-    return total
-
-
-def log_speed(writer, data_wait_share, step, device):
-    """Share of the interval the host waited on the data workers, and peak GPU memory (MiB)."""
-    if writer is None:
-        return
-    writer.add_scalar("speed/data_wait_share", data_wait_share, step)
-    if device.type == "cuda":
-        writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(device) / 2**20, step)
-
-
-@torch.no_grad()
-def log_images(writer, stats, step):
-    """The batch's target matrix and cosine-similarity matrix as TensorBoard images."""
-    z = torch.nn.functional.normalize(stats["z_all"].float(), dim=1)
-    writer.add_image("batch/target", stats["target"][None].float().cpu(), step)
-    writer.add_image("batch/similarity", ((z @ z.T + 1) / 2)[None].cpu(), step)
-
-
-@torch.no_grad()
-def validate(model, loader, specs, chains, args, device, rank):
-    """The training objective on the validation batches (fixed crops and augmentation).
-
-    chains: the augmentation the training step applies on the device (identity when the
-    workers augment: their clips arrive augmented). Returns {"loss": the objective,
-    "views": its views part alone, "labels": its labels part alone (nan without labels)},
-    each a mean over the views with a positive.
-    """
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed + 10_000 + rank)
-    sums = torch.zeros(3, device=device)  # loss, views part, labels part
-    counts = torch.zeros(3, device=device)
-    for batch in loader:
-        views, clip_ids, labeled = prepare_batch(batch, args, device)
-        views = augment_batch(views, labeled, chains, generator, args.views)
-        signals = batch_signals(batch, specs, args.views, device)
-        with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
-            _, stats = contrastive_step(model, views, clip_ids, signals, args.temperature, args.world_size, rank)
-        sums[0] += utils.all_reduce_sum(stats["loss_sum"])
-        counts[0] += stats["count"]
-        # Every process holds the gathered batch: each part over all its rows, no reduction.
-        for k, part in enumerate(losses.target_parts(stats["clip_all"], stats["signals_all"]), start=1):
-            row_loss, has_positive = losses.row_losses(stats["z_all"], part, args.temperature,
-                                                       has_zero_self_pairs=True)
-            sums[k] += row_loss.sum()
-            counts[k] += has_positive.sum()
-    model.train()
-    # The one host-device sync of a validation: the means, read once at its end.
-    means = (sums / counts.clamp(min=1)).tolist()
-    return {"loss": means[0], "views": means[1], "labels": means[2] if counts[2] > 0 else float("nan")}
-
-
-def validate_and_keep_best(run, val_loader, step):
-    """Validate, log the three validation losses, save best.pt on a new best; returns the val loss."""
-    # device_chains, as the step: clips the workers augmented are not augmented twice.
-    val = validate(run.model, val_loader, run.specs, run.device_chains, run.args, run.device, run.rank)
-    if run.writer:
-        run.writer.add_scalar("val/loss", val["loss"], step)
-        run.writer.add_scalar("val/loss_views", val["views"], step)
-        if not math.isnan(val["labels"]):
-            run.writer.add_scalar("val/loss_labels", val["labels"], step)
-    if val["loss"] < run.best_val:
-        run.best_val = val["loss"]
-        save(run, step, is_best=True)
-    return val["loss"]
-
-
-def save(run, step, is_best=False):
-    """Checkpoint everything needed to continue exactly (main process writes; all wait).
-
-    is_best: write best.pt instead of the numbered checkpoint (which keeps the --keep newest).
-    """
-    # Every process's RNG states are saved, so each continues its own stream on resume.
-    rngs, generators = utils.gather_objects(utils.rng_states()), utils.gather_objects(run.generator.get_state())
-    if run.is_main:
-        state = {"model": run.bare_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                 "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": step,
-                 "args": saved_args(run.args), "rng": rngs, "generator": generators, "best_val": run.best_val,
-                 "labels": [c.describe() for c in run.columns]}
-        if is_best:
-            safety.save_torch(os.path.join(run.args.out, "best.pt"), {"format": safety.FORMAT} | state)
-        else:
-            safety.save_checkpoint(state, run.args.out, step, run.args.keep)
-    utils.barrier()
-
-
-# ---------------------------------------------------------------- the loop and main
-
-def train_loop(run, loader, val_loader, step, stop):
-    """The training loop, from global step `step` up to --steps (see STYLE.md: one step, top to bottom).
-
-    Returns (step reached, history [(step, global-batch loss)] of the logging steps,
-    files that failed to load, skipped non-finite steps, last validation loss).
-    """
-    args, device = run.args, run.device
-    failed_files, clips_seen, data_wait, tick, history = 0, 0, 0.0, time.time(), []
-    # Non-finite steps in a row and in all, counted on the device and read on logging steps only.
-    bad_steps = torch.zeros((), dtype=torch.long, device=device)
-    skipped_steps = torch.zeros((), dtype=torch.long, device=device)
-    val_loss = float("nan")
-    progress = tqdm(total=args.steps, initial=step, disable=not run.is_main, desc="train")
-    while step < args.steps:
-        for micro_step in range(args.grad_accum):
-            # ---- 1. the next batch, to the device
-            waited = time.perf_counter()
-            batch = next_batch(loader, run.status_dir)
-            data_wait += time.perf_counter() - waited  # host time blocked on the data workers
-            views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n] (host)
-            # ---- 2. augment on the device (the identity when the workers augmented)
-            views = augment_batch(views, labeled, run.device_chains, run.generator, args.views)
-            signals = batch_signals(batch, run.specs, args.views, device)
-            # ---- 3.-5. encode, project, gather, target and loss
-            with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
-                loss, stats = contrastive_step(run.model, views, clip_ids, signals, args.temperature,
-                                               args.world_size, run.rank)
-            # ---- 6. backward; accumulation averages k separate contrastive batches (negatives
-            # never cross micro-batches). No host-device sync: failed counts live on the host.
-            run.scaler.scale(loss / args.grad_accum).backward()
-            failed_files += int(batch["failed"].sum())
-            clips_seen += len(batch["clip"]) * args.world_size
-        # ---- 6. clip, optimizer step (skipped on the device if not finite), zero the gradients
-        is_bad = optimizer_step(run, stats["loss_sum"])
-        bad_steps = torch.where(is_bad, bad_steps + 1, 0)
-        skipped_steps += is_bad
-        step += 1
-        progress.update(1)
-
-        # ---- 7. log every --log-every steps
-        is_logging = step % args.log_every == 0 or step == args.steps
-        if is_logging:
-            # The one host-device sync of a step happens here, on logging steps only.
-            elapsed = time.time() - tick
-            total = log_scalars(run.writer, stats, args, step, run.scheduler.get_last_lr()[0], failed_files,
-                                int(skipped_steps), clips_seen / elapsed, progress)
-            log_speed(run.writer, data_wait / elapsed, step, device)
-            history.append((step, total))
-            clips_seen, data_wait, tick = 0, 0.0, time.time()
-        if run.writer and args.image_every and step % args.image_every == 0:
-            log_images(run.writer, stats, step)
-        # ---- 7. validate every --val-every steps (and at the end); best.pt on a new best
-        if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
-            val_loss = validate_and_keep_best(run, val_loader, step)
-        # ---- stop on --max-bad-steps non-finite steps in a row (read on logging steps: a sync)
-        if is_logging and int(bad_steps) >= args.max_bad_steps:
-            # Skipped steps left the weights untouched: this saves the last good weights.
-            save(run, step)
-            raise utils.UserError(f"{int(bad_steps)} steps in a row had a non-finite loss or gradient; stopped and "
-                                  f"saved the last good weights at step {step} in {args.out}. Lower --lr, set "
-                                  f"--clip-grad, or check the data.")
-        # ---- 7. save every --save-every steps, at the end, and on a stop signal
-        # Several processes agree on a signal through an all-reduce read on the host: on
-        # logging steps only (one process reads its own flag, no tensor, every step).
-        stopping = stop.any_process(device, args.world_size) if args.world_size == 1 or is_logging else False
-        if step % args.save_every == 0 or step == args.steps or stopping:
-            save(run, step)
-        if stopping:
-            if run.is_main:
-                print(f"stopped by signal at step {step}; resume with the same command (--resume auto) "
-                      f"to continue from {args.out}", flush=True)
-            break
-    progress.close()
-    return step, history, failed_files, int(skipped_steps), val_loss
-
-
-def main(argv=None):
-    """Train from the command line `argv`; returns {"out", "losses", "failed_files", "skipped_steps", "step"}."""
-    # ---- flags and process
-    args = build_parser().parse_args(argv)
-    check_flags(args)
-    stop = safety.StopSignal()  # from the start: a signal during set-up saves after the first step
-    rank, world_size, local_rank, device = utils.setup_process()
-    is_main = rank == 0
-    # The label flags as the user gave them, before the data fills in defaults (build_pools checks them).
-    given_columns, given_share = list(args.label_column), args.labeled_per_batch
-    derive_args(args, world_size, device)
-    utils.seed_everything(args.seed + rank)
-    lock = claim_out_folder(args.out) if is_main else None
-    utils.barrier()
-
-    # ---- resume point: the newest checkpoint that loads, checked against these flags
-    resume_path, state = (None, None) if args.check_data else find_resume(args, device, is_main)
-    if state is not None:
-        check_model_flags(state["args"], args, resume_path)
-        if state["step"] >= args.steps:
-            if is_main:
-                print(f"{args.out} is finished: {resume_path} is at step {state['step']} and --steps is "
-                      f"{args.steps}; nothing to do (raise --steps to train on, or use another --out)")
-            return close_run(stop, lock, {"out": args.out, "losses": [], "failed_files": 0, "skipped_steps": 0,
-                                          "step": state["step"]})
-
-    # ---- data: manifests, the file check, label columns, pools, augmentation
-    manifest, columns, specs = load_data(args, is_main)
-    if args.check_data or not args.skip_check:
-        manifest = check_data(manifest, args, is_main)
-        if args.check_data:
-            return close_run(stop, None, {"out": args.out, "files": len(manifest)})
-        # Label columns hold one entry per manifest row: the check dropped rows, so read them again.
-        columns, specs = parse_columns(manifest, args)
-    any_labeled, labeled_rows, unlabeled_rows = build_pools(manifest, columns, given_columns, given_share,
-                                                            state and state["args"], resume_path, args, is_main)
-    worker_chains, device_chains = build_chains(args)
-    dataset, status_dir = build_dataset(manifest, columns, labeled_rows, unlabeled_rows, worker_chains, args, rank)
-
-    # ---- model, optimizer, resume
-    bare_model = build_model(args, device)
-    optimizer, scheduler, scaler = build_optimizer(bare_model, args, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # device augmentation's draws
-    step, best_val = (0, float("inf")) if state is None else \
-        restore(state, resume_path, bare_model, optimizer, scheduler, scaler, generator, rank, is_main)
-    model = wrap_model(bare_model, args, world_size, local_rank, device)
-
-    # ---- loaders and logging
-    loader, val_loader = build_loaders(dataset, manifest, any_labeled, labeled_rows, unlabeled_rows, step, args,
-                                       device, rank)
-    writer = start_logging(args, bare_model, device, is_main)
-    run = Run(args, model, bare_model, optimizer, scheduler, scaler, generator, columns, specs, device_chains,
-              status_dir, device, rank, is_main, writer, best_val)
-
-    # ---- training loop
-    start_step, started = step, time.time()
-    step, history, failed_files, skipped_steps, val_loss = train_loop(run, loader, val_loader, step, stop)
-    if writer:
-        writer.close()
-    if is_main:
-        print_summary(args, start_step, step, time.time() - started, val_loss, run.best_val)
-    return close_run(stop, lock, {"out": args.out, "losses": history, "failed_files": failed_files,
-                                  "skipped_steps": skipped_steps, "step": step})
-
-
-def print_summary(args, start_step, step, seconds, val_loss, best_val):
-    """The run's closing lines: steps, time, speed, validation, checkpoint, the probe to run next."""
-    clips = (step - start_step) * args.batch_size * args.grad_accum
-    val = f"val loss last {val_loss:.4f}, best {best_val:.4f} (best.pt)" if math.isfinite(best_val) else \
-        "no validation (no val rows or --val-every 0)"
-    checkpoints = safety.list_checkpoints(args.out)
-    print(f"done: steps {start_step} -> {step} in {seconds:.1f} s ({clips / max(seconds, 1e-9):.1f} clips/s); {val}; "
-          f"checkpoint {checkpoints[-1] if checkpoints else 'none'}")
-    labels = "".join(f" --label-column {name}" for name in args.label_column[:1]) or \
-        " --label-column COLUMN (a labeled column of the manifest)"
-    labels += f" --task {args.task[0]}" if args.task and args.label_column else ""
-    print(f"next, a linear probe of the encoder: python probe.py --checkpoint {args.out} --csv {args.train_csv[0]}"
-          f"{labels}")
 
 
 if __name__ == "__main__":

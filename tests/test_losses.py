@@ -52,6 +52,15 @@ def loop_labels_target(labels, labeled, spec):
     return target
 
 
+def target_parts(clip_ids, columns):
+    """The two sources of build_target apart (views part, labels part), each with a zero diagonal."""
+    views_part = losses.views_target(clip_ids).fill_diagonal_(0)
+    labels_part = torch.zeros_like(views_part)
+    for labels, labeled, spec in columns:
+        labels_part = torch.maximum(labels_part, losses.labels_target(labels, labeled, spec))
+    return views_part, labels_part.fill_diagonal_(0)
+
+
 def random_batch(seed, clips=6, views=2, classes=5, tags=7):
     generator = torch.Generator().manual_seed(seed)
     clip_ids = torch.arange(clips).repeat_interleave(views)
@@ -82,7 +91,7 @@ def test_loss_matches_loop_reference(seed, mode):
         similarity.fill_diagonal_(1.0)
         columns = [(classes, labeled, losses.TargetSpec("multiclass", similarity=similarity))]
     target = losses.build_target(clip_ids, columns)
-    views_part, labels_part = losses.target_parts(clip_ids, columns)
+    views_part, labels_part = target_parts(clip_ids, columns)
     expected_labels = torch.zeros_like(target)
     for labels, mask, spec in columns:
         expected_labels = torch.maximum(expected_labels, loop_labels_target(labels, mask, spec))
@@ -92,6 +101,26 @@ def test_loss_matches_loop_reference(seed, mode):
     for temperature in (0.1, 0.5):
         expected = loop_loss(z, target, temperature)
         assert losses.contrastive_loss(z, target, temperature).item() == pytest.approx(expected, rel=1e-5)
+        # The training objective and its logged parts come from one pass; each equals the loop
+        # reference with its own target.
+        row_loss, has_positive, parts = losses.semisupcon_loss(z, clip_ids, [losses.Signal(*c) for c in columns],
+                                                               temperature)
+        assert (parts.loss_sum / parts.count).item() == pytest.approx(expected, rel=1e-5)
+        assert (parts.views_sum / parts.views_count).item() == pytest.approx(
+            loop_loss(z, views_part, temperature), rel=1e-5)
+        if labels_part.sum() > 0:
+            assert (parts.labels_sum / parts.labels_count).item() == pytest.approx(
+                loop_loss(z, labels_part, temperature), rel=1e-5)
+        else:
+            assert parts.labels_count.item() == 0
+        # Bit for bit the loss of build_target's rows, as the step computed it before the parts joined.
+        reference, reference_positive = losses.row_losses(z, target, temperature, has_zero_self_pairs=True)
+        assert torch.equal(row_loss, reference) and torch.equal(has_positive, reference_positive)
+        # Anchors in two shares (two processes) sum to the whole.
+        halves = [losses.semisupcon_loss(z, clip_ids, [losses.Signal(*c) for c in columns], temperature,
+                                         torch.arange(len(z))[share])[2] for share in (slice(0, 5), slice(5, None))]
+        for k, whole in enumerate(parts):
+            torch.testing.assert_close((halves[0][k] + halves[1][k]).double(), whole.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_hard_labels_equal_supcon_form():
@@ -146,7 +175,7 @@ def test_hand_computed_targets():
     classes = torch.tensor([3, 3, 3, 1])
     columns = [(classes, labeled, losses.TargetSpec())]
     target = losses.build_target(clip_ids, columns)
-    views_part, labels_part = losses.target_parts(clip_ids, columns)
+    views_part, labels_part = target_parts(clip_ids, columns)
     assert views_part.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert labels_part.tolist() == [[0, 1, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
     tags = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 0, 1], [1, 1, 1]]).float()
@@ -175,6 +204,23 @@ def test_combined_columns_take_the_max():
     assert target.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
     target = losses.build_target(clip_ids, [(key, labeled, losses.TargetSpec(similarity=similarity))])
     assert target.tolist() == [[0, 0.5, 0.5], [0.5, 0, 1], [0.5, 1, 0]]
+
+
+def test_a_loss_variant_changes_the_logged_parts_alike(monkeypatch):
+    # A fork's loss variant (here: hard negatives weighted up in the log-probabilities) changes
+    # the objective and both logged parts, because all three read the same pass.
+    z, clip_ids, labeled, classes, _, _ = random_batch(3)
+    signals = [losses.Signal(classes, labeled, losses.TargetSpec())]
+    plain = losses.semisupcon_loss(z, clip_ids, signals, 0.1)[2]
+    real = losses.log_probabilities
+
+    def hard_negatives(z, temperature=0.1, anchors=None):
+        return torch.log_softmax(real(z, temperature, anchors) * 1.5, dim=1)
+
+    monkeypatch.setattr(losses, "log_probabilities", hard_negatives)
+    variant = losses.semisupcon_loss(z, clip_ids, signals, 0.1)[2]
+    for name in ("loss_sum", "views_sum", "labels_sum"):
+        assert getattr(variant, name).item() != pytest.approx(getattr(plain, name).item(), rel=1e-3), name
 
 
 def test_a_target_known_to_have_zero_self_pairs_gives_the_same_loss_without_the_copy():
