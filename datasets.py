@@ -632,30 +632,108 @@ def resample_batch(audio, rates, clip_samples, sample_rate):
     return out
 
 
-def read_clips(path, clip_samples, sample_rate, max_clips=None):
-    """A whole file as consecutive clips (test time), mono at `sample_rate`.
+def cut_clips(read, frames, source_rate, clip_samples, sample_rate, max_clips=None):
+    """The one way a recording is cut into consecutive clips (probing, export, load_pretrained).
 
-    The last partial clip is kept (zero-padded) when it is at least half a clip long;
-    a file shorter than that gives one padded clip. max_clips caps the count (taken
-    evenly spread over the file). Returns `[K, clip_samples]` float32.
+    The recording, `frames` samples at `source_rate` resampled to `sample_rate`, is cut into
+    consecutive clips of clip_samples; the last partial clip is kept (zero-padded) when it
+    is at least half a clip long, and a recording shorter than that gives one padded clip.
+    max_clips keeps that many clips, spread evenly (None: all). Only the kept clips are
+    read: read(start, count) returns the mono source frames [start, start + count) as a
+    float32 tensor `[n]` (fewer at the end). Each clip is resampled from its own frames
+    plus the resampler's reach on both sides, from a multiple of its input period, so its
+    samples equal those of resampling the whole recording at once.
+    Returns (clips `[K, clip_samples]` float32, kept `[K]` their indices among all clips).
+    """
+    period_in, period_out, reach, length = 1, 1, 0, frames
+    resampler = _resampler(source_rate, sample_rate, "cpu") if source_rate != sample_rate else None
+    if resampler is not None:
+        period_in, period_out = source_rate // resampler.gcd, sample_rate // resampler.gcd
+        reach = math.ceil(resampler.width / period_in) * period_in
+        # The resampled length exactly as torchaudio computes it (a float32 ceil).
+        length = int(torch.ceil(torch.as_tensor(period_out * frames / period_in)))
+    count = max(1, int(length / clip_samples + 0.5))
+    kept = torch.arange(count)
+    if max_clips is not None and count > max_clips:
+        kept = torch.linspace(0, count - 1, max_clips).round().long()
+    clips = torch.zeros(len(kept), clip_samples)  # [K, clip_samples]
+    for k, clip in enumerate(kept.tolist()):
+        first, last = clip * clip_samples, min(length, (clip + 1) * clip_samples)  # resampled samples
+        start = max(0, first // period_out * period_in - reach)
+        stop = min(frames, math.ceil(last / period_out) * period_in + reach)
+        wave = read(start, stop - start)  # [n] source frames
+        if resampler is not None:
+            wave = resampler(wave[None])[0]  # [m]
+        offset = first - start // period_in * period_out
+        piece = wave[offset:offset + last - first]
+        clips[k, :len(piece)] = piece
+    return clips, kept
+
+
+def frame_reader(f, block=1 << 16):
+    """read(start, count) -> mono frames `[n]` float32 of an open audio file, for cut_clips.
+
+    Where the format seeks exactly (WAV, FLAC, AIFF, the cache's .npy), each read seeks.
+    libsndfile's Ogg and MP3 seeks can land a few hundred frames off the frame asked for,
+    or decode the first frames after them wrongly (1.2.x), so those files are read forward
+    in blocks instead, keeping only the frames asked for and the last range read (the
+    reaches of consecutive clips overlap); memory stays flat, the decoding time is the
+    file's. Starts must then not decrease.
+    """
+    if getattr(f, "format", None) not in ("OGG", "MP3", "MPEG"):
+        def read(start, count):
+            f.seek(start)
+            return torch.from_numpy(f.read(count, dtype="float32", always_2d=True).mean(1))  # [n] mono
+        return read
+    state = {"start": 0, "last": torch.zeros(0)}  # the frames [start, position) read last
+
+    def read_forward(start, count):
+        first, last = state["start"], state["last"]
+        position = first + len(last)
+        if start < position:
+            first, last = start, last[start - first:]
+        else:
+            while position < start:
+                skipped = len(f.read(min(block, start - position), dtype="float32", always_2d=True))
+                if not skipped:
+                    break  # the end of the file
+                position += skipped
+            first, last = position, torch.zeros(0)
+        wanted = start + count - (first + len(last))
+        if wanted > 0:
+            read = torch.from_numpy(f.read(wanted, dtype="float32", always_2d=True).mean(1))  # [n] mono
+            last = torch.cat([last, read])
+        state.update(start=first, last=last)
+        return last[start - first:start - first + count]
+
+    return read_forward
+
+
+def read_clips(path, clip_samples, sample_rate, max_clips=None):
+    """A file as consecutive clips (test time), mono at `sample_rate`: read_kept_clips' clips."""
+    return read_kept_clips(path, clip_samples, sample_rate, max_clips)[0]
+
+
+def read_kept_clips(path, clip_samples, sample_rate, max_clips=None):
+    """A file cut by cut_clips, decoding only the kept clips (seek, read), so memory stays flat.
+
+    The last partial clip is kept (zero-padded) when it is at least half a clip long; a
+    file shorter than that gives one padded clip. max_clips caps the count (taken evenly
+    spread over the file). Returns (clips `[K, clip_samples]` float32, kept `[K]` indices
+    among the file's consecutive clips).
     """
     try:
         with decoder_messages(path), open_audio(path) as f:
-            audio, source_rate = f.read(-1, dtype="float32", always_2d=True), f.samplerate
+            if f.frames <= 0:
+                raise AudioError(f"{path}: empty audio")
+            clips, kept = cut_clips(frame_reader(f), f.frames, f.samplerate, clip_samples, sample_rate, max_clips)
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
         if isinstance(error, AudioError):
             raise
         raise AudioError(f"{path}: cannot read audio ({error})") from error
-    if len(audio) == 0:
-        raise AudioError(f"{path}: empty audio")
-    wave = _resample(audio.mean(1, keepdims=True).T, source_rate, sample_rate)[0]  # [T]
-    count = max(1, int(wave.shape[0] / clip_samples + 0.5))
-    clips = _fit_length(wave, count * clip_samples).reshape(count, clip_samples)  # [K, T]
-    if max_clips is not None and count > max_clips:
-        clips = clips[torch.linspace(0, count - 1, max_clips).round().long()]
     if not torch.isfinite(clips).all():
         raise AudioError(f"{path}: audio holds NaN or Inf samples")
-    return clips
+    return clips, kept
 
 
 # ---------------------------------------------------------------- checking files

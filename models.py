@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch.utils.checkpoint import checkpoint
 
+import datasets
 import safety
-import utils
 
 EMBED_DIM = 512  # paper: 512-d SampleCNN embedding at full width
 MIN_CHANNELS = 8  # narrowest layer any width may produce
@@ -650,43 +650,42 @@ def build_encoder(name: str, num_samples: int, sample_rate: int, width: float = 
 
 # ---------------------------------------------------------------- a trained encoder in one's own code
 
-def consecutive_clips(wave: torch.Tensor, clip_samples: int, max_clips: int | None = None) -> torch.Tensor:
-    """Cut a mono waveform into consecutive clips, as probing and export do.
+SETTINGS = ("encoder", "width", "sample_rate", "clip_samples", "hidden_dim", "projection_dim")  # what builds a model
 
-    The last partial clip is kept (zero-padded) when it is at least half a clip long; a
-    waveform shorter than that gives one padded clip. max_clips keeps that many clips
-    spread evenly over the file (None: all).
-    Args:
-        wave: `[T]` mono waveform at the model's rate.
-    Returns:
-        (clips `[K, clip_samples]`, index of each kept clip among all consecutive clips `[K]`).
-    """
-    count = max(1, int(wave.shape[0] / clip_samples + 0.5))
-    padded = F.pad(wave, (0, max(0, count * clip_samples - wave.shape[0])))[:count * clip_samples]
-    clips = padded.reshape(count, clip_samples)  # [K, clip_samples]
-    kept = torch.arange(count)
-    if max_clips is not None and count > max_clips:
-        kept = torch.linspace(0, count - 1, max_clips).round().long()
-        clips = clips[kept]
-    return clips, kept
+
+def build_model(settings: dict) -> ContrastiveModel:
+    """A ContrastiveModel (encoder and projection head) from the SETTINGS a checkpoint keeps."""
+    encoder = build_encoder(settings["encoder"], settings["clip_samples"], settings["sample_rate"], settings["width"])
+    return ContrastiveModel(encoder, settings["hidden_dim"], settings["projection_dim"])
+
+
+def embed(model: ContrastiveModel, clips: torch.Tensor, layer: str = "encoder") -> torch.Tensor:
+    """Embeddings of clips `[B, T]` -> `[B, D]`: the encoder output h, or the projection z."""
+    h = model.encoder(clips)  # [B, embed_dim]
+    return model.head(h) if layer == "projection" else h
 
 
 class Pretrained(nn.Module):
     """A trained encoder for one's own code: any waveform in, clip embeddings out.
 
-    Holds the ContrastiveModel of a checkpoint and the clip settings it was trained with
-    (sample_rate in Hz, clip_samples). `layer` picks the encoder output h (default) or
-    the projection z. Built by load_pretrained, in eval mode.
+    Holds the ContrastiveModel of a checkpoint and the SETTINGS it was trained with
+    (sample_rate in Hz, clip_samples, ...); `layer` picks the encoder output h (default) or
+    the projection z; `file` and `step` say which file was read and its training step.
+    Built by load_pretrained, in eval mode.
     """
 
-    def __init__(self, model: ContrastiveModel, sample_rate: int, clip_samples: int, layer: str = "encoder"):
+    def __init__(self, model: ContrastiveModel, settings: dict, layer: str = "encoder", file: str | None = None,
+                 step: int = 0):
         super().__init__()
         if layer not in ("encoder", "projection"):
             raise ValueError(f"layer must be 'encoder' or 'projection', got {layer!r}")
         self.model = model
-        self.sample_rate = sample_rate
-        self.clip_samples = clip_samples
+        self.settings = {k: settings[k] for k in SETTINGS}
+        self.sample_rate = settings["sample_rate"]
+        self.clip_samples = settings["clip_samples"]
         self.layer = layer
+        self.file = file
+        self.step = step
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """Args:
@@ -694,15 +693,14 @@ class Pretrained(nn.Module):
         Returns:
             `[B, D]` embeddings h (or projections z with layer "projection").
         """
-        h = self.model.encoder(clips)
-        return self.model.head(h) if self.layer == "projection" else h
+        return embed(self.model, clips, self.layer)
 
     @torch.no_grad()
     def embed(self, waveform, sample_rate: int, max_clips: int | None = None, batch_size: int = 64) -> torch.Tensor:
         """Embeddings of a whole recording's consecutive clips (the clips probe.py uses).
 
-        The audio is mixed to mono, resampled to the model's rate (torchaudio's sinc
-        resampler, as datasets.read_clips) and cut by consecutive_clips.
+        The audio is mixed to mono, then cut and resampled to the model's rate by
+        datasets.cut_clips, the function that cuts files for probing and export.
         Args:
             waveform: float tensor or numpy array, `[T]` or `[channels, T]`, any rate.
             sample_rate: its rate in Hz.
@@ -719,23 +717,23 @@ class Pretrained(nn.Module):
         if wave.shape[0] > wave.shape[1]:
             raise ValueError(f"waveform of shape {tuple(wave.shape)} looks like [T, channels] (as sf.read returns "
                              f"it); pass its transpose, [channels, T]")
-        mono = wave.mean(0, keepdim=True)  # [1, T]
-        if sample_rate != self.sample_rate:
-            mono = torchaudio.functional.resample(mono, int(sample_rate), self.sample_rate)
-        clips, _ = consecutive_clips(mono[0], self.clip_samples, max_clips)  # [K, clip_samples]
+        mono = wave.mean(0)  # [T]
+        clips, _ = datasets.cut_clips(lambda start, count: mono[start:start + count], len(mono), int(sample_rate),
+                                      self.clip_samples, self.sample_rate, max_clips)  # [K, clip_samples]
         device = next(self.parameters()).device
         out = [self(batch.to(device)).float().cpu() for batch in clips.split(batch_size)]
         return torch.cat(out)  # [K, D]
 
 
 def load_pretrained(path: str, layer: str = "encoder", device: str | torch.device | None = None) -> Pretrained:
-    """Load a train.py checkpoint for embedding: the only file access in this module.
+    """Load a checkpoint or a model file for embedding: the only file access in this module.
 
-    Builds the encoder and projection head from the settings saved in the checkpoint
-    (encoder, width, sample_rate, clip_samples, hidden_dim, projection_dim) and loads
-    the weights strictly.
+    Reads with weights_only=True (safety.find_checkpoint: nothing in the file can run),
+    builds the encoder and projection head from the SETTINGS saved in it and loads the
+    weights strictly. A model file for sharing (no optimizer state; `python export.py
+    model`, or OUT/model.pt of a run) and a full checkpoint both work.
     Args:
-        path: a checkpoint-STEP.pt file, or a run folder (its latest checkpoint).
+        path: a checkpoint-STEP.pt or model file, or a run folder (its latest loadable file).
         layer: "encoder" (h, the default) or "projection" (z).
         device: where the model runs (default: the GPU when there is one, else the CPU).
     Returns:
@@ -744,13 +742,12 @@ def load_pretrained(path: str, layer: str = "encoder", device: str | torch.devic
     # A folder's newest loadable checkpoint; a broken file is a safety.CheckpointError naming it.
     found, state = safety.find_checkpoint(path)
     if state is None:
-        raise safety.CheckpointError(f"{path}: no checkpoint-*.pt in this folder")
-    saved = state["args"]
-    encoder = build_encoder(saved["encoder"], saved["clip_samples"], saved["sample_rate"], saved["width"])
-    model = ContrastiveModel(encoder, saved["hidden_dim"], saved["projection_dim"])
+        raise safety.CheckpointError(f"{path}: no checkpoint or model file in this folder loads; give a "
+                                     f"checkpoint-*.pt or model file, or a run folder of train.py")
+    model = build_model(state["args"])
     safety.load_weights(model, state["model"], found)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Pretrained(model, saved["sample_rate"], saved["clip_samples"], layer).to(device).eval()
+    return Pretrained(model, state["args"], layer, found, int(state["step"])).to(device).eval()
 
 
 # ---------------------------------------------------------------- size and cost
@@ -817,7 +814,8 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
 
 def parse_args() -> argparse.Namespace:
     """Flags of the size table."""
-    parser = argparse.ArgumentParser(description="Parameters and multiply-accumulates per clip of each encoder.")
+    parser = argparse.ArgumentParser(description="Parameters and multiply-accumulates per clip of each encoder.",
+                                     allow_abbrev=False)
     parser.add_argument("--clip-seconds", type=float, default=2.7, help="clip length in seconds (paper: 2.7)")
     parser.add_argument("--sample-rate", type=int, default=22_050, help="sample rate in Hz (paper: 22050)")
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = the paper's size)")

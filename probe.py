@@ -14,8 +14,9 @@ The experiments of the paper's evaluation:
     --plot                              figures (PNG + TensorBoard): confusion matrix, few-label and
                                         robustness curves; test embeddings in the projector
 One GPU: the same commands (the GPU is used when present). The tables print; the full
-results (JSON) go to --out, with the tables next to it as .md and .csv.
-Embeddings for your own use, no probe (--csv a manifest or a folder; docs/own-music.md):
+results (JSON) go to --out as each probe finishes (a rerun with the same --out skips the
+finished ones), with the tables next to it as .md and .csv at the end (reports.py).
+Embeddings for your own use, no probe (export.py; --csv a manifest or a folder; docs/own-music.md):
     python probe.py --checkpoint runs/semisupcon --csv "My Music" --export-embeddings runs/embeddings
 
 Protocol, by default the authors' (docs/probing.md): every file is cut into consecutive
@@ -23,7 +24,7 @@ clips (--max-clips of them, evenly spread); each epoch the head trains on one ra
 drawn clip per train track, early-stops on the clip-level val loss (one fixed clip per
 val track), and scores a test track by applying the head to the mean of its clip
 embeddings. Frozen embeddings are extracted once per (checkpoint, manifest, layer,
-corruption) and cached on disk under the checkpoint's SHA-256.
+corruption) and cached on disk under the checkpoint's SHA-256 (export.cached_embeddings).
 """
 import argparse
 import copy
@@ -31,30 +32,31 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-
 
 import augment
 import datasets
+import export
 import models
-import synthetic
+import reports
 import safety
+import synthetic
 import utils
-
+from export import load_encoder  # a name of this module too, so that callers can swap the loader
 
 HEADS = ("linear", "mlp")
+MAIN_METRIC = reports.MAIN_METRIC
 
 
 def build_parser():
     """The command-line flags, in groups: data, model, head, robustness, run."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     data = parser.add_argument_group("data")
     data.add_argument("--csv", default=None, help="manifest with a split column (default: the synthetic set)")
     data.add_argument("--synthetic-dir", default=".cache/synthetic", help="folder of the built-in synthetic set")
@@ -158,16 +160,13 @@ def build_parser():
     run.add_argument("--workers", type=int, default=2, help="--finetune: data-loading processes (default %(default)s)")
     run.add_argument("--seed", type=int, default=0,
                      help="seed for the head, the label subset and the random encoder (default %(default)s)")
-    export = parser.add_argument_group("export")
-    export.add_argument("--export-embeddings", default=None, metavar="OUT",
-                        help="no probe: write the embeddings of every file of --csv (a manifest or a folder) to "
-                             "OUT.npy (float32, one row per clip, --layer) and OUT.csv (row i: path, clip, "
-                             "start_seconds and the manifest's columns); resumable (parts in OUT.parts)")
-    export.add_argument("--per-track", action="store_true",
-                        help="--export-embeddings: one row per file, the mean of its clips' embeddings")
-    export.add_argument("--export-part-files", type=int, default=256,
-                        help="--export-embeddings: files per part written to OUT.parts, the unit a rerun "
-                             "skips when it is done (default %(default)s)")
+    group = parser.add_argument_group("export (export.py)")
+    group.add_argument("--export-embeddings", default=None, metavar="OUT",
+                       help="no probe: write the embeddings of every file of --csv (a manifest or a folder) to "
+                            "OUT.npy (float32, one row per clip, --layer) and OUT.csv (row i: path, clip, "
+                            "start_seconds and the manifest's columns); resumable (parts in OUT.parts); the same "
+                            "as python export.py embeddings")
+    export.add_export_flags(group)
     return parser
 
 
@@ -329,9 +328,6 @@ def metrics(task, outputs, labels, column=None):
     return {"r2": float(per_output.mean()), "r2_per_output": per_output.tolist()}
 
 
-MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "roc_auc", "regression": "r2"}
-
-
 def mean_and_std(runs):
     """Mean and sample standard deviation (ddof 1; 0 for a single run) of metric dicts.
 
@@ -344,324 +340,6 @@ def mean_and_std(runs):
         spread = values.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(values[0])
         mean[key], std[key] = values.mean(0).tolist(), spread.tolist()
     return mean, std
-
-
-# ---------------------------------------------------------------- embeddings
-
-def load_encoder(checkpoint, args, device):
-    """The model and its settings (from the checkpoint, or the flags for 'random').
-
-    Returns (model, settings) with model a models.ContrastiveModel in eval mode and
-    settings holding encoder, width, sample_rate, clip_samples, hidden_dim, projection_dim,
-    a cache key (the checkpoint file's SHA-256; for 'random', the flags and seed that
-    build it) and what results record: file (the checkpoint file read, None for
-    'random'), step (training steps, 0 for 'random') and sha256 (its first 12 hex digits).
-    """
-    if checkpoint == "random":
-        settings = {"encoder": args.encoder, "width": args.width, "sample_rate": args.sample_rate,
-                    "clip_samples": int(round(args.clip_seconds * args.sample_rate)),
-                    "hidden_dim": args.hidden_dim, "projection_dim": args.projection_dim}
-        key = "random-" + hashlib.sha256(f"{sorted(settings.items())}-{args.seed}".encode()).hexdigest()
-        state, path = None, None
-    else:
-        # A folder gives its newest checkpoint that loads; a broken file is one line naming it.
-        path, state = safety.find_checkpoint(checkpoint)
-        if state is None:
-            raise utils.UserError(f"{checkpoint}: no loadable checkpoint-*.pt in this folder; give a checkpoint "
-                                  f"file, a run folder of train.py, or 'random'")
-        saved = state["args"]
-        settings = {k: saved[k] for k in ("encoder", "width", "sample_rate", "clip_samples",
-                                          "hidden_dim", "projection_dim")}
-        key = file_digest(path)
-    # A private RNG stream: building the random encoder leaves the caller's seed state alone.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        encoder = models.build_encoder(settings["encoder"], settings["clip_samples"], settings["sample_rate"],
-                                       settings["width"])
-        model = models.ContrastiveModel(encoder, settings["hidden_dim"], settings["projection_dim"])
-    if state is not None:
-        safety.load_weights(model, state["model"], path)
-    settings.update(key=key, file=path, step=0 if state is None else int(state["step"]),
-                    sha256=None if state is None else key[:12])
-    return model.to(device).eval(), settings
-
-
-def file_digest(path):
-    """SHA-256 of a file's bytes, as 64 hex digits (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def embed(model, audio, layer):
-    """Embeddings of waveforms `[B, T]` -> `[B, E]`: encoder output h, or projection z."""
-    h = model.encoder(audio)
-    return model.head(h) if layer == "projection" else h
-
-
-def corruption_generator(path, seed):
-    """A CPU generator for one file's corruption draws, fixed by the seed and the file name.
-
-    The file's base name (not its folder or manifest position) sets the stream, so the
-    same file is corrupted the same way on every machine, for every checkpoint.
-    """
-    digest = hashlib.sha1(f"{seed}:{os.path.basename(path)}".encode()).hexdigest()
-    return torch.Generator().manual_seed(int(digest[:15], 16))
-
-
-@torch.no_grad()
-def embed_files(model, paths, settings, layer, device, max_clips, corruption=None, batch_size=64):
-    """Embeddings of every file's consecutive clips, optionally of corrupted audio.
-
-    corruption: None, or {"names": transform names, "severity": s, "seed": int}; each
-    file's clips `[K, T]` go through augment's chain with corruption_generator(path).
-    Returns (embeddings `[M, E]` float32, track index `[M]` into paths, failed messages).
-    A file that cannot be read is left out and listed.
-    """
-    chain = None
-    if corruption is not None:
-        chain = augment.build_chain(corruption["names"], corruption["severity"], settings["sample_rate"])
-    chunks, owners, failed, pending, pending_owners = [], [], [], [], []
-
-    def flush():
-        audio = torch.cat(pending).to(device)  # [m, T]
-        chunks.append(embed(model, audio, layer).float().cpu())
-        owners.extend(pending_owners)
-        pending.clear()
-        pending_owners.clear()
-
-    for index, path in enumerate(paths):
-        try:
-            clips = datasets.read_clips(path, settings["clip_samples"], settings["sample_rate"], max_clips)
-        except datasets.AudioError as error:
-            failed.append(str(error))
-            continue
-        if chain is not None:
-            clips = chain(clips.to(device), corruption_generator(path, corruption["seed"]))  # [K, T]
-        pending.append(clips)
-        pending_owners.extend([index] * len(clips))
-        if sum(len(p) for p in pending) >= batch_size:
-            flush()
-    if pending:
-        flush()
-    if not chunks:
-        raise utils.UserError(f"none of the {len(paths)} files could be read, e.g. {failed[0] if failed else ''}; "
-                              f"check them with `python train.py --check-data`")
-    return torch.cat(chunks).numpy(), np.array(owners), failed
-
-
-def open_export_parts(parts, job):
-    """Make the parts folder of an export; empty it first if its parts are of another job.
-
-    job: the inputs that decide the parts' contents (checkpoint, files, flags), kept in
-    PARTS/job.json so that a rerun with the same inputs continues.
-    """
-    job_file = os.path.join(parts, "job.json")
-    if os.path.isfile(job_file):
-        with open(job_file) as f:
-            if json.load(f) != job:
-                print(f"export: {parts} holds parts of other inputs (checkpoint, files or flags); starting over")
-                for name in os.listdir(parts):
-                    os.remove(os.path.join(parts, name))
-    os.makedirs(parts, exist_ok=True)
-    with open(job_file, "w") as f:
-        json.dump(job, f)
-
-
-def embed_part(model, paths, rows, settings, args, device, bar):
-    """Embeddings of the files at `rows`, in batches of about --batch-size clips.
-
-    Returns (x `[clips, E]` float32, or `[tracks, E]` with --per-track; table with
-    row and clip / start_seconds, or row and clips; messages of the unreadable files).
-    """
-    chunks, records, pending, pending_records, skipped = [], [], [], [], []
-    for row in rows:
-        try:
-            clips = datasets.read_clips(paths[row], settings["clip_samples"], settings["sample_rate"])
-        except datasets.AudioError as error:
-            skipped.append(str(error))
-            bar.update(1)
-            continue
-        kept = torch.arange(len(clips))
-        if args.max_clips is not None and len(clips) > args.max_clips:
-            # The same evenly spread clips as datasets.read_clips(..., max_clips).
-            kept = torch.linspace(0, len(clips) - 1, args.max_clips).round().long()
-        pending.append(clips[kept])  # [K, T]
-        pending_records.extend((row, int(c)) for c in kept)
-        if sum(len(p) for p in pending) >= args.batch_size or row == rows[-1]:
-            with torch.no_grad():
-                chunks.append(embed(model, torch.cat(pending).to(device), args.layer).float().cpu())
-            records.extend(pending_records)
-            pending, pending_records = [], []
-        bar.update(1)
-    if pending:
-        with torch.no_grad():
-            chunks.append(embed(model, torch.cat(pending).to(device), args.layer).float().cpu())
-        records.extend(pending_records)
-    x = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)  # [rows, E]
-    table = pd.DataFrame(records, columns=["row", "clip"])
-    if args.per_track and len(table):
-        owners = table["row"].to_numpy()
-        tracks = np.unique(owners)
-        x = track_embeddings(x, owners, tracks).numpy()  # [tracks, E]
-        table = pd.DataFrame({"row": tracks, "clips": np.bincount(owners)[tracks]})
-    else:
-        clip_seconds = settings["clip_samples"] / settings["sample_rate"]
-        table["start_seconds"] = (table["clip"] * clip_seconds).round(6)
-    return x, table, skipped
-
-
-def write_part(part, x, table, skipped):
-    """Save one finished part (PART.npy, PART.csv, PART.skipped.json), each renamed into place."""
-    np.save(part + ".tmp.npy", x.astype(np.float32))
-    os.replace(part + ".tmp.npy", part + ".npy")
-    with open(part + ".skipped.json", "w") as f:
-        json.dump(skipped, f)
-    table.to_csv(part + ".tmp.csv", index=False)
-    os.replace(part + ".tmp.csv", part + ".csv")
-
-
-def join_parts(parts, count, csv, paths):
-    """The `count` parts in order: (x `[rows, E]` float32, table with row, skipped messages)."""
-    arrays = [np.load(os.path.join(parts, f"part-{k:05d}.npy")) for k in range(count)]
-    skipped = []
-    for k in range(count):
-        with open(os.path.join(parts, f"part-{k:05d}.skipped.json")) as f:
-            skipped.extend(json.load(f))
-    tables = [pd.read_csv(os.path.join(parts, f"part-{k:05d}.csv")) for k in range(count)]
-    arrays = [a for a in arrays if a.size]
-    if not arrays:
-        raise utils.UserError(f"none of the {len(paths)} files of {csv} could be read, e.g. "
-                              f"{skipped[0] if skipped else ''}")
-    return np.concatenate(arrays).astype(np.float32), pd.concat(tables, ignore_index=True), skipped
-
-
-def export_embeddings(args, device):
-    """--export-embeddings: frozen embeddings of every file of --csv, written for one's own use.
-
-    Writes OUT.npy (float32 `[rows, E]`) and OUT.csv, whose row i describes row i: path
-    (relative to OUT.csv's folder, so OUT.csv reads as a manifest), clip (its index among
-    the file's consecutive clips), start_seconds, then the manifest's own columns; with
-    --per-track one row per file (the mean of its clips; columns path, clips, ...). The
-    clips and values are those of embed_files (the probe's). Files are embedded in parts
-    of --export-part-files, each saved in OUT.parts/ as it finishes, so a rerun with the
-    same inputs skips finished parts; the parts are removed once OUT is complete.
-    Returns {"npy", "csv", "rows", "dim", "skipped"}.
-    """
-    if len(args.checkpoint) != 1:
-        raise utils.UserError(f"--export-embeddings takes one --checkpoint, got {len(args.checkpoint)}")
-    if args.export_part_files < 1:
-        raise utils.UserError(f"--export-part-files {args.export_part_files}: must be at least 1")
-    model, settings = load_encoder(args.checkpoint[0], args, device)
-    csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
-        synthetic.make_synthetic_set(args.synthetic_dir)
-    manifest = datasets.read_manifest(csv)
-    out = args.export_embeddings[:-4] if args.export_embeddings.endswith((".npy", ".csv")) else args.export_embeddings
-    out_folder = os.path.dirname(os.path.abspath(out))
-    parts = out + ".parts"
-    paths = list(manifest["path"])
-    open_export_parts(parts, {"checkpoint": settings["key"], "layer": args.layer, "max_clips": args.max_clips,
-                              "per_track": args.per_track, "part_files": args.export_part_files,
-                              "files": hashlib.sha256(json.dumps(paths).encode()).hexdigest()})
-    starts = range(0, len(paths), args.export_part_files)
-    done = [k for k in range(len(starts)) if os.path.isfile(os.path.join(parts, f"part-{k:05d}.csv"))]
-    if done:
-        print(f"export: {len(done)} of {len(starts)} parts already in {parts}; continuing")
-    with tqdm(total=len(paths), initial=min(len(paths), len(done) * args.export_part_files), desc="embed",
-              unit="file") as bar:
-        for k, start in enumerate(starts):
-            if k not in done:
-                rows = list(range(start, min(start + args.export_part_files, len(paths))))
-                write_part(os.path.join(parts, f"part-{k:05d}"), *embed_part(model, paths, rows, settings, args,
-                                                                             device, bar))
-    x, table, skipped = join_parts(parts, len(starts), csv, paths)  # x [rows, E]
-    owners = table.pop("row").to_numpy()
-    table.insert(0, "path", [os.path.relpath(paths[r], out_folder).replace(os.sep, "/") for r in owners])
-    for column in [c for c in manifest.columns if c not in ("path", "source", "source_row")]:
-        table[column] = manifest[column].to_numpy()[owners]
-    os.makedirs(out_folder, exist_ok=True)
-    np.save(out + ".tmp.npy", x)
-    os.replace(out + ".tmp.npy", out + ".npy")
-    table.to_csv(out + ".tmp.csv", index=False)
-    os.replace(out + ".tmp.csv", out + ".csv")
-    for name in os.listdir(parts):
-        os.remove(os.path.join(parts, name))
-    os.rmdir(parts)
-    unit = "track" if args.per_track else "clip"
-    step = f", step {settings['step']}" if "step" in settings else ""
-    warned = sum(p in datasets.DECODER_WARNINGS for p in paths)
-    print(f"embeddings: {x.shape[0]} {unit}s x {x.shape[1]} ({args.layer}, {args.checkpoint[0]}{step}) -> {out}.npy, "
-          f"row i described by row i of {out}.csv; {len(skipped)} unreadable file(s) skipped"
-          + (f"; {warned} file(s) with decoder warnings (caught)" if warned else ""))
-    for message in skipped[:10]:
-        print(f"  skipped: {message}")
-    return {"npy": out + ".npy", "csv": out + ".csv", "rows": int(x.shape[0]), "dim": int(x.shape[1]),
-            "skipped": skipped}
-
-
-def corruption_name(corruption):
-    """'clean', or the transforms and severity, e.g. 'noise,reverb@1.5'."""
-    return "clean" if corruption is None else f"{','.join(corruption['names'])}@{corruption['severity']:g}"
-
-
-def cached_embeddings(model, paths, settings, args, device, corruption=None):
-    """embed_files over `paths`, cached in --cache-dir as DIGEST.npy plus a DIGEST.json index.
-
-    The digest covers the checkpoint's SHA-256 (settings["key"]), the files and their
-    modification times, the layer, the clip settings and the corruption, so embeddings of
-    another checkpoint (even one saved under the same file name) are never reused: a new
-    checkpoint gets its own entry, and the message says so. The index records these
-    inputs and is checked on load. Returns what embed_files returns.
-    """
-    paths = list(paths)
-    files = json.dumps([paths, [os.path.getmtime(p) if os.path.exists(p) else 0 for p in paths]])
-    files_digest = hashlib.sha1(files.encode()).hexdigest()
-    index = {"checkpoint": settings["key"], "files": files_digest, "num_files": len(paths), "layer": args.layer,
-             "max_clips": args.max_clips, "sample_rate": settings["sample_rate"],
-             "clip_samples": settings["clip_samples"], "corruption": corruption}
-    digest = hashlib.sha1(json.dumps(index, sort_keys=True).encode()).hexdigest()[:20]
-    if args.cache_dir == "none":
-        return embed_files(model, paths, settings, args.layer, device, args.max_clips, corruption)
-    base = os.path.join(args.cache_dir, digest)
-    if os.path.isfile(base + ".npy") and os.path.isfile(base + ".json"):
-        with open(base + ".json") as f:
-            saved = json.load(f)
-        if {k: saved.get(k) for k in index} == index:
-            print(f"embedding cache: reusing {base}.npy (checkpoint {settings['key'][:12]}, "
-                  f"{corruption_name(corruption)})")
-            owners = np.repeat(np.arange(len(paths)), saved["clips"])
-            return np.load(base + ".npy"), owners, saved["failed"]
-        print(f"embedding cache: {base}.json was written for other inputs; rebuilding it")
-    print(f"embedding cache: extracting {len(paths)} files with checkpoint {settings['key'][:12]} "
-          f"({corruption_name(corruption)}) into {base}.npy")
-    embeddings, owners, failed = embed_files(model, paths, settings, args.layer, device, args.max_clips, corruption)
-    os.makedirs(args.cache_dir, exist_ok=True)
-    index["clips"] = np.bincount(owners, minlength=len(paths)).tolist()
-    index["failed"] = failed
-    np.save(base + ".tmp.npy", embeddings)
-    with open(base + ".tmp.json", "w") as f:
-        json.dump(index, f)
-    os.replace(base + ".tmp.npy", base + ".npy")
-    os.replace(base + ".tmp.json", base + ".json")
-    return embeddings, owners, failed
-
-
-
-
-
-def track_embeddings(embeddings, owners, tracks):
-    """Track-level embeddings: the mean of each track's clip embeddings -> `[len(tracks), E]`.
-
-    embeddings `[M, E]` (on any device; the result stays there), owners `[M]` track
-    indices, tracks: the sorted distinct owners.
-    """
-    x = torch.as_tensor(embeddings, dtype=torch.float32)
-    index = torch.as_tensor(np.searchsorted(tracks, owners), device=x.device)
-    summed = torch.zeros(len(tracks), x.shape[1], device=x.device).index_add_(0, index, x)
-    counts = torch.zeros(len(tracks), device=x.device).index_add_(0, index, torch.ones(len(owners), device=x.device))
-    return summed / counts[:, None]
 
 
 @dataclasses.dataclass
@@ -686,37 +364,53 @@ class ClipSet:
         return order[first + (rng.random(len(counts)) * counts).astype(np.int64)]
 
 
-@dataclasses.dataclass
-class ProbeData:
-    """One probe's labeled tracks, their settings and frozen clip embeddings.
-
-    name, csv, task, column (datasets.LabelColumn), head ("linear" or "mlp") and patience as
-    the probe list gives them; rows: the labeled manifest rows `[N]`, with paths and split `[N]`;
-    labels `[N]` class indices or `[N, C]` float targets; out_dim: classes or outputs C;
-    clips: every readable track's clips; mean, std `[E]`: train-clip statistics the head
-    standardizes with; manifest_digest: the manifest file's SHA-256 (12 hex digits);
-    failed: messages of files that could not be read.
-    """
-    name: str
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One probe of the list (--tasks rows, or one per --label-column): its manifest, label
+    column(s), task and label kind, display name, head ("linear" or "mlp") and patience."""
     csv: str
+    label_column: str
     task: str
-    column: datasets.LabelColumn
+    label_kind: str
+    name: str
     head: str
     patience: int
+
+
+@dataclasses.dataclass
+class ProbeData:
+    """One probe's labeled tracks, read and checked once, and their frozen clip embeddings.
+
+    rows: the labeled manifest rows `[N]` (path, split, labels); column: their
+    datasets.LabelColumn; split `[N]`; labels `[N]` class indices or `[N, C]` float targets;
+    clips: every readable track's clips (None until embedded, see probe_data); failed:
+    messages of files that could not be read.
+    """
+    probe: Probe
     rows: pd.DataFrame
-    paths: list
+    column: datasets.LabelColumn
     split: np.ndarray
     labels: torch.Tensor
-    out_dim: int
-    clips: ClipSet
-    mean: torch.Tensor
-    std: torch.Tensor
-    manifest_digest: str
-    failed: list
+    clips: ClipSet = None
+    failed: tuple = ()
+
+    @property
+    def paths(self):
+        return list(self.rows["path"])
+
+    @property
+    def out_dim(self):
+        """Classes, or regression outputs, C."""
+        return len(self.column.columns) if self.probe.task == "regression" else len(self.column.classes)
 
     def split_clips(self, name):
         """The clips of the split called `name` (train, val or test)."""
         return self.clips.subset(self.split[self.clips.owners] == name)
+
+    def train_statistics(self):
+        """Mean and std `[E]` of the train clips' embeddings, which the head standardizes with."""
+        train = self.clips.x.numpy()[self.split[self.clips.owners] == "train"]  # [M_train, E]
+        return torch.from_numpy(train.mean(0)), torch.from_numpy(train.std(0) + 1e-6)
 
 
 # ---------------------------------------------------------------- heads and prototypes
@@ -744,8 +438,9 @@ def new_head(args, data, seed, device):
     """A fresh head for `data` (its head kind, standardizing with its train statistics), seeded."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = make_head(data.head, len(data.mean), data.out_dim, args.head_hidden)
-        return torch.nn.Sequential(Standardize(data.mean, data.std), head).to(device)
+        mean, std = data.train_statistics()
+        head = make_head(data.probe.head, len(mean), data.out_dim, args.head_hidden)
+        return torch.nn.Sequential(Standardize(mean, std), head).to(device)
 
 
 def head_loss(task, outputs, labels):
@@ -766,8 +461,8 @@ def track_outputs(predictor, clips, aggregate, device=None):
     """
     x = clips.x.to(device) if device is not None else clips.x
     if aggregate == "embeddings":
-        return predictor(track_embeddings(x, clips.owners, clips.tracks)).float().cpu()
-    return track_embeddings(predictor(x).float(), clips.owners, clips.tracks).cpu()
+        return predictor(export.track_embeddings(x, clips.owners, clips.tracks)).float().cpu()
+    return export.track_embeddings(predictor(x).float(), clips.owners, clips.tracks).cpu()
 
 
 @torch.no_grad()
@@ -778,12 +473,12 @@ def val_scores(predictor, data, val, val_crops, aggregate, device=None):
     clips the loss is taken on, or None for the metric alone (prototype scores are not
     logits, so they have no loss).
     """
-    metric = MAIN_METRIC[data.task]
-    scores = {metric: metrics(data.task, track_outputs(predictor, val, aggregate, device), data.labels[val.tracks],
+    metric = MAIN_METRIC[data.probe.task]
+    scores = {metric: metrics(data.probe.task, track_outputs(predictor, val, aggregate, device), data.labels[val.tracks],
                               data.column)[metric]}
     if val_crops is not None:
         outputs = predictor(val_crops.x.to(device) if device is not None else val_crops.x).float()  # [m, C]
-        scores["loss"] = float(head_loss(data.task, outputs, data.labels[val_crops.owners].to(outputs.device)))
+        scores["loss"] = float(head_loss(data.probe.task, outputs, data.labels[val_crops.owners].to(outputs.device)))
     return scores
 
 
@@ -796,15 +491,15 @@ class EarlyStopping:
 
     def __init__(self, patience, monitor):
         self.patience, self.monitor = patience, monitor
-        self.best, self.best_state, self.best_epoch, self.waited = None, None, 0, 0
+        self.best, self.best_state, self.waited = None, None, 0
 
-    def update(self, epoch, scores, state):
+    def update(self, scores, state):
         """Record one epoch's val `scores` (a dict holding the monitored key); `state()` makes
         a copy of what to keep if this epoch is the best so far. Returns True to stop."""
         value, best = scores[self.monitor], None if self.best is None else self.best[self.monitor]
         improved = best is None or (value < best if self.monitor == "loss" else value > best)
         if improved:
-            self.best, self.best_state, self.best_epoch, self.waited = dict(scores), state(), epoch, 0
+            self.best, self.best_state, self.waited = dict(scores), state(), 0
             return False
         self.waited += 1
         return self.waited >= self.patience
@@ -823,14 +518,24 @@ def val_crop_rows(args, val, seed):
     return val.one_per_track(np.random.default_rng([seed, 2]))
 
 
+@dataclasses.dataclass
+class Fit:
+    """A fitted predictor: embeddings `[m, E]` -> outputs `[m, C]` on the CPU, the val scores
+    of the kept epoch, epochs run, and unreadable crops replaced (--finetune only)."""
+    predictor: object
+    val: dict
+    epochs: int
+    replaced: int = 0
+
+
 def fit_head(args, data, chosen, seed, device):
-    """Train data.head on frozen embeddings of the `chosen` train tracks; Adam, early stopping on val.
+    """Train data.probe.head on frozen embeddings of the `chosen` train tracks; Adam, early stopping on val.
 
     --train-clips random (the authors'): each epoch one clip per chosen track, drawn anew
     among its cached clips; all: every cached clip. The monitored val score (--early-stop)
     is checked after every epoch; the head of the best epoch is kept. Training runs on
     `device` (the embeddings are moved there once).
-    Returns (head on CPU in eval mode, val scores of the best epoch, epochs run).
+    Returns a Fit (the head on the CPU in eval mode).
     """
     train = data.clips.subset(np.isin(data.clips.owners, chosen))
     val = data.split_clips("val")
@@ -839,22 +544,22 @@ def fit_head(args, data, chosen, seed, device):
     head = new_head(args, data, seed, device)
     optimizer = torch.optim.Adam(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     rng, order = np.random.default_rng([seed, 1]), torch.Generator().manual_seed(seed)
-    stopper = EarlyStopping(data.patience, monitor_name(args, data.task))
+    stopper = EarlyStopping(data.probe.patience, monitor_name(args, data.probe.task))
     for epoch in range(1, args.max_epochs + 1):
         rows = torch.as_tensor(train.one_per_track(rng) if args.train_clips == "random" else np.arange(len(x)))
         head.train()
         for batch in rows[torch.randperm(len(rows), generator=order)].split(args.batch_size):
             batch = batch.to(device)
-            loss = head_loss(data.task, head(x[batch]), labels[batch])
+            loss = head_loss(data.probe.task, head(x[batch]), labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         head.eval()
         scores = val_scores(head, data, val, val_crops, args.aggregate, device)
-        if stopper.update(epoch, scores, lambda: copy.deepcopy(head.state_dict())):
+        if stopper.update(scores, lambda: copy.deepcopy(head.state_dict())):
             break
     head.load_state_dict(stopper.best_state)
-    return head.cpu().eval(), stopper.best, epoch
+    return Fit(head.cpu().eval(), stopper.best, epoch)
 
 
 def collate_crops(items):
@@ -873,7 +578,7 @@ def finetune(args, model, settings, data, chosen, seed, device):
     track metric). The encoder learns at --finetune-lr, the head at --lr; with --layer
     projection the projection head is trained too. A progress bar shows the epochs, the
     last train loss and the val scores. On return, model holds the best epoch's weights.
-    Returns (head on CPU, val scores of the best epoch, epochs run, unreadable crops replaced).
+    Returns a Fit (the head on the CPU, with the unreadable crops replaced).
     """
     head = new_head(args, data, seed, device)
     tuned = [model.encoder] + ([model.head] if args.layer == "projection" else [])
@@ -885,9 +590,9 @@ def finetune(args, model, settings, data, chosen, seed, device):
     rng = np.random.default_rng(seed)
     val_tracks = np.flatnonzero(data.split == "val")
     val_paths = [data.paths[t] for t in val_tracks]
-    stopper = EarlyStopping(data.patience, monitor_name(args, data.task))
+    stopper = EarlyStopping(data.probe.patience, monitor_name(args, data.probe.task))
     predictor = lambda x: head(x.to(device))  # noqa: E731 (val clips stay on the CPU)
-    progress = tqdm(range(1, args.max_epochs + 1), desc=f"fine-tune {data.name} seed {seed}", unit="epoch",
+    progress = tqdm(range(1, args.max_epochs + 1), desc=f"fine-tune {data.probe.name} seed {seed}", unit="epoch",
                     dynamic_ncols=True)
     replaced, val_rows, epoch, train_loss = 0, None, 0, float("nan")
     for epoch in progress:
@@ -903,25 +608,25 @@ def finetune(args, model, settings, data, chosen, seed, device):
         head.train()
         for audio, rows, failed in loader:
             replaced += failed
-            loss = head_loss(data.task, head(embed(model, audio.to(device), args.layer)), data.labels[rows].to(device))
+            outputs = head(models.embed(model, audio.to(device), args.layer))  # [B, C]
+            loss = head_loss(data.probe.task, outputs, data.labels[rows].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             train_loss = loss.item()
         model.eval()
         head.eval()
-        embeddings, owners, _ = embed_files(model, val_paths, settings, args.layer, device, args.max_clips)
-        val = ClipSet(torch.from_numpy(embeddings), val_tracks[owners])
+        embedded = export.embed_files(model, val_paths, settings, args.layer, device, args.max_clips)
+        val = ClipSet(torch.from_numpy(embedded.x), val_tracks[embedded.owners])
         val_rows = val_crop_rows(args, val, seed) if val_rows is None else val_rows
         scores = val_scores(predictor, data, val, val.subset(val_rows), args.aggregate)
         progress.set_postfix({"train loss": f"{train_loss:.3f}", **{f"val {k}": f"{v:.3f}" for k, v in scores.items()}})
-        if stopper.update(epoch, scores, lambda: (copy.deepcopy(head.state_dict()),
-                                                 copy.deepcopy(model.state_dict()))):
+        if stopper.update(scores, lambda: (copy.deepcopy(head.state_dict()), copy.deepcopy(model.state_dict()))):
             break
     progress.close()
     head.load_state_dict(stopper.best_state[0])
     model.load_state_dict(stopper.best_state[1])
-    return head.cpu().eval(), stopper.best, epoch, replaced
+    return Fit(head.cpu().eval(), stopper.best, epoch, replaced)
 
 
 def class_prototypes(x, y, task, num_classes):
@@ -1001,146 +706,10 @@ def label_subset(tracks, labels, task, fraction, seed):
     return np.sort(tracks[chosen])
 
 
-# ---------------------------------------------------------------- plots
-
-def new_figure(**kwargs):
-    """plt.subplots(**kwargs) drawn off screen (files only, no display).
-
-    matplotlib is imported on the first figure, not with the module: probing without
-    --plot then runs where matplotlib is absent (the GPU check's machine has none).
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt.subplots(**kwargs)
-
-
-def confusion_figure(counts, class_names, title):
-    """A confusion matrix as a matplotlib Figure: true class down, predicted class across.
-
-    counts `[C, C]` (row = true, column = predicted); each cell is shaded by its share of
-    the row (white 0 to dark blue 1, colour bar at the side) and shows its count (every
-    cell up to 15 classes, the non-zero ones beyond). class_names label both axes.
-    """
-    counts = np.asarray(counts)
-    n = len(counts)
-    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # [C, C]
-    side = min(24.0, max(4.5, 0.32 * n + 2.5))  # inches: room for the names as classes grow
-    figure, axes = new_figure(figsize=(side + 1.2, side), dpi=120)
-    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    axes.set_xticks(range(n), labels=class_names, rotation=90 if n > 5 else 45, ha="center" if n > 5 else "right",
-                    rotation_mode="anchor" if n <= 5 else "default")
-    axes.set_yticks(range(n), labels=class_names)
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
-    axes.set_title(title)
-    font = max(4.0, min(10.0, 160 / n))
-    for i in range(n):
-        for j in range(n):
-            if counts[i, j] or n <= 15:
-                axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=font,
-                          color="white" if rates[i, j] > 0.5 else "black")
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class's test tracks")
-    figure.tight_layout()
-    return figure
-
-
-def curve_figure(lines, xlabel, ylabel, title, log_x=False):
-    """Metric curves as a Figure: lines {label: (x `[n]`, mean `[n]`, std `[n]`)}, one line each,
-    with ± std error bars and a shaded band where std is non-zero."""
-    figure, axes = new_figure(figsize=(6.4, 4.4), dpi=120)
-    for label, (x, mean, std) in lines.items():
-        x, mean, std = (np.asarray(v, dtype=np.float64) for v in (x, mean, std))
-        axes.errorbar(x, mean, yerr=std if std.any() else None, marker="o", capsize=3, label=label)
-        if std.any():
-            axes.fill_between(x, mean - std, mean + std, alpha=0.15)
-    if log_x:
-        axes.set_xscale("log")
-        ticks = sorted({float(v) for x, _, _ in lines.values() for v in x})
-        axes.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
-        axes.minorticks_off()
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title, fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def save_figure(figure, path, writer, tag):
-    """Write `figure` as a PNG at `path` and as image `tag` to a TensorBoard writer, then close it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path)
-    writer.add_figure(tag, figure, close=True)
-
-
-def write_projector(folder, embeddings, metadata, header):
-    """Test embeddings `[N, E]` for TensorBoard's projector in `folder`, one metadata row
-    (a list of header's columns) per embedding. Open with `tensorboard --logdir FOLDER`."""
-    writer = SummaryWriter(log_dir=folder)
-    writer.add_embedding(torch.as_tensor(embeddings), metadata=metadata, metadata_header=header, tag="test")
-    writer.close()
-
-
-def safe_name(text):
-    """A folder name from free text: runs of other characters become '_'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "probe"
-
-
-def checkpoint_label(result):
-    """How figures name a result's checkpoint: as typed, with its step when it has one."""
-    step = result.get("checkpoint_step")
-    return result["checkpoint"] if not result.get("checkpoint_file") else f"{result['checkpoint']} (step {step})"
-
-
-def plot_curves(args, results):
-    """--plot after every probe: per probe, the few-label curve (with several label fractions)
-    and the robustness curve (with --severity-sweep; one per label fraction), one line per
-    checkpoint, as PNGs in --plot-dir and in its TensorBoard log. Returns the PNG paths."""
-    if len(args.label_fractions) < 2 and not args.severities:
-        return []
-    written = []
-    writer = SummaryWriter(log_dir=args.plot_dir)
-    for probe in dict.fromkeys(r["probe"] for r in results):
-        mine = [r for r in results if r["probe"] == probe]
-        metric = MAIN_METRIC[mine[0]["task"]]
-        seeds = len(mine[0]["seeds"])
-        spread = f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""
-        if len({r["label_fraction"] for r in mine}) > 1:
-            lines = {}
-            for checkpoint in dict.fromkeys(r["checkpoint"] for r in mine):
-                ordered = sorted((r for r in mine if r["checkpoint"] == checkpoint), key=lambda r: r["label_fraction"])
-                lines[checkpoint_label(ordered[0])] = ([r["label_fraction"] for r in ordered],
-                                                       [r["test"][metric] for r in ordered],
-                                                       [r["test_std"][metric] for r in ordered])
-            corrupt = mine[0]["corrupt"]
-            audio = f"\ntest audio corrupted by {','.join(corrupt['names'])} at s={corrupt['severity']:g}" \
-                if corrupt else ""
-            path = os.path.join(args.plot_dir, f"few-labels__{safe_name(probe)}.png")
-            save_figure(curve_figure(lines, "share of labeled train tracks", f"test {metric}",
-                                     f"{probe}: test {metric} against label fraction{spread}{audio}", log_x=True),
-                        path, writer, f"few-labels/{probe}")
-            written.append(path)
-        for fraction in dict.fromkeys(r["label_fraction"] for r in mine if "sweep" in r):
-            swept = [r for r in mine if "sweep" in r and r["label_fraction"] == fraction]
-            names = ",".join(swept[0]["corrupt"]["names"])
-            lines = {checkpoint_label(r): ([float(s) for s in r["sweep"]], [m[metric] for m in r["sweep"].values()],
-                                           [d[metric] for d in r["sweep_std"].values()]) for r in swept}
-            suffix = "" if fraction == 1 else f"@{fraction:g}"
-            path = os.path.join(args.plot_dir, f"robustness__{safe_name(probe + suffix)}.png")
-            save_figure(curve_figure(lines, f"severity s of the test corruption ({names})", f"test {metric}",
-                                     f"{probe}{' ' + suffix if suffix else ''}: robustness{spread}"),
-                        path, writer, f"robustness/{probe}{suffix}")
-            written.append(path)
-    writer.close()
-    return written
-
-
 # ---------------------------------------------------------------- one probe
 
 def probe_list(args):
-    """The probes to run: dicts with csv, label_column, task, label_kind, name, head and patience.
+    """The probes to run, as Probe records.
 
     From --tasks, relative csv paths are read from the tasks file's folder, and an empty
     head or patience cell (or a missing column) means --head or --patience; otherwise one
@@ -1165,34 +734,31 @@ def probe_list(args):
             if not patience.isdigit():
                 raise utils.UserError(f"{where}, column 'patience': {patience!r} is not a whole number of epochs")
             csv = entry["csv"] if os.path.isabs(entry["csv"]) else os.path.join(folder, entry["csv"])
-            probes.append({"csv": csv, "label_column": entry["label_column"], "task": entry["task"],
-                           "label_kind": entry.get("label_kind", "") or "generic", "head": head,
-                           "patience": int(patience),
-                           "name": entry.get("name", "") or f"{os.path.basename(csv)}:{entry['label_column']}"})
+            probes.append(Probe(csv, entry["label_column"], entry["task"], entry.get("label_kind", "") or "generic",
+                                entry.get("name", "") or f"{os.path.basename(csv)}:{entry['label_column']}", head,
+                                int(patience)))
         return probes
     columns = args.label_column or ["label"]
     tasks = utils.per_column(args.task or ["multiclass"], len(columns), "task")
     kinds = utils.per_column(args.label_kind or ["generic"], len(columns), "label-kind")
     csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
         synthetic.make_synthetic_set(args.synthetic_dir)
-    return [{"csv": csv, "label_column": c, "task": t, "label_kind": k, "name": c, "head": args.head,
-             "patience": args.patience} for c, t, k in zip(columns, tasks, kinds)]
+    return [Probe(csv, c, t, k, c, args.head, args.patience) for c, t, k in zip(columns, tasks, kinds)]
 
 
 def read_labels(args, probe):
-    """Read a probe's manifest and labels and check that they suit probing.
+    """Read a probe's manifest and labels and check that they suit probing (once per probe).
 
-    Returns (rows: the labeled rows of the manifest, column: datasets.LabelColumn,
-    split `[N]` per row). Raises datasets.ManifestError for labels that do not fit the
+    Returns its ProbeData without embeddings (probe_data adds them). Raises datasets.ManifestError for labels that do not fit the
     task (naming file, line and column) and utils.UserError for a split without labeled
     rows, test or val classes absent from train, or --prototypes on regression.
     """
-    csv, task = probe["csv"], probe["task"]
+    csv, task = probe.csv, probe.task
     if args.prototypes and task == "regression":
-        raise utils.UserError(f"{probe['name']}: --prototypes needs class labels (multiclass or multilabel), "
+        raise utils.UserError(f"{probe.name}: --prototypes needs class labels (multiclass or multilabel), "
                               f"not a regression task; drop --prototypes for this probe")
     manifest = datasets.read_manifest(csv)
-    column = datasets.parse_labels(manifest, probe["label_column"], task, probe["label_kind"])
+    column = datasets.parse_labels(manifest, probe.label_column, task, probe.label_kind)
     labeled = manifest.index[column.labeled].to_numpy()
     split = manifest["split"].to_numpy()[labeled]
     for name in ("train", "val", "test"):
@@ -1207,7 +773,8 @@ def read_labels(args, probe):
             raise utils.UserError(f"{csv}: classes {unseen} of column {column.name!r} appear in val or test "
                                   f"but have no train rows; move some of their rows to train")
     column.values, column.labeled = column.values[labeled], column.labeled[labeled]
-    return manifest.iloc[labeled].reset_index(drop=True), column, split
+    labels = torch.as_tensor(column.values, dtype=torch.long if task == "multiclass" else torch.float32)
+    return ProbeData(probe, manifest.iloc[labeled].reset_index(drop=True), column, split, labels)
 
 
 def test_conditions(args):
@@ -1222,39 +789,28 @@ def test_conditions(args):
     return conditions or {"clean": None}
 
 
-def probe_data(args, model, settings, probe, device):
-    """A probe's ProbeData: its labels and the frozen (cached) clip embeddings of its files."""
-    rows, column, split = read_labels(args, probe)
-    task = probe["task"]
-    labels = torch.as_tensor(column.values, dtype=torch.long if task == "multiclass" else torch.float32)
-    embeddings, owners, failed = cached_embeddings(model, list(rows["path"]), settings, args, device)
-    for message in failed:
+def probe_data(args, model, settings, data, device):
+    """`data` (from read_labels) with the frozen (cached) clip embeddings of its files."""
+    embedded = export.cached_embeddings(model, data.paths, settings, args, device)
+    for message in embedded.failed:
         print(f"skipped: {message}")
-    train = embeddings[split[owners] == "train"]  # [M_train, E]
-    csv = probe["csv"]
-    return ProbeData(name=probe["name"], csv=csv, task=task, column=column, head=probe["head"], patience=probe["patience"],
-                     rows=rows, paths=list(rows["path"]), split=split, labels=labels,
-                     out_dim=len(column.columns) if task == "regression" else len(column.classes),
-                     clips=ClipSet(torch.from_numpy(embeddings), owners), mean=torch.from_numpy(train.mean(0)),
-                     std=torch.from_numpy(train.std(0) + 1e-6),
-                     manifest_digest=file_digest(csv)[:12] if os.path.isfile(csv) else None, failed=failed)
+    return dataclasses.replace(data, clips=ClipSet(torch.from_numpy(embedded.x), embedded.owners),
+                               failed=tuple(embedded.failed))
 
 
 def fit_predictor(args, model, settings, data, chosen, seed, device, initial_state=None):
     """Fit one predictor on the `chosen` train tracks: a head on frozen embeddings (default),
     class prototypes (--prototypes), or a head with the encoder (--finetune, starting
-    from initial_state). Returns (predictor: embeddings `[m, E]` -> outputs `[m, C]` on
-    the CPU, val scores of the kept epoch, epochs run, unreadable crops replaced)."""
+    from initial_state). Returns a Fit."""
     if args.finetune:
         model.load_state_dict(initial_state)
         return finetune(args, model, settings, data, chosen, seed, device)
     if args.prototypes:
         train = data.clips.subset(np.isin(data.clips.owners, chosen))
-        prototypes = class_prototypes(train.x, data.column.values[train.owners], data.task, data.out_dim)
+        prototypes = class_prototypes(train.x, data.column.values[train.owners], data.probe.task, data.out_dim)
         predictor = lambda x: prototype_scores(prototypes, x)  # noqa: E731
-        return predictor, val_scores(predictor, data, data.split_clips("val"), None, args.aggregate), 0, 0
-    head, val, epochs = fit_head(args, data, chosen, seed, device)
-    return head, val, epochs, 0
+        return Fit(predictor, val_scores(predictor, data, data.split_clips("val"), None, args.aggregate), 0)
+    return fit_head(args, data, chosen, seed, device)
 
 
 def test_clips(args, model, settings, data, corruption, cache, device):
@@ -1268,10 +824,10 @@ def test_clips(args, model, settings, data, corruption, cache, device):
     test_rows = np.flatnonzero(data.split == "test")
     test_paths = [data.paths[t] for t in test_rows]
     if cache:
-        x, owners, _ = cached_embeddings(model, test_paths, settings, args, device, corruption)
+        embedded = export.cached_embeddings(model, test_paths, settings, args, device, corruption)
     else:
-        x, owners, _ = embed_files(model, test_paths, settings, args.layer, device, args.max_clips, corruption)
-    return ClipSet(torch.from_numpy(x), test_rows[owners])
+        embedded = export.embed_files(model, test_paths, settings, args.layer, device, args.max_clips, corruption)
+    return ClipSet(torch.from_numpy(embedded.x), test_rows[embedded.owners])
 
 
 def score_run(predictor, data, tests, aggregate, main_condition):
@@ -1284,26 +840,26 @@ def score_run(predictor, data, tests, aggregate, main_condition):
     for condition, clips in tests.items():
         outputs = track_outputs(predictor, clips, aggregate)  # [tracks, C]
         labels = data.labels[clips.tracks]
-        scores[condition] = metrics(data.task, outputs, labels, data.column)
+        scores[condition] = metrics(data.probe.task, outputs, labels, data.column)
         if condition == main_condition:
-            if data.task == "multiclass":
+            if data.probe.task == "multiclass":
                 confusion = confusion_matrix(outputs.argmax(1).numpy(), labels.numpy(), data.out_dim)
-            shown = (track_embeddings(clips.x, clips.owners, clips.tracks), clips.tracks, outputs)
+            shown = (export.track_embeddings(clips.x, clips.owners, clips.tracks), clips.tracks, outputs)
     return scores, confusion, shown
 
 
-def run_probe(args, model, settings, source, probe, device, initial_state=None):
+def run_probe(args, model, settings, source, data, device, initial_state=None):
     """Evaluate one (checkpoint, probe): one results dict per label fraction.
 
     source: what results record of the checkpoint (checkpoint_record). Frozen (default)
     and --prototypes runs share cached embeddings; --finetune starts each run from
     initial_state (the checkpoint's weights) and re-embeds val and test. Every run is
     scored on each test condition: clean, or --corrupt at --severity, and each
-    --severity-sweep value.
+    --severity-sweep value. data: the probe's labels (read_labels).
     """
     if initial_state is not None:
         model.load_state_dict(initial_state)
-    data = probe_data(args, model, settings, probe, device)
+    data = probe_data(args, model, settings, data, device)
     conditions = test_conditions(args)
     main_condition = next(iter(conditions))
     frozen_tests = None if args.finetune else {
@@ -1313,21 +869,20 @@ def run_probe(args, model, settings, source, probe, device, initial_state=None):
     for fraction in args.label_fractions:
         runs, shown = [], None
         for seed in range(args.seed, args.seed + args.seeds):
-            chosen = label_subset(train_tracks, data.column.values[train_tracks], data.task, fraction, seed)
-            predictor, val, epochs, replaced = fit_predictor(args, model, settings, data, chosen, seed, device,
-                                                             initial_state)
+            chosen = label_subset(train_tracks, data.column.values[train_tracks], data.probe.task, fraction, seed)
+            fit = fit_predictor(args, model, settings, data, chosen, seed, device, initial_state)
             tests = frozen_tests or {name: test_clips(args, model, settings, data, corruption, False, device)
                                      for name, corruption in conditions.items()}
-            test, confusion, run_shown = score_run(predictor, data, tests, args.aggregate, main_condition)
-            run = {"seed": seed, "train_tracks": len(chosen), "val": val, "epochs": epochs,
-                   "replaced_crops": replaced, "test": test}
+            test, confusion, run_shown = score_run(fit.predictor, data, tests, args.aggregate, main_condition)
+            run = {"seed": seed, "train_tracks": len(chosen), "val": fit.val, "epochs": fit.epochs,
+                   "replaced_crops": fit.replaced, "test": test}
             if confusion is not None:
                 run["confusion_matrix"] = confusion.tolist()
             shown = shown or run_shown
             runs.append(run)
         results.append(summarize_runs(args, source, data, fraction, runs, main_condition))
         if args.plot:
-            plot_run(args, results[-1], data, shown)
+            reports.plot_run(args, results[-1], data, shown)
     return results
 
 
@@ -1342,11 +897,14 @@ def summarize_runs(args, source, data, fraction, runs, main_condition):
     """One results dict from the runs (seeds) of one label fraction: mean and std over runs."""
     test, test_std = mean_and_std([r["test"][main_condition] for r in runs])
     val, _ = mean_and_std([r["val"] for r in runs])
-    result = {**source, "probe": data.name, "csv": data.csv,
-              "manifest_sha256": data.manifest_digest, "label_column": data.column.name, "task": data.task,
-              "head": "prototypes" if args.prototypes else data.head, "layer": args.layer, "finetune": args.finetune,
+    csv = data.probe.csv
+    result = {**source, "probe": data.probe.name, "csv": csv,
+              "manifest_sha256": utils.file_digest(csv)[:12] if os.path.isfile(csv) else None,
+              "label_column": data.column.name, "task": data.probe.task,
+              "head": "prototypes" if args.prototypes else data.probe.head, "layer": args.layer,
+              "finetune": args.finetune,
               "aggregate": args.aggregate, "train_clips": "audio" if args.finetune else args.train_clips,
-              "early_stop": None if args.prototypes else args.early_stop, "patience": data.patience,
+              "early_stop": None if args.prototypes else args.early_stop, "patience": data.probe.patience,
               "label_fraction": fraction, "seeds": [r["seed"] for r in runs], "val": val,
               "epochs": [r["epochs"] for r in runs], "test": test, "test_std": test_std,
               "corrupt": None if main_condition == "clean" else {"names": args.corrupt_names,
@@ -1361,158 +919,50 @@ def summarize_runs(args, source, data, fraction, runs, main_condition):
     return result
 
 
-def plot_run(args, result, data, shown):
-    """--plot for one results dict: its first run's test embeddings in the projector (path,
-    label and, for multiclass, predicted class) and, for multiclass, the confusion matrix
-    as confusion_matrix.png, .csv and a TensorBoard image, in its own folder of --plot-dir."""
-    embeddings, tracks, outputs = shown
-    column = data.column
-    labels = [",".join(data.rows[c].iat[t] for c in column.columns) for t in tracks]
-    paths = [display_path(data.paths[t], result["csv"]) for t in tracks]
-    folder = [safe_name(result["checkpoint"]), safe_name(result["probe"])]
-    if len(args.label_fractions) > 1 or result["label_fraction"] < 1:
-        folder.append(f"fraction{result['label_fraction']:g}")
-    folder = os.path.join(args.plot_dir, "__".join(folder))
-    if column.task == "multiclass":
-        predicted = [column.classes[c] for c in outputs.argmax(1).tolist()]
-        write_projector(folder, embeddings, [list(row) for row in zip(paths, labels, predicted)],
-                        ["path", "label", "predicted"])
-        counts = np.asarray(result["runs"][0]["confusion_matrix"])
-        pd.DataFrame(counts, index=column.classes, columns=column.classes).to_csv(
-            os.path.join(folder, "confusion_matrix.csv"), index_label="true \\ predicted")
-        title = (f"{checkpoint_label(result)} · {result['probe']}\ntest accuracy "
-                 f"{np.trace(counts) / max(counts.sum(), 1):.3f} on {counts.sum()} tracks")
-        writer = SummaryWriter(log_dir=folder)
-        save_figure(confusion_figure(counts, column.classes, title), os.path.join(folder, "confusion_matrix.png"),
-                    writer, "confusion_matrix")
-        writer.close()
-    else:
-        write_projector(folder, embeddings, [list(row) for row in zip(paths, labels)], ["path", "label"])
-    result["plot_dir"] = folder
-    print(f"plots: {folder} (tensorboard --logdir {folder})")
+# ---------------------------------------------------------------- outputs and resume
+
+RESUME_IGNORES = ("checkpoint", "out", "plot", "plot_dir", "cache_dir", "workers", "tasks", "csv", "synthetic_dir",
+                  "label_column", "task", "label_kind", "head", "patience", "export_embeddings", "per_track",
+                  "export_part_files")  # flags that do not change a probe's results (or are in its Probe)
 
 
-def display_path(path, csv):
-    """A file's path as the projector shows it: relative to its manifest's folder when inside it."""
-    folder = csv if os.path.isdir(csv) else os.path.dirname(os.path.abspath(csv))
-    relative = os.path.relpath(os.path.abspath(path), folder)
-    shown = path if relative.startswith("..") else relative
-    return shown.replace("\t", " ").replace("\n", " ")
+def task_key(args, settings, probe):
+    """What decides one (checkpoint, probe)'s results: the checkpoint's SHA-256, the probe, its
+    manifest's bytes and every flag that changes results, as 16 hex digits."""
+    flags = {k: v for k, v in vars(args).items() if k not in RESUME_IGNORES}
+    manifest = utils.file_digest(probe.csv) if os.path.isfile(probe.csv) else None
+    text = json.dumps([settings["key"], dataclasses.asdict(probe), manifest, flags], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- summary
-
-def column_name(result, results):
-    """Summary column of a result: the probe name, with the label fraction when it varies."""
-    fractions = {r["label_fraction"] for r in results}
-    if fractions == {1.0}:
-        return result["probe"]
-    return f"{result['probe']} @{result['label_fraction']:g}"
-
-
-def cell_text(mean, std, seeds):
-    """'0.812' for one seed, '0.812 ± 0.013' for several."""
-    return f"{mean:.3f}" if seeds == 1 else f"{mean:.3f} ± {std:.3f}"
-
-
-def table_metrics(result):
-    """The test metrics a result shows in the summary, as the paper's table reports them.
-
-    multiclass: accuracy (and mirex for keys); multilabel: roc_auc and pr_auc;
-    regression: r2, and r2 of each output when there are several (e.g. "r2 arousal").
-    Returns a list of (metric name, mean, std).
-    """
-    test, spread = result["test"], result["test_std"]
-    names = {"multiclass": ["accuracy", "mirex"], "multilabel": ["roc_auc", "pr_auc"], "regression": ["r2"]}
-    cells = [(name, test[name], spread[name]) for name in names[result["task"]] if name in test]
-    if result["task"] == "regression" and len(test["r2_per_output"]) > 1:
-        outputs = result["label_column"].split(",")
-        cells += [(f"r2 {name}", m, s) for name, m, s in zip(outputs, test["r2_per_output"], spread["r2_per_output"])]
-    return cells
+def claim_outputs(args):
+    """Before any work: every output folder checked writable (--cache-dir, --plot-dir, --out's
+    folder), and --out locked (one probe per results file). Returns the lock, or None."""
+    if args.cache_dir != "none":
+        safety.check_writable(args.cache_dir, f"--cache-dir {args.cache_dir}")
+    if args.plot:
+        safety.check_writable(args.plot_dir, f"--plot-dir {args.plot_dir}")
+    if not args.out:
+        return None
+    folder = os.path.dirname(os.path.abspath(args.out))
+    safety.check_writable(folder, f"--out {args.out}")
+    return safety.FolderLock(folder, f"--out {args.out}", name=os.path.basename(args.out) + ".lock").acquire()
 
 
-def summary_records(results):
-    """One flat record per (result, table metric), with mean and std over seeds."""
-    records = []
-    for r in results:
-        for metric, mean, std in table_metrics(r):
-            column = column_name(r, results)
-            records.append({"checkpoint": r["checkpoint"], "probe": r["probe"], "column": column,
-                            "header": f"{column} ({metric})", "task": r["task"], "label_fraction": r["label_fraction"],
-                            "seeds": len(r["seeds"]), "metric": metric, "mean": mean, "std": std,
-                            "corrupt": r["corrupt"]})
-    return records
-
-
-def summary_table(results):
-    """The main table as Markdown, caption first: one row per checkpoint, one column per
-    (probe, metric) on test; below it, the file, step and SHA-256 of each checkpoint."""
-    records = summary_records(results)
-    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in records))
-    columns = list(dict.fromkeys(r["header"] for r in records))
-    cells = {(r["checkpoint"], r["header"]): r for r in records}
-    caption = ("Test results: rows are checkpoints, columns probe (metric); mean ± sample std over seeds where "
-               "there are several.")
-    corrupted = next((r["corrupt"] for r in records if r["corrupt"]), None)
-    if corrupted:
-        caption += f" Test audio corrupted by {','.join(corrupted['names'])} at severity {corrupted['severity']:g}."
-    lines = [caption, "", "| checkpoint | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for checkpoint in checkpoints:
-        values = []
-        for c in columns:
-            r = cells.get((checkpoint, c))
-            values.append(cell_text(r["mean"], r["std"], r["seeds"]) if r else "-")
-        lines.append(f"| {checkpoint} | " + " | ".join(values) + " |")
-    lines.append("")
-    for checkpoint in checkpoints:
-        r = next(r for r in results if r["checkpoint"] == checkpoint)
-        lines.append(f"- {checkpoint}: " + (f"{r['checkpoint_file']}, step {r['checkpoint_step']}, sha256 "
-                                            f"{r['checkpoint_sha256']}" if r["checkpoint_file"] else
-                                            "random-init encoder"))
-    return "\n".join(lines)
-
-
-def summary_frame(results):
-    """The summary table as a DataFrame for CSV: mean per column, plus 'COLUMN std' with seeds."""
-    records = summary_records(results)
-    frame = {}
-    for r in records:
-        row = frame.setdefault(r["checkpoint"], {"checkpoint": r["checkpoint"]})
-        row[r["header"]] = r["mean"]
-        if r["seeds"] > 1:
-            row[f"{r['header']} std"] = r["std"]
-    return pd.DataFrame(list(frame.values()))
-
-
-def robustness_table(results):
-    """Markdown table of the main test metric per sweep severity, caption first: rows (checkpoint, probe)."""
-    swept = [r for r in results if "sweep" in r]
-    if not swept:
-        return ""
-    severities = list(swept[0]["sweep"])
-    names = ",".join(swept[0]["corrupt"]["names"])
-    lines = [f"Robustness: the main test metric with the test audio corrupted by {names}, per severity s "
-             f"(s=0: clean audio).", "",
-             f"| checkpoint | probe ({names}) | " + " | ".join(f"s={s}" for s in severities) + " |",
-             "|---" * (len(severities) + 2) + "|"]
-    for r in swept:
-        metric = MAIN_METRIC[r["task"]]
-        values = [cell_text(r["sweep"][s][metric], r["sweep_std"][s][metric], len(r["seeds"])) for s in severities]
-        lines.append(f"| {r['checkpoint']} | {column_name(r, results)} ({metric}) | " + " | ".join(values) + " |")
-    return "\n".join(lines)
-
-
-def write_summary(out, results, report):
-    """Write the full results (JSON) to `out`, the tables (`report`, Markdown) next to it as
-    .md and the main table as .csv. Returns the paths written."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    stem = os.path.splitext(out)[0]
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(report + "\n")
-    summary_frame(results).to_csv(stem + ".csv", index=False)
-    return [out, stem + ".md", stem + ".csv"]
+def finished_results(out):
+    """The results a previous run with this --out wrote (it writes them as each probe finishes);
+    [] without --out or file, and for a damaged file (said so: its probes run again)."""
+    if not out or not os.path.isfile(out):
+        return []
+    try:
+        with open(out, encoding="utf-8") as f:
+            results = json.load(f)
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise ValueError("not a list of results")
+    except (OSError, ValueError) as error:
+        print(f"results: {out} is damaged ({str(error).splitlines()[0][:120]}); its probes run again")
+        return []
+    return results
 
 
 def main(argv=None):
@@ -1520,33 +970,46 @@ def main(argv=None):
     args = finish_args(build_parser().parse_args(argv))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.export_embeddings:
-        return export_embeddings(args, device)
-    probes = probe_list(args)
-    # ---- check every probe's manifest and labels before any embedding or training
-    for probe in probes:
-        read_labels(args, probe)
+        if len(args.checkpoint) != 1:
+            raise utils.UserError(f"--export-embeddings takes one --checkpoint, got {len(args.checkpoint)}")
+        return export.export_embeddings(args, args.checkpoint[0], args.export_embeddings, device,
+                                        "--export-embeddings")
+    # ---- every probe's manifest and labels, read and checked once, before any embedding or training
+    labeled = [read_labels(args, probe) for probe in probe_list(args)]
+    # ---- outputs writable and --out locked; the probes a killed run with this --out finished
+    lock = claim_outputs(args)
+    finished = finished_results(args.out)
 
-    # ---- probes, checkpoint by checkpoint (each encoder loaded once)
-    results = []
+    # ---- probes, checkpoint by checkpoint (each encoder loaded once); --out rewritten after each
+    results, keys = [], set()
     for checkpoint in args.checkpoint:
         model, settings = load_encoder(checkpoint, args, device)
         initial_state = copy.deepcopy(model.state_dict()) if args.finetune else None
         source = checkpoint_record(checkpoint, settings)
-        for probe in probes:
-            results.extend(run_probe(args, model, settings, source, probe, device, initial_state))
+        for data in labeled:
+            key = task_key(args, settings, data.probe)
+            done = [dict(r, **source) for r in finished if r.get("task_key") == key]
+            if done:
+                print(f"results: {data.probe.name} with {checkpoint} reused from {args.out} (finished before)")
+            keys.add(key)
+            results.extend(done or [dict(r, task_key=key) for r in run_probe(args, model, settings, source, data,
+                                                                              device, initial_state)])
+            if args.out and not done:
+                safety.write_json(args.out, results + [r for r in finished if r.get("task_key") not in keys])
 
     # ---- report: the tables on stdout, the full results in --out, the figures in --plot-dir
-    report = "\n\n".join(t for t in (summary_table(results), robustness_table(results)) if t)
+    report = "\n\n".join(t for t in (reports.summary_table(results), reports.robustness_table(results)) if t)
     print("\n" + report)
     if args.out:
-        print("results: " + ", ".join(write_summary(args.out, results, report)))
+        print("results: " + ", ".join(reports.write_summary(args.out, results, report)))
     if args.plot:
-        figures = plot_curves(args, results)
+        figures = reports.plot_curves(args, results)
         if figures:
             print(f"figures: {', '.join(figures)} (tensorboard --logdir {args.plot_dir})")
+    if lock is not None:
+        lock.release()
     return results
 
 
 if __name__ == "__main__":
     utils.run_cli(main)
-

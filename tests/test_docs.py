@@ -11,6 +11,7 @@ import pytest
 
 import bench
 import datasets
+import export
 import manifests
 import models
 import probe
@@ -55,6 +56,7 @@ def help_texts():
     texts = {
         "train.py": train.build_parser().format_help(),
         "probe.py": probe.build_parser().format_help(),
+        "export.py": "".join(help_text(lambda c=c: export.main([c, "--help"])) for c in ("embeddings", "model")),
         "manifests.py": manifests.build_parser().format_help(),
         "bench.py": bench.build_parser().format_help(),
         "datasets.py": "".join(help_text(lambda c=c: datasets.main([c, "--help"])) for c in ("scan", "cache")),

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import datasets
+import export
 import probe
+import reports
 import safety
 import synthetic
 import train
@@ -157,12 +159,20 @@ def test_prototypes_are_perfect_on_separable_embeddings():
     assert result["roc_auc"] == 1.0 and result["pr_auc"] == 1.0
 
 
-def test_prototypes_option_runs_without_a_head(tiny_set, tmp_path):
+def test_prototypes_option_scores_the_test_tracks_against_class_means_without_a_head(tiny_set, tmp_path):
     results = run_probe(tiny_set, tmp_path, "--prototypes", "--layer", "projection", "--label-column", "timbre",
                         "--label-column", "tags", "--task", "multiclass", "--task", "multilabel")
     assert [r["head"] for r in results] == ["prototypes", "prototypes"]
     assert [r["epochs"] for r in results] == [[0], [0]]
-    assert 0 <= results[0]["test"]["accuracy"] <= 1 and 0 <= results[1]["test"]["roc_auc"] <= 1
+    # The same scores by hand: unit-length class means of the train clips, cosine to each test
+    # track's mean embedding.
+    for result, column, task in zip(results, ["timbre", "tags"], ["multiclass", "multilabel"]):
+        args, data = probe_setup(tiny_set, "--layer", "projection", "--label-column", column, "--task", task)
+        train, test = data.split_clips("train"), data.split_clips("test")
+        prototypes = probe.class_prototypes(train.x, data.column.values[train.owners], task, data.out_dim)
+        tracks = export.track_embeddings(test.x, test.owners, test.tracks)
+        expected = probe.metrics(task, probe.prototype_scores(prototypes, tracks), data.labels[test.tracks])
+        assert result["test"] == pytest.approx(expected), column
     with pytest.raises(utils.UserError, match="--prototypes needs class labels"):
         run_probe(tiny_set, tmp_path, "--prototypes", "--label-column", "brightness", "--task", "regression")
 
@@ -276,9 +286,9 @@ def test_corruption_at_severity_zero_equals_clean_and_noise_changes_embeddings(t
 
     def embeddings(severity):
         corruption = {"names": ["noise"], "severity": severity, "seed": 0}
-        return probe.embed_files(model, paths, settings, "encoder", torch.device("cpu"), 16, corruption)[0]
+        return export.embed_files(model, paths, settings, "encoder", torch.device("cpu"), 16, corruption)[0]
 
-    plain = probe.embed_files(model, paths, settings, "encoder", torch.device("cpu"), 16)[0]
+    plain = export.embed_files(model, paths, settings, "encoder", torch.device("cpu"), 16)[0]
     assert np.array_equal(embeddings(0.0), plain)
     noisy = embeddings(2.0)
     assert np.array_equal(noisy, embeddings(2.0)), "the corruption is not fixed by its seed"
@@ -325,7 +335,7 @@ def test_plot_writes_projector_and_confusion_matrix(tiny_set, tmp_path):
 
 
 def test_confusion_figure_names_classes_and_writes_counts():
-    figure = probe.confusion_figure(np.array([[3, 1, 0], [0, 2, 0], [1, 0, 4]]), ["bass", "bell", "pluck"], "t")
+    figure = reports.confusion_figure(np.array([[3, 1, 0], [0, 2, 0], [1, 0, 4]]), ["bass", "bell", "pluck"], "t")
     axes = figure.axes[0]
     assert [t.get_text() for t in axes.get_xticklabels()] == ["bass", "bell", "pluck"]
     assert [t.get_text() for t in axes.get_yticklabels()] == ["bass", "bell", "pluck"]
@@ -340,7 +350,7 @@ def test_confusion_figure_names_classes_and_writes_counts():
 def test_curve_figure_draws_one_line_per_checkpoint():
     lines = {"random": ([0.1, 0.5, 1.0], [0.3, 0.4, 0.5], [0.05, 0.02, 0.0]),
              "runs/x (step 9)": ([0.1, 0.5, 1.0], [0.5, 0.7, 0.8], [0.0, 0.0, 0.0])}
-    figure = probe.curve_figure(lines, "share of labeled train tracks", "test accuracy", "t", log_x=True)
+    figure = reports.curve_figure(lines, "share of labeled train tracks", "test accuracy", "t", log_x=True)
     axes = figure.axes[0]
     assert [t.get_text() for t in axes.get_legend().get_texts()] == ["random", "runs/x (step 9)"]
     drawn = [container.lines[0] for container in axes.containers]  # each errorbar's data line
@@ -394,7 +404,7 @@ def test_tasks_file_writes_the_summary_as_markdown_and_csv(tiny_set, checkpoint,
     assert markdown[0].startswith("Test results: rows are checkpoints") and markdown[1] == ""
     assert markdown[2] == "| checkpoint | timbre (accuracy) | tags (roc_auc) | tags (pr_auc) |"
     assert markdown[5].startswith(f"| {checkpoint} | {results[2]['test']['accuracy']:.3f} |")
-    digest = probe.file_digest(checkpoint)[:12]
+    digest = utils.file_digest(checkpoint)[:12]
     assert markdown[7:] == ["- random: random-init encoder", f"- {checkpoint}: {checkpoint}, step 3, sha256 {digest}"]
     assert json.loads(out.read_text())[2]["test"] == results[2]["test"]
     tasks.write_text("csv,label_column,task\nmanifest.csv,timbre,classification\n")
@@ -498,20 +508,21 @@ def test_one_clip_per_track_is_drawn_among_all_its_clips():
 def test_early_stopping_watches_val_loss_or_the_metric():
     stopper = probe.EarlyStopping(patience=2, monitor="loss")
     losses = [1.0, 0.8, 0.9, 0.85]  # lower is better: best at epoch 2, then two epochs without improvement
-    stops = [stopper.update(e, {"loss": v, "accuracy": 0.1 * e}, lambda e=e: e) for e, v in enumerate(losses, 1)]
+    stops = [stopper.update({"loss": v, "accuracy": 0.1 * e}, lambda e=e: e) for e, v in enumerate(losses, 1)]
     assert stops == [False, False, False, True]
-    assert stopper.best_epoch == 2 and stopper.best_state == 2 and stopper.best["loss"] == 0.8
+    assert stopper.best_state == 2 and stopper.best["loss"] == 0.8  # the state kept is epoch 2's
     stopper = probe.EarlyStopping(patience=2, monitor="accuracy")
     for epoch, value in enumerate([0.2, 0.5, 0.4, 0.6], 1):
-        assert not stopper.update(epoch, {"loss": 1.0, "accuracy": value}, lambda e=epoch: e)
-    assert stopper.best_epoch == 4 and stopper.best == {"loss": 1.0, "accuracy": 0.6}
+        assert not stopper.update({"loss": 1.0, "accuracy": value}, lambda e=epoch: e)
+    assert stopper.best_state == 4 and stopper.best == {"loss": 1.0, "accuracy": 0.6}
 
 
 def probe_setup(tiny_set, *extra):
     args = probe.finish_args(probe.build_parser().parse_args(["--checkpoint", "random", *MODEL, *FAST, "--cache-dir",
                                                               "none", "--csv", tiny_set, *extra]))
     model, settings = probe.load_encoder("random", args, torch.device("cpu"))
-    data = probe.probe_data(args, model, settings, probe.probe_list(args)[0], torch.device("cpu"))
+    labeled = probe.read_labels(args, probe.probe_list(args)[0])
+    data = probe.probe_data(args, model, settings, labeled, torch.device("cpu"))
     return args, data
 
 
@@ -533,14 +544,15 @@ def test_head_trains_on_one_random_clip_per_track_and_stops_on_val_loss(tiny_set
     monkeypatch.setattr(probe, "head_loss", count_rows)
     monkeypatch.setattr(probe, "val_scores", keep_scores)
     train_tracks = np.flatnonzero(data.split == "train")
-    head, best, epochs = probe.fit_head(args, data, train_tracks, 0, torch.device("cpu"))
+    fit = probe.fit_head(args, data, train_tracks, 0, torch.device("cpu"))
+    best, epochs = fit.val, fit.epochs
     # Per epoch: 28 train clips (one per track, batches of 16 and 12), then the val loss on 6 clips.
     assert epochs == 6 and seen == [16, 12, 6] * 6
     assert best["loss"] == min(s["loss"] for s in scores)
     assert best == next(s for s in scores if s["loss"] == best["loss"])
     seen.clear()
     args.train_clips, args.early_stop = "all", "metric"
-    head, best, epochs = probe.fit_head(args, data, train_tracks, 0, torch.device("cpu"))
+    best = probe.fit_head(args, data, train_tracks, 0, torch.device("cpu")).val
     # Every clip: 56 train clips (16, 16, 16, 8), the val loss on all 12 val clips.
     assert seen[:5] == [16, 16, 16, 8, 12]
     assert best["accuracy"] == max(s["accuracy"] for s in scores[6:])
@@ -572,8 +584,8 @@ def test_per_task_head_is_built_and_results_name_their_inputs(tiny_set, checkpoi
     assert [r["patience"] for r in results] == [2, 1] and [r["head"] for r in results] == ["linear", "mlp"]
     for r in results:
         assert r["checkpoint_file"] == checkpoint and r["checkpoint_step"] == 3
-        assert r["checkpoint_sha256"] == probe.file_digest(checkpoint)[:12]
-        assert r["manifest_sha256"] == probe.file_digest(tiny_set)[:12]
+        assert r["checkpoint_sha256"] == utils.file_digest(checkpoint)[:12]
+        assert r["manifest_sha256"] == utils.file_digest(tiny_set)[:12]
         assert (r["aggregate"], r["train_clips"], r["early_stop"]) == ("embeddings", "random", "loss")
         assert set(r["val"]) == {"loss", probe.MAIN_METRIC[r["task"]]}
 
