@@ -18,12 +18,15 @@ A folder of audio files becomes a manifest (docs/own-music.md):
 """
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import stat
 import sys
 import tempfile
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -36,6 +39,7 @@ import torchaudio
 from tqdm import tqdm
 
 import losses
+import safety
 import utils
 
 SPLITS = ("train", "val", "test")
@@ -201,6 +205,67 @@ def _where(csv_path, row, column):
 INTERNAL_COLUMNS = ("source", "source_row")
 # Audio file names: a manifest given by mistake as one is named as such.
 AUDIO_NAME = re.compile(r"\.(wav|wave|flac|mp3|ogg|oga|opus|aif|aiff|aifc|au|caf|w64|rf64|m4a|aac|wma|npy)$", re.I)
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
+
+
+# The first bytes of files that are often given by mistake for a CSV: they are binary, not text.
+BINARY_STARTS = (b"PK\x03\x04", b"RIFF", b"ID3", b"fLaC", b"OggS", b"\xd0\xcf\x11\xe0", b"%PDF", b"\xff\xfb")
+SEPARATORS = ((";", "semicolons"), ("\t", "tabs"), ("|", "bars"))
+
+
+def read_table(path, required=(), needs_rows=False):
+    """A user's CSV file (a manifest, a labels CSV, a tasks file) as a DataFrame of text cells.
+
+    path: the CSV file; only a regular file is opened. required: column names it must
+    have (a header separated by semicolons, tabs or bars instead of commas is named as
+    such). needs_rows: a header without rows is an error. Raises ManifestError in one
+    line naming the file and saying what it is instead: not a regular file, binary, not
+    UTF-8 (the byte and line, and to re-save it as UTF-8), empty, a header without rows,
+    a quote that is never closed, a line with too many fields, other separators.
+    """
+    problem = file_problem(path)
+    if problem:
+        raise ManifestError(f"{path}: {problem}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ManifestError(f"{path} is UTF-16 text, not UTF-8; re-save it as UTF-8 (in a spreadsheet: CSV UTF-8)")
+    if b"\0" in data[:1 << 16] or data.startswith(BINARY_STARTS):
+        raise ManifestError(f"{path} is not a text CSV (it holds binary data, maybe audio or a spreadsheet); "
+                            f"a CSV is UTF-8 text with a header line (export a spreadsheet as CSV UTF-8)")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ManifestError(f"{path} is not UTF-8: byte 0x{data[error.start]:02x} on line {line} is not valid "
+                            f"UTF-8 (the file is likely Latin-1 or Windows-1252); re-save it as UTF-8 (in a "
+                            f"spreadsheet: CSV UTF-8; or `iconv -f latin1 -t utf-8`)") from None
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{path}: empty file; a CSV needs a header line naming its columns") from None
+    except pd.errors.ParserError as error:
+        reason = " ".join(str(error).split())
+        quote = re.search(r"EOF inside string starting at row (\d+)", reason)
+        if quote:
+            raise ManifestError(f"{path}, line {int(quote.group(1)) + 1}: a quote (\") opens a field that is never "
+                                f"closed; close the quote or remove it") from None
+        raise ManifestError(f"{path} cannot be read as CSV ({reason.split('C error: ')[-1]}); check its quoting "
+                            f"and that every line has as many commas as the header") from None
+    for name in required:
+        if name in frame.columns:
+            continue
+        header = ",".join(frame.columns)
+        for separator, separator_name in SEPARATORS:
+            if name in [part.strip().lower() for part in header.split(separator)]:
+                raise ManifestError(f"{path}: its columns are separated by {separator_name} ({header!r}); save it "
+                                    f"as CSV with ',' between columns (';' stays the tag separator inside a "
+                                    f"multilabel cell)")
+        raise ManifestError(f"{path}: no {name!r} column{utils.close_match(name, frame.columns)}; its columns: "
+                            f"{list(frame.columns)}; it needs {list(required)}")
+    if needs_rows and not len(frame):
+        raise ManifestError(f"{path}: a header ({','.join(frame.columns)}) but no rows; add one row per entry")
+    return frame
 
 
 def _read_csv(csv_path):
@@ -209,23 +274,12 @@ def _read_csv(csv_path):
         raise ManifestError(f"{csv_path} is a folder, not a manifest; give a CSV with a 'path' column (one row "
                             f"per audio file), or write one with `python datasets.py scan {csv_path} --out "
                             f"manifest.csv`")
-    if not os.path.isfile(csv_path):
+    if not os.path.lexists(csv_path):
         raise ManifestError(f"{csv_path}: manifest not found")
     if AUDIO_NAME.search(csv_path):
         raise ManifestError(f"{csv_path} is an audio file, not a manifest; give a CSV with a 'path' column that "
                             f"lists your audio files (relative to the CSV's folder, or absolute)")
-    try:
-        with open(csv_path, encoding="utf-8-sig") as f:
-            f.read(1 << 16)
-        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ManifestError(f"{csv_path} is not a text CSV (it holds binary data, maybe audio or a spreadsheet); "
-                            f"a manifest is a UTF-8 CSV with a 'path' column (export a spreadsheet as CSV)") from None
-    except pd.errors.EmptyDataError:
-        raise ManifestError(f"{csv_path}: empty file; a manifest needs a header line with a 'path' column") from None
-    except pd.errors.ParserError as error:
-        raise ManifestError(f"{csv_path} cannot be read as CSV ({str(error).strip()}); check its quoting and that "
-                            f"every line has as many commas as the header") from None
+    return read_table(csv_path)
 
 
 def _check_path_column(csv_path, frame):
@@ -233,7 +287,7 @@ def _check_path_column(csv_path, frame):
     if "path" in frame.columns:
         return
     header = ",".join(frame.columns)
-    for separator, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
+    for separator, name in SEPARATORS:
         if "path" in [part.strip().lower() for part in header.split(separator)]:
             raise ManifestError(f"{csv_path}: its columns are separated by {name} ({header!r}); a manifest is "
                                 f"comma-separated: save it as CSV with ',' between columns (';' stays the tag "
@@ -242,13 +296,53 @@ def _check_path_column(csv_path, frame):
                         f"{list(frame.columns)}. The first line must name the columns, one of them 'path'")
 
 
-def _resolve_path(csv_path, folder, row, path):
-    """A manifest cell as an absolute path: relative paths start at the CSV's own folder."""
+def _resolve_path(csv_path, folder, row, path, listings):
+    """A manifest cell as an absolute path: relative paths start at the CSV's own folder.
+
+    A URL stays as written (the data check reports it: download the file first). A name
+    that exists on disk in another Unicode form (NFD from macOS, NFC in the CSV) resolves
+    to the file on disk. listings: a dict caching folder listings across rows.
+    """
+    if URL.match(path):
+        return path
     if "\\" in path and os.sep == "/" and not os.path.exists(path if os.path.isabs(path) else
                                                             os.path.join(folder, path)):
         raise ManifestError(f"{_where(csv_path, row, 'path')}: {path!r} uses Windows backslashes; write paths "
                             f"with '/' (e.g. {path.replace(chr(92), '/')!r}), which every system reads")
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(folder, path))
+    resolved = path if os.path.isabs(path) else os.path.normpath(os.path.join(folder, path))
+    return match_unicode_form(resolved, listings)
+
+
+def nfc(text):
+    """`text` in Unicode NFC: how names are compared (macOS writes file names in NFD)."""
+    return unicodedata.normalize("NFC", text)
+
+
+def match_unicode_form(path, listings=None):
+    """`path` as it is spelled on disk when it exists there in another Unicode form; else `path`.
+
+    Each missing part of the path is looked up in its parent folder's listing by its NFC
+    form. listings: optional dict {folder: {NFC name: name on disk}} reused across calls.
+    """
+    if path.isascii() or os.path.lexists(path):
+        return path
+    listings = {} if listings is None else listings
+    parts = path.split(os.sep)
+    current = parts[0] or os.sep
+    for part in parts[1:]:
+        candidate = os.path.join(current, part)
+        if not os.path.lexists(candidate):
+            if current not in listings:
+                try:
+                    listings[current] = {nfc(name): name for name in os.listdir(current)}
+                except OSError:
+                    listings[current] = {}
+            found = listings[current].get(nfc(part))
+            if found is None:
+                return path
+            candidate = os.path.join(current, found)
+        current = candidate
+    return current
 
 
 def read_manifest(csv_paths):
@@ -256,7 +350,8 @@ def read_manifest(csv_paths):
 
     csv_paths: one path or a list. Returns a DataFrame with absolute `path`, `split`,
     `source` (the CSV) and `source_row` (its line number), plus every other column as
-    text ("" for empty cells). Relative paths are read from the CSV's own folder.
+    text ("" for empty cells). Relative paths are read from the CSV's own folder; a name
+    spelled in another Unicode form than on disk (NFC against NFD) finds its file.
     Raises ManifestError naming file, line and column, and saying what a folder, an
     audio file, a binary file, another separator or a Windows path given by mistake is.
     """
@@ -277,13 +372,116 @@ def read_manifest(csv_paths):
                 raise ManifestError(f"{_where(csv_path, row, 'split')}: unknown split {split!r}"
                                     f"{utils.close_match(split, SPLITS)}; use one of {SPLITS} (an empty "
                                     f"column or none at all means train)")
-        folder = os.path.dirname(os.path.abspath(csv_path))
-        frame["path"] = [_resolve_path(csv_path, folder, row, p) for row, p in enumerate(frame["path"].str.strip())]
+        folder, listings = os.path.dirname(os.path.abspath(csv_path)), {}
+        frame["path"] = [_resolve_path(csv_path, folder, row, p, listings)
+                         for row, p in enumerate(frame["path"].str.strip())]
         frame["source"] = csv_path
         frame["source_row"] = np.arange(len(frame)) + 2
         frames.append(frame)
     manifest = pd.concat(frames, ignore_index=True).fillna("")
     return manifest
+
+
+@dataclass
+class Leaks:
+    """Audio that appears in more than one split of a manifest (find_leaks' result).
+
+    groups: one list of manifest row indices per leaked audio (its rows span 2+ splits).
+    same_path: how many groups hold one path; same_bytes: how many join different paths
+    whose bytes are identical. text: one line for a report ("" when there is no leak).
+    """
+    groups: list
+    same_path: int
+    same_bytes: int
+    text: str
+
+    @property
+    def rows(self):
+        """Every row index in a group, sorted."""
+        return sorted(row for group in self.groups for row in group)
+
+    def __bool__(self):
+        return bool(self.groups)
+
+
+def _head_digest(path, size=1 << 16):
+    """SHA-256 of a file's first `size` bytes: a cheap first test before utils.file_digest."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def find_leaks(manifest, examples=3):
+    """The rows whose audio appears in more than one split: the same path, or the same bytes.
+
+    manifest: a DataFrame with absolute `path` and `split` (read_manifest). Paths are
+    compared in Unicode NFC; files are compared by content only where two regular files
+    of different splits have the same size, first by their first 64 KiB, then by
+    utils.file_digest (SHA-256), so a large corpus costs one os.stat per file. Missing
+    files and URLs are compared by path only. examples: how many groups the text shows.
+    Returns Leaks; its text reads e.g. "2 audio files appear in more than one split
+    (1 under the same path, 1 as a byte copy under another name; 4 rows; train/test 2):
+    a.wav (train) = copy.wav (test); ...".
+    """
+    paths = [nfc(os.path.normpath(p)) if not URL.match(p) else p for p in manifest["path"]]
+    splits = manifest["split"].tolist()
+    parent = list(range(len(paths)))
+
+    def root(row):
+        while parent[row] != row:
+            parent[row] = parent[parent[row]]
+            row = parent[row]
+        return row
+
+    first_row = {}
+    for row, path in enumerate(paths):
+        parent[root(row)] = root(first_row.setdefault(path, row))
+    by_size = {}
+    for path, row in first_row.items():
+        try:
+            info = os.stat(path)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size:
+            by_size.setdefault(info.st_size, []).append(path)
+    path_splits = {}
+    for row, path in enumerate(paths):
+        path_splits.setdefault(path, set()).add(splits[row])
+    for same_size in by_size.values():
+        if len(same_size) < 2 or len(set().union(*(path_splits[p] for p in same_size))) < 2:
+            continue
+        for digest in (_head_digest, utils.file_digest):
+            groups = {}
+            for path in same_size:
+                try:
+                    groups.setdefault(digest(path), []).append(path)
+                except OSError:
+                    continue
+            same_size = [p for group in groups.values() if len(group) > 1 for p in group]
+        for group in groups.values():
+            for path in group[1:]:
+                parent[root(first_row[path])] = root(first_row[group[0]])
+    members = {}
+    for row in range(len(paths)):
+        members.setdefault(root(row), []).append(row)
+    leaked = [rows for rows in members.values() if len({splits[r] for r in rows}) > 1]
+    same_path = sum(len({paths[r] for r in rows}) == 1 for rows in leaked)
+    if not leaked:
+        return Leaks([], 0, 0, "")
+    pairs = {}
+    for rows in leaked:
+        pair = "/".join(s for s in SPLITS if s in {splits[r] for r in rows})
+        pairs[pair] = pairs.get(pair, 0) + 1
+    shown = []
+    for rows in leaked[:examples]:
+        seen = {}
+        for r in rows:
+            seen.setdefault((manifest["path"].iat[r], splits[r]), r)
+        shown.append(" = ".join(f"{path} ({split})" for path, split in seen))
+    text = (f"{len(leaked)} audio file{'s' * (len(leaked) != 1)} appear in more than one split ({same_path} under "
+            f"the same path, {len(leaked) - same_path} as a byte copy under another name; "
+            f"{sum(map(len, leaked))} rows; " + ", ".join(f"{pair} {n}" for pair, n in sorted(pairs.items()))
+            + "): " + "; ".join(shown) + (f"; ... {len(leaked) - examples} more" if len(leaked) > examples else ""))
+    return Leaks(leaked, same_path, len(leaked) - same_path, text)
 
 
 def _cell_error(manifest, row, column, message):
@@ -428,6 +626,45 @@ class AudioError(RuntimeError):
     """A file that cannot give the requested audio (unreadable, empty or too short)."""
 
 
+def file_problem(path):
+    """Why `path` cannot be opened as a file, found without opening it; None for a readable regular file.
+
+    Only regular files are opened: a named pipe (FIFO) blocks its reader for ever and a
+    device streams without end, so both are refused from os.stat alone. The reason names
+    the fault, where a decoder would say "System error": "URL not supported: download
+    the file first", "does not exist", "broken link (to TARGET, which does not exist)",
+    "permission denied", "named pipe (FIFO), not a regular file (never opened)",
+    "device, not a regular file (never opened)", "folder, not a file",
+    "empty file (0 bytes)".
+    """
+    path = str(path)
+    if URL.match(path):
+        return "URL not supported: download the file first"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken link (to {os.readlink(path)}, which does not exist)"
+        return "does not exist"
+    except PermissionError:
+        return "permission denied"
+    except OSError as error:
+        return (error.strerror or type(error).__name__).lower()
+    if stat.S_ISDIR(info.st_mode):
+        return "folder, not a file"
+    if stat.S_ISFIFO(info.st_mode):
+        return "named pipe (FIFO), not a regular file (never opened)"
+    if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+        return "device, not a regular file (never opened)"
+    if not stat.S_ISREG(info.st_mode):
+        return "socket or other special file, not a regular file (never opened)"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
 _RESAMPLERS = {}
 
 
@@ -501,7 +738,7 @@ def decoder_messages(path):
 
 
 CACHE_INFO = "cache.json"
-_CACHE_RATES = {}
+CACHE_NAME = re.compile(r"-(\d+)hz\.npy$")  # a cache file's name ends with its sample rate
 
 
 class CachedAudio:
@@ -509,16 +746,21 @@ class CachedAudio:
 
     Reads like an sf.SoundFile (samplerate, frames, channels, seek, read) so that crops
     come from the same code, with no decoding: a crop is a slice of the mapped array.
-    The sample rate is the one recorded in the cache folder's cache.json.
+    The sample rate is part of the file's own name (HASH-RATEhz.npy), so it travels with
+    the data and is never taken from another file. Raises AudioError for a file without
+    it (an older cache) or whose contents are not int16 mono audio.
     """
 
     def __init__(self, path):
-        folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        if folder not in _CACHE_RATES:
-            with open(os.path.join(folder, CACHE_INFO)) as f:
-                _CACHE_RATES[folder] = json.load(f)["sample_rate"]
-        self.samplerate = _CACHE_RATES[folder]
+        rate = CACHE_NAME.search(os.path.basename(path))
+        if not rate:
+            raise AudioError(f"{path}: a cache file without its sample rate in its name (an older cache); "
+                             f"rebuild it with `python datasets.py cache`")
+        self.samplerate = int(rate.group(1))
         self.data = np.load(path, mmap_mode="r")
+        if self.data.dtype != np.int16 or self.data.ndim != 1:
+            raise AudioError(f"{path}: not a cache file ({self.data.dtype} {list(self.data.shape)}, not int16 "
+                             f"mono); rebuild it with `python datasets.py cache`")
         self.frames, self.channels, self.position = len(self.data), 1, 0
 
     def __enter__(self):
@@ -538,12 +780,20 @@ class CachedAudio:
 
 
 def open_audio(path):
-    """An open audio file: CachedAudio for `.npy` cache files, else an sf.SoundFile."""
+    """An open audio file: CachedAudio for `.npy` cache files, else an sf.SoundFile.
+
+    Only a regular file is opened (file_problem); anything else is an AudioError naming
+    the fault.
+    """
+    problem = file_problem(path)
+    if problem:
+        raise AudioError(f"{path}: {problem}")
     if str(path).endswith(".npy"):
         try:
             return CachedAudio(path)
-        except (OSError, ValueError, KeyError) as error:
-            raise AudioError(f"{path}: cannot read cached audio ({error})") from error
+        except (OSError, ValueError) as error:
+            raise AudioError(f"{path}: cannot read cached audio ({error}); rerun `python datasets.py cache`, "
+                             f"which rebuilds damaged files") from error
     return sf.SoundFile(path)
 
 
@@ -747,15 +997,18 @@ def check_file(path, min_seconds, sample_rate, block_seconds=30.0):
     min_seconds: shortest usable length (half a crop: shorter files cannot be padded).
     sample_rate: the training rate; other rates are noted (they are resampled).
     Returns a dict with CHECK_COLUMNS: status "ok" (usable, maybe with notes), or "bad"
-    ("does not exist", "cannot be decoded (decoder's reason)", empty, too short, NaN/Inf
-    samples: excluded from training); problems
+    (what file_problem names: "does not exist", "empty file (0 bytes)", a FIFO or device
+    never opened, a broken link, "permission denied", a URL; "cannot be decoded
+    (decoder's reason)", empty audio, too short, NaN/Inf samples: excluded from
+    training); problems
     is a ";"-joined list such as "silent" or "sample rate 8000 Hz (resampled)".
     The file is decoded block by block, so memory stays small for long files.
     """
     report = {"path": path, "status": "ok", "problems": "", "seconds": 0.0, "sample_rate": 0, "channels": 0}
     problems, bad = [], False
-    if not os.path.exists(path):
-        report.update(status="bad", problems="does not exist")
+    problem = file_problem(path)
+    if problem:
+        report.update(status="bad", problems=problem)
         return report
     try:
         with decoder_messages(path), open_audio(path) as f:
@@ -881,7 +1134,7 @@ class ClipDataset(torch.utils.data.Dataset):
         is_labeled = pool == 1
         rng = np.random.default_rng(seed)
         failed = []
-        for attempt in range(MAX_REPLACEMENTS + 1):
+        for _ in range(MAX_REPLACEMENTS + 1):
             try:
                 self._note_reading(self.paths[row])
                 audio, rate = read_source_crops(self.paths[row], self.num_views, self.clip_samples,
@@ -1035,66 +1288,133 @@ def fixed_batches(rows, labeled, batch_size, seed, rank=0, world_size=1):
 # The writer of the cache format sits here, beside CachedAudio and open_audio that read it:
 # one file defines the format, and `python datasets.py cache` is its command.
 
+def cache_name(source, size, mtime_ns, sample_rate):
+    """The cache file name of one version of a source: HASH-RATEhz.npy.
+
+    HASH is a SHA-256 of the source's path, size, modification time and the rate, so a
+    changed source gets a new file and is decoded again; the rate ends the name, where
+    CachedAudio reads it.
+    """
+    key = f"{source}\0{size}\0{mtime_ns}\0{sample_rate}"
+    return f"{hashlib.sha256(key.encode('utf-8')).hexdigest()[:20]}-{sample_rate}hz.npy"
+
+
+def cache_file_is_whole(path, samples=None):
+    """Whether `path` is a readable int16 mono .npy (of `samples` samples, when given)."""
+    try:
+        data = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False  # missing, truncated (shorter than its header says) or not a .npy at all
+    return data.dtype == np.int16 and data.ndim == 1 and (samples is None or len(data) == samples)
+
+
 def _cache_one(task):
-    """Decode, mix to mono, resample and store one file as int16 .npy; (row, error or None)."""
+    """Decode, mix to mono, resample and store one file as int16 .npy: (row, error or None, samples)."""
     row, source, target, sample_rate = task
     try:
-        with decoder_messages(source):
-            audio, source_rate = sf.read(source, dtype="float32", always_2d=True)
+        with decoder_messages(source), open_audio(source) as f:
+            audio, source_rate = f.read(-1, dtype="float32", always_2d=True), f.samplerate
         if not len(audio):
             raise AudioError(f"{source}: empty audio")
         wave = _resample(audio.mean(1, keepdims=True).T, source_rate, sample_rate)[0]  # [T]
         if not torch.isfinite(wave).all():
             raise AudioError(f"{source}: audio holds NaN or Inf samples")
         pcm = (wave.clamp(-1, 32767 / 32768) * 32768).round().to(torch.int16).numpy()
-        np.save(target + ".tmp.npy", pcm)
-        os.replace(target + ".tmp.npy", target)
-        return row, None
     except (AudioError, sf.LibsndfileError, RuntimeError, OSError) as error:
-        return row, str(error).splitlines()[0]
+        return row, str(error).splitlines()[0], 0
+    safety.write_file(target, lambda f: np.save(f, pcm), "rerun the same command: it continues")
+    return row, None, len(pcm)
 
 
-def write_cache(csv_paths, folder, sample_rate, workers=2):
+def read_cache_info(path):
+    """cache.json as a dict ({} when absent or damaged: every entry is then checked on its file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def write_cache(csv_paths, folder, sample_rate, workers=2, log=print):
     """Pre-decode every file of the manifests once, for crops with no decoding at all.
 
-    Each file becomes folder/audio/HASH.npy (int16, mono, at `sample_rate`; int16 keeps
-    the error under 2e-5), and folder/manifest.csv repeats the manifests' rows with `path`
-    pointing at the cache (`source_path` keeps the original). Files already cached are
-    skipped, so an interrupted run continues. Unreadable files are left out and listed.
-    Returns the new manifest's path.
+    Each file becomes folder/audio/HASH-RATEhz.npy (cache_name: int16, mono, at
+    `sample_rate`; int16 keeps the error under 2e-5), and folder/manifest.csv repeats the
+    manifests' rows with `path` pointing at the cache (`source_path` keeps the original).
+    An entry is tied to its source's path, size and modification time and carries its
+    rate in its name: a changed source is decoded again (its old file removed), a damaged
+    or truncated file is rebuilt, and whole entries are kept, so an interrupted run
+    continues. folder/cache.json records the rate and the entries; a folder holding
+    another rate is refused. The folder is locked (safety.FolderLock) while written.
+    Unreadable files are left out and listed. Returns the new manifest's path.
     """
     manifest = read_manifest(csv_paths)
-    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
-    info = os.path.join(folder, CACHE_INFO)
-    if os.path.isfile(info):
-        with open(info) as f:
-            cached_rate = json.load(f)["sample_rate"]
-        if cached_rate != sample_rate:
-            raise SystemExit(f"{folder} holds audio at {cached_rate} Hz, not {sample_rate} Hz; use another folder")
-    with open(info, "w") as f:
-        json.dump({"sample_rate": sample_rate}, f)
-    targets = [os.path.join(folder, "audio", hashlib.sha1(p.encode()).hexdigest()[:20] + ".npy")
-               for p in manifest["path"]]
-    tasks = [(row, source, target, sample_rate) for row, (source, target) in enumerate(zip(manifest["path"], targets))
-             if not os.path.isfile(target)]
-    failed = {}
-    if workers > 1 and len(tasks) > 1:
-        with torch.multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = list(pool.imap_unordered(_cache_one, tasks, chunksize=4))
-    else:
-        results = [_cache_one(task) for task in tasks]
-    for row, error in results:
-        if error is not None:
-            failed[row] = error
-    out = manifest.drop(columns=["source", "source_row"]).rename(columns={"path": "source_path"})
-    out.insert(0, "path", [os.path.relpath(t, folder) for t in targets])
-    keep = [row for row in range(len(out)) if row not in failed]
-    out.iloc[keep].to_csv(os.path.join(folder, "manifest.csv"), index=False)
-    print(f"cached {len(tasks) - len(failed)} new files ({len(manifest) - len(tasks)} already there) at "
-          f"{sample_rate} Hz in {folder}; {len(failed)} unreadable left out")
-    for row, error in list(failed.items())[:10]:
-        print(f"  {error}")
-    return os.path.join(folder, "manifest.csv")
+    flag = f"--out {folder}"
+    safety.check_writable(folder, flag)
+    with safety.FolderLock(folder, flag, "cache.lock"):
+        audio = os.path.join(folder, "audio")
+        os.makedirs(audio, exist_ok=True)
+        safety.remove_temporaries(audio)
+        info_path = os.path.join(folder, CACHE_INFO)
+        info = read_cache_info(info_path)
+        rates = {int(m.group(1)) for m in map(CACHE_NAME.search, os.listdir(audio)) if m}
+        held = info.get("sample_rate") or (rates.pop() if len(rates) == 1 else None)
+        if held is not None and held != sample_rate:
+            raise utils.UserError(f"{flag} holds audio at {held} Hz, not --sample-rate {sample_rate} Hz; give "
+                                  f"--sample-rate {held} or another --out")
+        entries = info.get("entries", {}) if held == sample_rate else {}
+        safety.write_json(info_path, {"sample_rate": sample_rate, "entries": entries})
+        targets, stats, tasks, failed, stale, rebuilt = [], {}, [], {}, set(), 0
+        for row, source in enumerate(manifest["path"]):
+            problem = file_problem(source)
+            if problem:
+                failed[row] = f"{source}: {problem}"
+                targets.append(None)
+                continue
+            stats[row] = source_stat = os.stat(source)  # the version decoded, recorded below
+            name = cache_name(source, source_stat.st_size, source_stat.st_mtime_ns, sample_rate)
+            targets.append(os.path.join(audio, name))
+            entry = entries.get(source, {})
+            if entry.get("file") not in (None, name):
+                stale.add(entry["file"])
+            if not cache_file_is_whole(targets[-1], entry.get("samples") if entry.get("file") == name else None):
+                rebuilt += os.path.exists(targets[-1]) or entry.get("file") not in (None, name)
+                tasks.append((row, source, targets[-1], sample_rate))
+        if workers > 1 and len(tasks) > 1:
+            with torch.multiprocessing.get_context("spawn").Pool(workers) as pool:
+                results = list(pool.imap_unordered(_cache_one, tasks, chunksize=4))
+        else:
+            results = [_cache_one(task) for task in tasks]
+        samples = {}
+        for row, error, count in results:
+            if error is None:
+                samples[row] = count
+            else:
+                failed[row] = error
+        for row, (source, target) in enumerate(zip(manifest["path"], targets)):
+            if row in failed:
+                continue
+            entry, name = entries.get(source, {}), os.path.basename(target)
+            if row not in samples:
+                samples[row] = entry["samples"] if entry.get("file") == name and "samples" in entry else \
+                    len(np.load(target, mmap_mode="r"))
+            entries[source] = {"file": name, "size": stats[row].st_size, "mtime_ns": stats[row].st_mtime_ns,
+                               "samples": samples[row]}
+        for name in stale - {os.path.basename(t) for t in targets if t}:
+            if os.path.exists(os.path.join(audio, name)):
+                os.remove(os.path.join(audio, name))
+        safety.write_json(info_path, {"sample_rate": sample_rate, "entries": entries})
+        out = manifest.drop(columns=["source", "source_row"]).rename(columns={"path": "source_path"})
+        out.insert(0, "path", [os.path.relpath(t, folder) if t else "" for t in targets])
+        keep = [row for row in range(len(out)) if row not in failed]
+        out_csv = safety.write_csv(os.path.join(folder, "manifest.csv"), out.iloc[keep])
+    log(f"cached {len(tasks) - len(failed.keys() & {t[0] for t in tasks})} new files ({len(manifest) - len(tasks)} "
+        f"already there; {rebuilt} of the new ones rebuilt: damaged, or their source changed) at {sample_rate} Hz in "
+        f"{folder}; {len(failed)} unreadable left out")
+    for error in list(failed.values())[:10]:
+        log(f"  {error}")
+    return out_csv
 
 
 # ---------------------------------------------------------------- folders to manifests
@@ -1173,18 +1493,28 @@ def assign_splits(groups, fractions, seed=0):
     return [chosen[key] for key in groups]
 
 
+VANISHED = "vanished during the scan"
+
+
 def probe_audio(path, min_seconds):
     """Open one file as scan does: (info dict, None) if usable, else (None, reason).
 
-    Reads the header (sf.info) and decodes the first second, so a file with a valid
-    header but undecodable data is caught too, at little cost.
+    Only a regular file is opened (file_problem names the rest); a file listed by the
+    walk and gone since is "vanished during the scan". Reads the header and decodes the
+    first second, so a file with a valid header but undecodable data is caught too, at
+    little cost. info: seconds, sample_rate, channels and size (bytes).
     """
     is_audio_name = AUDIO_NAME.search(path) is not None  # an audio file name: a failure is "unreadable"
+    problem = file_problem(path)
+    if problem:
+        return None, VANISHED if problem == "does not exist" else problem
     try:
         with decoder_messages(path), sf.SoundFile(path) as f:
             rate, frames, channels = f.samplerate, f.frames, f.channels
             f.read(min(max(frames, 0), rate), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
+        if not os.path.lexists(path):
+            return None, VANISHED
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         return None, f"unreadable ({reason})" if is_audio_name else "not audio"
     seconds = frames / rate if rate else 0.0
@@ -1192,21 +1522,13 @@ def probe_audio(path, min_seconds):
         return None, "empty"
     if seconds < min_seconds:
         return None, f"too short ({seconds:.2f} s < --min-seconds {min_seconds:g})"
-    return {"seconds": round(seconds, 3), "sample_rate": rate, "channels": channels}, None
-
-
-def file_digest(path, block=1 << 20):
-    """SHA-1 of a file's bytes, read in blocks."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return {"seconds": round(seconds, 3), "sample_rate": rate, "channels": channels,
+            "size": os.stat(path).st_size}, None
 
 
 def join_key(value, join_on):
-    """What --join-on compares: a file's stem, name, or path below the scanned folder."""
-    value = value.strip().replace("\\", "/")
+    """What --join-on compares: a file's stem, name, or path below the scanned folder, in NFC."""
+    value = nfc(value.strip().replace("\\", "/"))
     if join_on == "path":
         return os.path.normpath(value).replace(os.sep, "/")
     name = os.path.basename(value)
@@ -1219,13 +1541,14 @@ def join_labels(frame, relatives, labels_csv, join_on, join_column):
     relatives: per-row paths relative to the scanned folder. labels_csv: a CSV whose
     `join_column` (default: its first column) names each labeled file; join_on: "stem"
     (file name without extension), "name" (with it) or "path" (relative to the scanned
-    folder) says how both sides are compared. Files without a row stay unlabeled (empty
-    cells). Returns (frame, the keys of CSV rows that matched no file, the number of files
-    sharing a key with another).
+    folder) says how both sides are compared, in Unicode NFC (a macOS file name in NFD
+    matches its row). Files without a row stay unlabeled (empty cells). Returns (frame,
+    the keys of CSV rows that matched no file, the number of files sharing a key with
+    another).
     """
-    if not os.path.isfile(labels_csv):
+    if not os.path.lexists(labels_csv):
         raise utils.UserError(f"--labels {labels_csv}: file not found")
-    table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    table = read_table(labels_csv)
     join_column = join_column or table.columns[0]
     if join_column not in table.columns:
         raise utils.UserError(f"--join-column {join_column!r} is not a column of {labels_csv} "
@@ -1248,18 +1571,67 @@ def join_labels(frame, relatives, labels_csv, join_on, join_column):
     return frame, unmatched, shared
 
 
-def find_audio(folder, own_files, min_seconds):
-    """Every file below `folder` (hidden ones and `own_files` left out), probed.
+def walk_folder(folder, own_files=()):
+    """Every file below `folder`, following linked folders once each.
 
-    Returns (names: every path relative to folder, sorted; rows: {"relative", seconds,
-    sample_rate, channels} of the readable files; skipped: {"path", "reason"} of the rest).
+    Hidden folders (".name") are left out. A folder reached a second time (a link loop,
+    or two links to one folder) is compared by (st_dev, st_ino) and not entered again;
+    an unreadable folder, or one that vanishes, is listed instead of entered.
+    own_files: absolute paths to leave out (the scan's own outputs).
+    Returns (names: file paths relative to `folder`, each folder's files in sorted order,
+    folders before their subfolders; folders: the relative paths entered; skipped:
+    {"path", "reason"} of the folders not entered; linked: the number of linked folders
+    entered).
     """
-    names = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        names.extend(os.path.relpath(os.path.join(root, f), folder) for f in sorted(files)
-                     if os.path.join(root, f) not in own_files)
-    rows, skipped = [], []
+    names, folders, skipped, linked = [], [], [], 0
+    seen = {}  # (st_dev, st_ino) -> the relative path it was first entered by
+    stack = [("", False)]
+    while stack:
+        relative, is_link = stack.pop()
+        path = os.path.join(folder, relative) if relative else folder
+        try:
+            info = os.stat(path)
+            identity = (info.st_dev, info.st_ino)
+            if identity in seen:
+                skipped.append({"path": relative, "reason": f"linked folder scanned already (as "
+                                                            f"{seen[identity] or '.'}; not entered twice)"})
+                continue
+            with os.scandir(path) as entries:
+                entries = sorted(entries, key=lambda entry: entry.name)
+        except FileNotFoundError:
+            skipped.append({"path": relative, "reason": f"folder {VANISHED}"})
+            continue
+        except OSError as error:
+            skipped.append({"path": relative, "reason": f"folder not readable ({(error.strerror or '').lower()})"})
+            continue
+        seen[identity] = relative
+        folders.append(relative)
+        linked += is_link
+        subfolders = []
+        for entry in entries:
+            child = os.path.join(relative, entry.name) if relative else entry.name
+            try:
+                is_folder = entry.is_dir()  # follows a link
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if not entry.name.startswith("."):
+                    subfolders.append((child, entry.is_symlink()))
+            elif os.path.join(folder, child) not in own_files:
+                names.append(child)
+        stack.extend(reversed(subfolders))
+    return names, folders, skipped, linked
+
+
+def find_audio(folder, own_files, min_seconds):
+    """Every file below `folder` (walk_folder; hidden ones and `own_files` left out), probed.
+
+    Returns (names: every path relative to folder; rows: {"relative", seconds,
+    sample_rate, channels, size} of the readable files; skipped: {"path", "reason"} of
+    the rest, the folders not entered included; linked: linked folders followed).
+    """
+    names, _, skipped, linked = walk_folder(folder, own_files)
+    rows = []
     for relative in tqdm(names, desc="scan", unit="file", disable=len(names) < 50):
         if os.path.basename(relative).startswith("."):
             skipped.append({"path": relative, "reason": "hidden file"})
@@ -1269,19 +1641,25 @@ def find_audio(folder, own_files, min_seconds):
             skipped.append({"path": relative, "reason": reason})
         else:
             rows.append({"relative": relative, **info})
-    return names, rows, skipped
+    return names, rows, skipped, linked
 
 
 def find_duplicates(folder, rows, skipped, keep_duplicates):
-    """Relative paths of the rows whose bytes equal an earlier row's; each is added to `skipped`."""
+    """Relative paths of the rows whose bytes equal an earlier row's; each is added to `skipped`.
+
+    A row whose file vanished since it was probed is passed over.
+    """
     # Only files of equal size can be equal: hash those alone.
     sizes = {}
     for row in rows:
-        sizes.setdefault(os.path.getsize(os.path.join(folder, row["relative"])), []).append(row)
+        sizes.setdefault(row["size"], []).append(row)
     first_of, duplicates = {}, set()
     for same_size in (group for group in sizes.values() if len(group) > 1):
         for row in same_size:
-            digest = file_digest(os.path.join(folder, row["relative"]))
+            try:
+                digest = utils.file_digest(os.path.join(folder, row["relative"]))
+            except FileNotFoundError:
+                continue  # vanished since it was probed: scan_folder lists it
             if digest in first_of:
                 duplicates.add(row["relative"])
                 skipped.append({"path": row["relative"], "reason": f"duplicate of {first_of[digest]}"
@@ -1301,22 +1679,30 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
     (the folder at `group_by`, by default the file's own folder) by assign_splits.
     min_seconds: shorter files are skipped. Exact duplicates (same bytes) keep the first
     path in sorted order unless keep_duplicates. Hidden files and folders (".name") are
-    left out. The manifest has path (relative to out_csv's folder), split, the label
-    columns, seconds, sample_rate and channels; skipped files go to OUT.skipped.csv
-    (path, reason). Returns a dict with the counts that the report prints.
+    left out; linked folders are followed once each (walk_folder). Only regular files are
+    opened (a FIFO or device is skipped with its reason); a file that vanishes during the
+    scan is skipped as such. `out_csv`'s folder is checked writable before the walk, and
+    both outputs are written whole (safety.write_csv). The manifest has path (relative to
+    out_csv's folder), split, the label columns, seconds, sample_rate and channels;
+    skipped files go to OUT.skipped.csv (path, reason). Returns a dict with the counts
+    that the report prints (linked_folders: the linked folders followed).
     """
     folder = os.path.abspath(folder)
     if not os.path.isdir(folder):
         raise utils.UserError(f"{folder}: not a folder; give the folder that holds your audio files")
+    out_folder = os.path.dirname(os.path.abspath(out_csv))
+    safety.check_writable(out_folder, f"--out {out_csv}")
     skipped_csv = os.path.splitext(out_csv)[0] + ".skipped.csv"
     own_files = {os.path.abspath(out_csv), os.path.abspath(skipped_csv)}  # a manifest written inside DIR
-    names, rows, skipped = find_audio(folder, own_files, min_seconds)
+    names, rows, skipped, linked = find_audio(folder, own_files, min_seconds)
     duplicates = find_duplicates(folder, rows, skipped, keep_duplicates)
     if not keep_duplicates:
         rows = [row for row in rows if row["relative"] not in duplicates]
+    vanished = {row["relative"] for row in rows if not os.path.lexists(os.path.join(folder, row["relative"]))}
+    skipped.extend({"path": relative, "reason": VANISHED} for relative in sorted(vanished))
+    rows = [row for row in rows if row["relative"] not in vanished]
     if not rows:
         raise utils.UserError(f"{folder}: no readable audio file among {len(names)} files")
-    out_folder = os.path.dirname(os.path.abspath(out_csv))
     frame = pd.DataFrame({"path": [os.path.relpath(os.path.join(folder, r["relative"]), out_folder).replace(os.sep, "/")
                                    for r in rows]})
     relatives = [r["relative"] for r in rows]
@@ -1329,24 +1715,24 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
         frame, unmatched, shared = join_labels(frame, relatives, labels_csv, join_on, join_column)
     for column in ("seconds", "sample_rate", "channels"):
         frame[column] = [r[column] for r in rows]
-    os.makedirs(out_folder, exist_ok=True)
-    frame.to_csv(out_csv + ".tmp", index=False)
-    os.replace(out_csv + ".tmp", out_csv)
-    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(skipped_csv, index=False)
+    safety.write_csv(out_csv, frame)
+    safety.write_csv(skipped_csv, pd.DataFrame(skipped, columns=["path", "reason"]))
     reasons = {}
     for entry in skipped:
         kind = entry["reason"].split(" (")[0].split(" of ")[0]
         reasons[kind] = reasons.get(kind, 0) + 1
     splits = frame["split"].value_counts().to_dict() if split is not None else {}
     report = {"manifest": out_csv, "files": len(names), "rows": len(frame), "skipped": reasons,
+              "linked_folders": linked,
               "skipped_csv": skipped_csv, "splits": {s: int(splits.get(s, 0)) for s in SPLITS} if splits else {},
               "unmatched_labels": len(unmatched), "shared_keys": shared,
               "labeled": {c: int((frame[c] != "").sum()) for c in frame.columns
                           if c not in ("path", "split", "seconds", "sample_rate", "channels")}}
     split_text = (" (" + ", ".join(f"{s} {n}" for s, n in report["splits"].items()) + ")") if splits else ""
     skip_text = ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items())) or "none"
-    log(f"scanned {folder}: {len(names)} files, {len(frame)} rows in {out_csv}{split_text}; skipped: {skip_text}"
-        + (f" (listed in {skipped_csv})" if skipped else ""))
+    link_text = f" ({linked} linked folder{'s' * (linked != 1)} followed)" if linked else ""
+    log(f"scanned {folder}{link_text}: {len(names)} files, {len(frame)} rows in {out_csv}{split_text}; skipped: "
+        f"{skip_text}" + (f" (listed in {skipped_csv})" if skipped else ""))
     for entry in skipped[:10]:
         log(f"  skipped {entry['path']}: {entry['reason']}")
     if len(skipped) > 10:
@@ -1386,10 +1772,7 @@ def manifest_or_scan(path, out_dir, write=True, log=print):
     name = re.sub(r"[^\w.-]+", "_", os.path.basename(folder)) or "folder"
     out_csv = os.path.join(out_dir, f"scan-{name}-{hashlib.sha1(folder.encode()).hexdigest()[:8]}.csv")
     if write:
-        depth = 0
-        for root, dirs, _ in os.walk(folder):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            depth = max(depth, len(os.path.relpath(root, folder).split(os.sep)) if root != folder else 0)
+        depth = max(len(relative.split(os.sep)) if relative else 0 for relative in walk_folder(folder)[1])
         levels = [(f"{AUTO_LABEL_PREFIX}{k}", k) for k in range(1, depth + 1)]
         log(f"{path} is a folder: scanning it into {out_csv} (split {','.join(f'{f:g}' for f in AUTO_SPLIT)} by "
             f"the file's folder; columns {', '.join(c for c, _ in levels) or 'none'} from the folder levels); "
@@ -1399,9 +1782,10 @@ def manifest_or_scan(path, out_dir, write=True, log=print):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    scan = commands.add_parser("scan", help="walk a folder of audio files and write a manifest",
+    scan = commands.add_parser("scan", help="walk a folder of audio files and write a manifest", allow_abbrev=False,
                                description="Walk DIR for every file soundfile can read and write a manifest with "
                                            "paths relative to the CSV; skipped files and duplicates are reported "
                                            "and listed in OUT.skipped.csv.")
@@ -1427,7 +1811,7 @@ def main(argv=None):
                       help="skip files shorter than this many seconds (default %(default)s)")
     scan.add_argument("--keep-duplicates", action="store_true",
                       help="keep files whose bytes equal an earlier file's (default: keep the first only)")
-    cache = commands.add_parser("cache", help="pre-decode manifests to memory-mapped int16 audio")
+    cache = commands.add_parser("cache", help="pre-decode manifests to memory-mapped int16 audio", allow_abbrev=False)
     cache.add_argument("--train-csv", action="append", required=True, help="manifest(s) to cache, repeatable")
     cache.add_argument("--out", required=True, help="cache folder (gets audio/, manifest.csv, cache.json)")
     cache.add_argument("--sample-rate", type=int, default=22050, help="rate to store, the training rate (Hz)")

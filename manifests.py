@@ -32,6 +32,7 @@ import sys
 import pandas as pd
 import yaml
 
+import safety
 import utils
 
 SPLITS = ("train", "val", "test")
@@ -910,9 +911,9 @@ def build_manifest(name, root):
 
 
 def write_manifest(name, manifest, out):
-    """Write a manifest to the CSV file `out` and print its split counts and probe flags."""
+    """Write a manifest to the CSV file `out` (whole: safety.write_csv); print its split counts and flags."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    manifest.to_csv(out, index=False)
+    safety.write_csv(out, manifest)
     counts = manifest["split"].value_counts()
     print(f"{name}: wrote {len(manifest)} rows to {out} ("
           + ", ".join(f"{split} {counts.get(split, 0)}" for split in SPLITS) + ")")
@@ -957,6 +958,7 @@ def build_all(root, out_folder):
     if len(absent) == len(set(DATA_FOLDERS.values())):
         raise MissingFileError(f"no data set under {root}: expected one or more of the folders "
                                f"{sorted(set(DATA_FOLDERS.values()))} (see docs/datasets.md)")
+    safety.check_writable(out_folder, f"--out {out_folder}")
     for folder, names in absent.items():
         print(f"{', '.join(names)}: skipped, {os.path.join(root, folder)} is absent")
     written, failed = {}, {}
@@ -973,9 +975,7 @@ def build_all(root, out_folder):
         written[name] = os.path.join(out_folder, f"{name}.csv")
         write_manifest(name, manifest, written[name])
     tasks = paper_tasks({name: os.path.basename(path) for name, path in written.items()})
-    os.makedirs(out_folder, exist_ok=True)
-    tasks_path = os.path.join(out_folder, "tasks.csv")
-    tasks.to_csv(tasks_path, index=False)
+    tasks_path = safety.write_csv(os.path.join(out_folder, "tasks.csv"), tasks)
     print(f"wrote {len(tasks)} probes of the paper's table to {tasks_path}; run them with\n"
           f"  python probe.py --checkpoint CHECKPOINT --tasks {tasks_path} --out table.json")
     return written, failed
@@ -987,7 +987,7 @@ def build_parser():
         f"  {name:24s} " + ("\n" + " " * 27).join(_label_flags(*label) for label in labels)
         for name, labels in LABELS.items())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     data = parser.add_argument_group("data")
     data.add_argument("name", choices=[*BUILDERS, "all"], metavar="NAME",
                       help=f"data set, one of: {', '.join(BUILDERS)}; or all: every data set found under "
@@ -1020,6 +1020,7 @@ def main(argv=None):
     out = args.out or os.path.join("manifests", f"{args.name}.csv")
     if os.path.isdir(out) or out.endswith(("/", os.sep)):
         out = os.path.join(out, f"{args.name}.csv")
+    safety.check_writable(os.path.dirname(os.path.abspath(out)), f"--out {out}")
     write_manifest(args.name, build_manifest(args.name, root), out)
     return 0
 

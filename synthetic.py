@@ -6,6 +6,7 @@ the quick start and the tests need no download. To write it yourself:
 It prints the manifest's path; train on it with `python train.py --train-csv DIR/manifest.csv`.
 """
 import argparse
+import io
 import os
 
 import numpy as np
@@ -13,6 +14,7 @@ import pandas as pd
 import soundfile as sf
 
 import datasets
+import safety
 
 TIMBRES = ("pluck", "organ", "bowed", "bell")
 SYNTHETIC_COLUMNS = ("path", "split", "pitch_class", "timbre", "pitch", "key", "tags", "brightness")
@@ -59,11 +61,8 @@ def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, se
     """
     folder = os.path.abspath(folder)
     manifest = os.path.join(folder, "manifest.csv")
-    if os.path.isfile(manifest):
-        existing = pd.read_csv(manifest)
-        if len(existing) == num_files and list(existing.columns) == list(SYNTHETIC_COLUMNS) and \
-                all(os.path.isfile(os.path.join(folder, p)) for p in existing["path"]):
-            return manifest
+    if is_whole(folder, manifest, num_files):
+        return manifest
     os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
@@ -75,7 +74,9 @@ def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, se
         notes = [root, root + (4 if is_major else 3), root + 7] if is_chord else [root]
         audio = _render(rng, notes, timbre, seconds, sample_rate)
         name = f"audio/{index:04d}.wav"
-        sf.write(os.path.join(folder, name), audio, sample_rate, subtype="PCM_16")
+        wav = io.BytesIO()
+        sf.write(wav, audio, sample_rate, format="WAV", subtype="PCM_16")
+        safety.write_bytes(os.path.join(folder, name), wav.getvalue())
         split = "train" if index % 20 < 14 else ("val" if index % 20 < 17 else "test")
         tags = ["chord" if is_chord else "note", timbre] + (["vibrato"] if timbre in ("bowed", "organ") else [])
         spectrum = np.abs(np.fft.rfft(audio))
@@ -83,15 +84,28 @@ def make_synthetic_set(folder, num_files=480, seconds=3.0, sample_rate=16000, se
         key = f"{datasets.NOTE_NAMES[root % 12]} {'major' if is_major else 'minor'}" if is_chord else ""
         rows.append({"path": name, "split": split, "pitch_class": datasets.NOTE_NAMES[root % 12], "timbre": timbre,
                      "pitch": root, "key": key, "tags": ";".join(tags), "brightness": round(brightness, 5)})
-    pd.DataFrame(rows).to_csv(manifest + ".tmp", index=False)
-    os.replace(manifest + ".tmp", manifest)
+    safety.write_csv(manifest, pd.DataFrame(rows))
     return manifest
 
 
+def is_whole(folder, manifest, num_files):
+    """Whether a set written before is complete: its manifest reads, has `num_files` rows
+    and the columns, and every file it names is a regular file that is not empty.
+
+    A damaged manifest (a killed write from before writes were atomic, a disk error)
+    reads as not whole, so the set is written again rather than crashing the run.
+    """
+    try:
+        existing = datasets.read_table(manifest, required=SYNTHETIC_COLUMNS)
+    except datasets.ManifestError:
+        return False
+    return len(existing) == num_files and list(existing.columns) == list(SYNTHETIC_COLUMNS) and \
+        not any(datasets.file_problem(os.path.join(folder, p)) for p in existing["path"])
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--out", default=".cache/synthetic", help="folder for audio and manifest.csv")
     parser.add_argument("--num-files", type=int, default=480, help="number of files")
     parser.add_argument("--seconds", type=float, default=3.0, help="file length in seconds")

@@ -861,15 +861,15 @@ def test_all_tasks_file_reads_back_through_probe_and_datasets(tmp_path):
     import probe
     args = probe.build_parser().parse_args(["--checkpoint", "random", "--tasks", str(out / "tasks.csv")])
     probes = probe.probe_list(args)
-    assert [entry["name"] for entry in probes] == ["gtzan", "nsynth-pitch", "nsynth-instrument-family",
-                                                   "vocalset-singer", "vocalset-technique", "medleydb", "emomusic"]
-    assert [entry["patience"] for entry in probes] == [50, 2, 2, 50, 50, 10, 200]
+    assert [entry.name for entry in probes] == ["gtzan", "nsynth-pitch", "nsynth-instrument-family",
+                                                "vocalset-singer", "vocalset-technique", "medleydb", "emomusic"]
+    assert [entry.patience for entry in probes] == [50, 2, 2, 50, 50, 10, 200]
     for entry in probes:
-        assert entry["csv"] == str(out / os.path.basename(entry["csv"]))
-        is_mlp = entry["name"] in ("gtzan", "nsynth-pitch", "nsynth-instrument-family")
-        assert entry["head"] == ("mlp" if is_mlp else "linear")
-        manifest = datasets.read_manifest(entry["csv"])
-        datasets.parse_labels(manifest, entry["label_column"], entry["task"], entry["label_kind"])
+        assert entry.csv == str(out / os.path.basename(entry.csv))
+        is_mlp = entry.name in ("gtzan", "nsynth-pitch", "nsynth-instrument-family")
+        assert entry.head == ("mlp" if is_mlp else "linear")
+        manifest = datasets.read_manifest(entry.csv)
+        datasets.parse_labels(manifest, entry.label_column, entry.task, entry.label_kind)
 
 
 def test_all_goes_on_past_a_broken_data_set_and_exits_2(tmp_path, capsys):
