@@ -1075,7 +1075,7 @@ def check_files(paths, min_seconds, sample_rate, workers=2, progress=None):
 
 # ---------------------------------------------------------------- datasets and sampling
 
-class Draw(NamedTuple):
+class ClipDraw(NamedTuple):
     """One clip of a batch as the sampler draws it; the dataset's index.
 
     row: manifest row; seed: fixes the crop positions (and worker augmentation);
@@ -1089,7 +1089,7 @@ class Draw(NamedTuple):
 class ClipDataset(torch.utils.data.Dataset):
     """Map-style dataset of multi-view crops, indexed by draws from MixedBatchSampler.
 
-    Each index is a Draw `(row, seed, pool)`: the crop positions come from
+    Each index is a ClipDraw `(row, seed, pool)`: the crop positions come from
     `seed`, so a run is reproducible with any number of workers. A file that fails to
     load is replaced by a random row of the same pool (at most MAX_REPLACEMENTS tries)
     and counted in the item's `failed` field, so the batch keeps its size and mix.
@@ -1184,7 +1184,7 @@ class MixedBatchSampler:
     the previous pass's last rows in that batch. A pool smaller than its share of a
     batch cannot avoid repeats; train.py warns about it.
 
-    A draw is a Draw `(row, seed, pool)`. Rank r of world_size
+    A draw is a ClipDraw `(row, seed, pool)`. Rank r of world_size
     takes draws r, r + world_size, ... of the global batch, so ranks get disjoint shares
     whose union is the global batch. Batch k depends on (seed, k) only: starting at
     `start_step` continues the same stream as an uninterrupted run.
@@ -1261,7 +1261,7 @@ class MixedBatchSampler:
                 row = int(self._pass(pool, k // size)[k % size])
                 draws.append((row, pool))
         seeds = np.random.default_rng([self.seed, 7919, step]).integers(0, 2**62, size=len(draws))
-        draws = [Draw(row, int(s), pool) for (row, pool), s in zip(draws, seeds)]
+        draws = [ClipDraw(row, int(s), pool) for (row, pool), s in zip(draws, seeds)]
         return draws[self.rank::self.world_size]
 
     def __iter__(self):
@@ -1277,7 +1277,7 @@ def fixed_batches(rows, labeled, batch_size, seed, rank=0, world_size=1):
     """
     rows = np.asarray(rows)
     seeds = np.random.default_rng([seed, 104729]).integers(0, 2**62, size=len(rows))
-    draws = [Draw(int(r), int(s), int(labeled[r])) for r, s in zip(rows, seeds)]
+    draws = [ClipDraw(int(r), int(s), int(labeled[r])) for r, s in zip(rows, seeds)]
     batches = [draws[i:i + batch_size] for i in range(0, len(draws), batch_size)]
     # Every process must hold the same number of views for the gather: trim the remainder.
     batches = [b[:len(b) - len(b) % world_size] for b in batches]

@@ -220,13 +220,13 @@ def test_dataset_replaces_bad_files_and_counts_them(tmp_path):
                                   values=np.array([0, 0]), labeled=np.array([True, True]))
     dataset = datasets.ClipDataset([good, bad], [column], {1: np.array([0, 1]), 0: np.array([0, 1])},
                                    2, 4000, 8000)
-    item = dataset[datasets.Draw(1, 5, 1)]
+    item = dataset[datasets.ClipDraw(1, 5, 1)]
     assert item["audio"].shape == (2, 4000) and item["clip"] == 0
     assert item["failed"] >= 1 and bad in item["failed_paths"]
     assert item["labeled"] == [True]
     only_bad = datasets.ClipDataset([bad], [], {0: np.array([0])}, 2, 4000, 8000)
     with pytest.raises(datasets.AudioError, match="failed to load"):
-        only_bad[datasets.Draw(0, 1, 0)]
+        only_bad[datasets.ClipDraw(0, 1, 0)]
 
 
 def test_class_similarity_file_errors(tmp_path):
@@ -282,7 +282,7 @@ def test_resampling_on_the_device_equals_resampling_in_workers(tmp_path):
     column = datasets.LabelColumn(columns=["label"], task="multiclass", classes=["a"],
                                   values=np.zeros(4, dtype=np.int64), labeled=np.ones(4, dtype=bool))
     pools = {0: np.arange(4)}
-    draws = [datasets.Draw(row, 100 + row, 0) for row in range(4)]
+    draws = [datasets.ClipDraw(row, 100 + row, 0) for row in range(4)]
     in_workers = datasets.ClipDataset(paths, [column], pools, 2, 8000, 16000)
     on_device = datasets.ClipDataset(paths, [column], pools, 2, 8000, 16000, resample_here=False)
     expected = datasets.collate_clips([in_workers[d] for d in draws])
