@@ -208,8 +208,8 @@ def read_cache_entry(base, index, count):
     try:
         with open(base + ".json", encoding="utf-8") as f:
             saved = json.load(f)
-        if {k: saved.get(k) for k in index} != index:
-            print(f"embedding cache: {base}.json was written for other inputs; rebuilding it")
+        if {k: saved.get(k) for k in index} != index or "clip_index" not in saved:
+            print(f"embedding cache: {base}.json was written for other inputs or by an older version; rebuilding it")
             return None
         x = np.load(base + ".npy", allow_pickle=False)
         owners = np.repeat(np.arange(count), saved["clips"])  # [M]
