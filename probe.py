@@ -598,7 +598,7 @@ def finetune(args, model, settings, data, chosen, seed, device):
     for epoch in progress:
         order = rng.permutation(chosen)
         crop_seeds = rng.integers(0, 2**62, size=len(order))
-        draws = [datasets.Draw(int(t), int(s), 0) for t, s in zip(order, crop_seeds)]
+        draws = [datasets.ClipDraw(int(t), int(s), 0) for t, s in zip(order, crop_seeds)]
         # Batch norm needs two clips to train on, so a final batch of one is left out.
         batches = [b for b in (draws[i:i + args.batch_size] for i in range(0, len(draws), args.batch_size))
                    if len(b) > 1]
