@@ -16,7 +16,6 @@ import soundfile as sf
 
 import datasets
 import manifests
-import safety
 import synthetic
 import utils
 
