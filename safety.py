@@ -427,36 +427,30 @@ def ignore_interrupts(worker_id=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class WorkerDied(UserError):
-    """A data-loading worker that died: the stop path saves, then this is the one line."""
+def worker_died(text, status_dir):
+    """The cause of a DataLoader worker's death in its error `text`, naming the file it read.
 
-
-def next_batch(loader, status_dir):
-    """The next batch from the data workers; a worker that died becomes WorkerDied naming why.
-
-    A worker killed by a signal (SIGKILL: most often the kernel's out-of-memory killer) is
-    named as such with the settings to lower; one that crashed names the file it read.
+    A worker that died without a Python error of its own was killed by a signal: SIGKILL
+    from the kernel's out-of-memory killer (torch names it when it sees it first), or a
+    crash in a decoder. The line names both, the file and the settings to lower.
     """
-    try:
-        return next(loader)
-    except RuntimeError as error:
-        text = " ".join(str(error).split())
-        if "DataLoader worker" not in text:
-            raise
-        killed = re.search(r"killed by signal: ([\w ]+)", text)
-        if killed:
-            raise WorkerDied(f"a data-loading worker was killed by signal ({killed.group(1).strip()}), most likely "
-                             f"by the kernel for lack of memory; it was reading "
-                             f"{', '.join(worker_paths(status_dir, text)) or 'an unknown file'}. Lower --workers "
-                             f"(or --batch-size), then rerun the same command: it resumes") from error
-        raise WorkerDied(f"a data-loading worker died ({text}); it was reading "
-                         f"{', '.join(worker_paths(status_dir, text)) or 'an unknown file'}: check or remove that "
-                         f"file and rerun the same command: it resumes") from error
+    pids = [int(pid) for pid in re.findall(r"\d+", text.split("pid")[-1])] if "pid" in text else []
+    reading = ", ".join(worker_paths(status_dir, pids)) or "an unknown file"
+    signal_name = re.search(r"killed by signal: (\w+)", text)
+    if signal_name and signal_name.group(1) == "Killed":
+        how = "was killed by signal SIGKILL, most likely by the kernel for lack of memory"
+    elif signal_name:
+        how = f"was killed by signal {signal_name.group(1)} (a crash, likely in the audio decoder)"
+    else:
+        how = ("ended without an error of its own: it was killed by a signal, most likely by the kernel for lack "
+               "of memory (SIGKILL), or crashed in the audio decoder")
+    return (f"a data-loading worker (pid {', '.join(map(str, pids)) or '?'}) {how}; it was reading {reading}. "
+            f"Lower --workers (or --batch-size) if memory is short, or check that file; then rerun the same "
+            f"command: it resumes")
 
 
-def worker_paths(status_dir, text):
-    """The files that the DataLoader workers named in an error `text` were reading when they died."""
-    pids = re.findall(r"\d+", text.split("pid")[-1]) if "pid" in text else []
+def worker_paths(status_dir, pids):
+    """The files that the DataLoader workers `pids` were reading when they died."""
     found = []
     for pid in pids:
         path = os.path.join(status_dir, f"worker-{pid}.txt")
@@ -466,13 +460,26 @@ def worker_paths(status_dir, text):
     return found
 
 
-def stopped(error, save, step, out, writer=None):
-    """The one line for a run stopped by a failed write or a dead worker, after saving what can be saved.
+def stopped(error, save, step, out, writer=None, status_dir=None):
+    """The stop path of a run after a failed write, a dead data worker or data that vanished.
 
-    save: a function that writes the checkpoint of `step`; writer: the run's TensorBoard
-    writer, closed here (its own failure is the cause, or it would fail again at exit).
-    Returns the UserError to raise.
+    Saves what can be saved (save: writes the checkpoint of `step`), closes the TensorBoard
+    writer (its own failure may be the cause, and would strike again at exit) and returns
+    the one-line UserError to raise. Any other error is re-raised as it is: a bug.
     """
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError):
+        reason = os.strerror(error.errno) if error.errno else text
+        where = f" ({error.filename})" if error.filename else ""
+        cause = f"a write failed{where}: {reason}"
+        then = ". Free space or fix the folder, then rerun the same command: it resumes"
+    elif "DataLoader worker" in text:
+        cause, then = worker_died(text, status_dir), ""
+    elif type(error).__name__ == "AudioError":
+        # A worker's exception arrives with its traceback in the text: its last line is the cause.
+        cause, then = [line for line in str(error).splitlines() if line.strip()][-1].strip(), ""
+    else:
+        raise error
     if writer is not None:
         try:
             writer.close()
@@ -483,12 +490,7 @@ def stopped(error, save, step, out, writer=None):
         kept = f"saved step {step} in {out}"
     except UserError as save_error:
         kept = f"could not save step {step} either ({save_error}); the last checkpoint in {out} is intact"
-    if isinstance(error, UserError):
-        return UserError(f"stopped at step {step}: {error}; {kept}")
-    reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error)
-    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-    return UserError(f"stopped at step {step}: a write failed{where}: {reason}; {kept}. Free space or fix the "
-                     f"folder, then rerun the same command: it resumes")
+    return UserError(f"stopped at step {step}: {cause}; {kept}{then}")
 
 
 # ---------------------------------------------------------------- flags and the out folder

@@ -226,7 +226,7 @@ def train_loop(run, loader, val_loader, step, stop):
             for _ in range(args.grad_accum):
                 # ---- 1. the next batch, to the device
                 waited = time.perf_counter()
-                batch = safety.next_batch(loader, run.status_dir)
+                batch = next(loader)
                 data_wait += time.perf_counter() - waited  # host time blocked on the data workers
                 views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n] (host)
                 # ---- 2. augment on the device (the identity when the workers augmented)
@@ -278,8 +278,8 @@ def train_loop(run, loader, val_loader, step, stop):
                     print(f"stopped by {stop.requested or 'a signal'} at step {step}; resume with the same command "
                           f"(--resume auto) to continue from {args.out}", flush=True)
                 break
-    except (OSError, safety.WorkerDied) as error:
-        raise safety.stopped(error, lambda: save(run, step), step, args.out, run.writer) from error
+    except (OSError, RuntimeError) as error:  # a failed write, a dead data worker, vanished audio: else a bug
+        raise safety.stopped(error, lambda: save(run, step), step, args.out, run.writer, run.status_dir) from error
     finally:
         progress.close()
     return step, history, failed_files, int(skipped_steps), val_loss
