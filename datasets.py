@@ -924,13 +924,19 @@ def frame_reader(f, block=1 << 16):
     """read(start, count) -> mono frames `[n]` float32 of an open audio file, for cut_clips.
 
     Where the format seeks exactly (WAV, FLAC, AIFF, the cache's .npy), each read seeks.
-    libsndfile's Ogg and MP3 seeks can land a few hundred frames off the frame asked for,
-    or decode the first frames after them wrongly (1.2.x), so those files are read forward
-    in blocks instead, keeping only the frames asked for and the last range read (the
-    reaches of consecutive clips overlap); memory stays flat, the decoding time is the
-    file's. Starts must then not decrease.
+    libsndfile's Ogg seeks can land a few hundred frames off the frame asked for (1.2.x),
+    so Ogg files are read forward in blocks instead, keeping only the frames asked for and
+    the last range read (the reaches of consecutive clips overlap); memory stays flat, the
+    decoding time is the file's. Starts must then not decrease. MP3 files are decoded
+    whole: libsndfile 1.2 decodes them right only in one read from the start.
     """
-    if getattr(f, "format", None) not in ("OGG", "MP3", "MPEG"):
+    if getattr(f, "format", None) in ("MP3", "MPEG"):
+        # libsndfile 1.2's MP3 decoder gives other samples (up to 0.36 off on a 0.3 sine) when a file
+        # is read in blocks or after a seek: only one read from the start is right, so the whole file
+        # is decoded once (memory grows with an MP3's length; convert long MP3s to FLAC to stream them).
+        whole = torch.from_numpy(f.read(dtype="float32", always_2d=True).mean(1))  # [frames] mono
+        return lambda start, count: whole[start:start + count]
+    if getattr(f, "format", None) != "OGG":
         def read(start, count):
             f.seek(start)
             return torch.from_numpy(f.read(count, dtype="float32", always_2d=True).mean(1))  # [n] mono

@@ -36,7 +36,7 @@ from utils import UserError
 
 # ---------------------------------------------------------------- one way to write a file
 
-TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$")  # the suffix write_file gives a file being written
+TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")  # the suffix write_file gives a file being written
 
 
 class CountingWriter(io.RawIOBase):
@@ -153,13 +153,27 @@ def save_torch(path, state, then="rerun the same command"):
 def remove_temporaries(folder):
     """Delete the temporaries that killed writes left in `folder`; returns their paths.
 
-    Call only while holding the folder's FolderLock: then no write of another process is
-    under way there.
+    A temporary whose process still runs on this machine is another command's write in
+    progress and stays. Call while holding the folder's FolderLock.
     """
-    stale = sorted(p for p in glob.glob(os.path.join(glob.escape(folder), "*.tmp-*")) if TEMPORARY.search(p))
-    for path in stale:
-        os.remove(path)
+    stale = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.tmp-*"))):
+        found = TEMPORARY.search(path)
+        if found and not process_alive(int(found.group(1))):
+            os.remove(path)
+            stale.append(path)
     return stale
+
+
+def process_alive(pid):
+    """Whether process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def check_writable(folder, flag, needed_bytes=0):
