@@ -1178,6 +1178,39 @@ def split_pools(labeled, train_rows, labeled_fraction, seed):
     return chosen, rest
 
 
+def build_pools(manifest, columns, given_columns, given_share, args, is_main):
+    """train.py: the labeled and unlabeled pools of train rows, checked; fills in what the data decides.
+
+    given_columns, given_share: --label-column and --labeled-per-batch as the user gave
+    them. Sets args.labeled_per_batch (when not given), args.manifest_rows and
+    args.manifest_digest. Returns (any_labeled `[rows]` bool, labeled_rows, unlabeled_rows).
+    """
+    has_labels = any(c.labeled.any() for c in columns)
+    if args.labeled_per_batch is None:
+        args.labeled_per_batch = 0.5 if has_labels else 0.0  # b_s = 0.5: half of each batch labeled
+    any_labeled = np.zeros(len(manifest), dtype=bool)
+    for column in columns:
+        any_labeled |= column.labeled
+    train_rows = np.flatnonzero(manifest["split"].to_numpy() == "train")
+    labeled_rows, unlabeled_rows = split_pools(any_labeled, train_rows, args.labeled_fraction, args.seed)
+    safety.check_labeled_pool(manifest, columns, given_columns, given_share, labeled_rows, args)
+    args.manifest_rows, args.manifest_digest = len(manifest), safety.manifest_digest(manifest, columns)
+    if args.labeled_per_batch < 1 and not len(unlabeled_rows):
+        # Every train row is labeled: the unlabeled share of each batch hides the labels of train rows.
+        unlabeled_rows = train_rows
+        if is_main:
+            print("no unlabeled rows: the unlabeled share of each batch draws from all train rows, labels hidden")
+    if is_main:
+        print(f"train rows {len(train_rows)}: labeled pool {len(labeled_rows)}, unlabeled pool "
+              f"{len(unlabeled_rows)}; b_s={args.labeled_per_batch} p_s={args.labeled_fraction}; "
+              f"signals: {[c.name + ':' + c.task for c in columns] or 'none (self-supervised)'}")
+        leaks = find_leaks(manifest)
+        if leaks:
+            # Training itself is not wrong; the validation loss (and any probe on these splits) would be.
+            print(f"warning: {leaks.text}; the val loss measures clips seen in training")
+    return any_labeled, labeled_rows, unlabeled_rows
+
+
 class MixedBatchSampler:
     """Endless batches with an exact labeled share b_s, reproducible from (seed, step).
 
@@ -1288,6 +1321,41 @@ def fixed_batches(rows, labeled, batch_size, seed, rank=0, world_size=1):
     # Every process must hold the same number of views for the gather: trim the remainder.
     batches = [b[:len(b) - len(b) % world_size] for b in batches]
     return [b[rank::world_size] for b in batches if len(b) >= 2 * world_size]
+
+
+def build_loaders(manifest, columns, any_labeled, labeled_rows, unlabeled_rows, worker_chains, step, args, device,
+                  rank):
+    """The run's data: an endless iterator of mixed training batches from global step `step`,
+    the validation loader (None without val rows), and the folder where workers note their file.
+
+    worker_chains: augmentation applied in the workers (None: on the device). args: the
+    run's flags (views, clip_samples, sample_rate, resample_on, workers, batch_size,
+    labeled_per_batch, seed, world_size, grad_accum, val_batches, out).
+    Returns (loader, val_loader, status_dir).
+    """
+    status_dir = os.path.join(args.out, "workers", str(rank))
+    # Worker-side augmentation needs audio at the training rate, so the workers resample too.
+    resample_in_workers = args.resample_on == "workers" or worker_chains is not None
+    dataset = ClipDataset(manifest["path"], columns, {1: labeled_rows, 0: unlabeled_rows}, args.views,
+                          args.clip_samples, args.sample_rate, worker_chains, status_dir if args.workers else None,
+                          resample_in_workers)
+
+    def make_loader(batches):
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=args.workers, pin_memory=device.type == "cuda",
+            collate_fn=collate_clips, worker_init_fn=safety.ignore_interrupts,
+            persistent_workers=args.workers > 0 and not isinstance(batches, list),
+            prefetch_factor=4 if args.workers else None)
+
+    # One sampler step per micro-batch: --grad-accum k reads k batches per optimizer step.
+    sampler = MixedBatchSampler(labeled_rows, unlabeled_rows, args.batch_size, args.labeled_per_batch, args.seed,
+                                rank, args.world_size, start_step=step * args.grad_accum)
+    val_rows = np.flatnonzero(manifest["split"].to_numpy() == "val")
+    # Validation measures the objective the run trains on: labels only where batches hold them (b_s > 0).
+    val_labeled = any_labeled if args.labeled_per_batch > 0 else np.zeros_like(any_labeled)
+    val_batches = fixed_batches(val_rows, val_labeled, args.batch_size, args.seed, rank, args.world_size)
+    val_loader = make_loader(val_batches[:args.val_batches]) if val_batches else None
+    return iter(make_loader(sampler)), val_loader, status_dir
 
 
 # ---------------------------------------------------------------- pre-decoded cache

@@ -614,6 +614,22 @@ def check_settings(saved, current, defaults, path, is_main):
         print(f"resuming {path} with changed settings (--allow-changed-settings): {'; '.join(differences)}")
 
 
+def restore(state, path, model, optimizer, scheduler, scaler, generator, rank, is_main):
+    """Load a checkpoint's state into the run's objects; returns (step, best_val)."""
+    load_weights(model, state["model"], path)
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None)  # a checkpoint of an unfused optimizer keeps the fused step
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    # With another process count than the saved run, process r takes saved state r mod count.
+    utils.set_rng_states(state["rng"][rank % len(state["rng"])])
+    generator.set_state(state["generator"][rank % len(state["generator"])].cpu())
+    if is_main:
+        print(f"resumed from {path} at step {state['step']}")
+    return state["step"], state["best_val"]
+
+
 # ---------------------------------------------------------------- the data check
 
 def check_data(manifest, args, is_main, check_files):

@@ -32,8 +32,8 @@ import augment
 import datasets
 import losses
 import models
-import synthetic
 import safety
+import synthetic
 import utils
 
 
@@ -174,24 +174,25 @@ def main(argv=None):
             return safety.close_run(stop, None, {"out": args.out, "files": len(manifest)})
         # Label columns hold one entry per manifest row: the check dropped rows, so read them again.
         columns, specs = parse_columns(manifest, args)
-    any_labeled, labeled_rows, unlabeled_rows = build_pools(manifest, columns, given_columns, given_share, args,
-                                                            is_main)
+    any_labeled, labeled_rows, unlabeled_rows = datasets.build_pools(manifest, columns, given_columns, given_share,
+                                                                     args, is_main)
+    if is_main:
+        warn_label_changes(args, columns)
     if state is not None:
         safety.check_settings(state["args"], saved_args(args), flag_defaults(), resume_path, is_main)
     worker_chains, device_chains = build_chains(args)
-    dataset, status_dir = build_dataset(manifest, columns, labeled_rows, unlabeled_rows, worker_chains, args, rank)
 
     # ---- model, optimizer, resume
     bare_model = build_model(args, device)
     optimizer, scheduler, scaler = build_optimizer(bare_model, args, device)
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # device augmentation's draws
     step, best_val = (0, float("inf")) if state is None else \
-        restore(state, resume_path, bare_model, optimizer, scheduler, scaler, generator, rank, is_main)
+        safety.restore(state, resume_path, bare_model, optimizer, scheduler, scaler, generator, rank, is_main)
     model = wrap_model(bare_model, args, world_size, local_rank, device)
 
     # ---- loaders and logging
-    loader, val_loader = build_loaders(dataset, manifest, any_labeled, labeled_rows, unlabeled_rows, step, args,
-                                       device, rank)
+    loader, val_loader, status_dir = datasets.build_loaders(manifest, columns, any_labeled, labeled_rows,
+                                                            unlabeled_rows, worker_chains, step, args, device, rank)
     writer = start_logging(args, bare_model, device, is_main)
     run = Run(args, model, bare_model, optimizer, scheduler, scaler, generator, columns, specs, device_chains,
               status_dir, device, rank, is_main, writer, best_val)
@@ -253,8 +254,7 @@ def train_loop(run, loader, val_loader, step, stop):
             if is_logging:
                 elapsed = time.perf_counter() - tick
                 total = log_scalars(run.writer, stats, step, run.scheduler.get_last_lr()[0], failed_files,
-                                    int(skipped_steps), clips_seen / elapsed, progress)
-                log_speed(run.writer, data_wait / elapsed, step, device)
+                                    int(skipped_steps), (clips_seen / elapsed, data_wait / elapsed), progress)
                 history.append((step, total))
                 clips_seen, data_wait, tick = 0, 0.0, time.perf_counter()
             if run.writer and args.image_every and step % args.image_every == 0:
@@ -384,9 +384,10 @@ def part_means(sums):
 
 
 @torch.no_grad()
-def log_scalars(writer, stats, step, lr, failed_files, skipped_steps, clips_per_second, progress):
+def log_scalars(writer, stats, step, lr, failed_files, skipped_steps, speed, progress):
     """Scalars of the last step: the loss and its views and labels parts (read, never recomputed),
-    target density, speed. Returns the global-batch loss of the step (every process gets it)."""
+    lr, failed files, skipped steps, and speed: (clips per second, share of the time the host
+    waited on the data workers). Returns the global-batch loss of the step (every process gets it)."""
     parts = utils.all_reduce_sum(torch.stack([part.float() for part in stats["parts"]]))  # [6]
     total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
     failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=parts.device)).item())
@@ -398,20 +399,14 @@ def log_scalars(writer, stats, step, lr, failed_files, skipped_steps, clips_per_
         if not math.isnan(means[name]):
             writer.add_scalar(f"loss/{name}", means[name], step)
     writer.add_scalar("lr", lr, step)
-    writer.add_scalar("speed/clips_per_s", clips_per_second, step)
+    writer.add_scalar("speed/clips_per_s", speed[0], step)
+    writer.add_scalar("speed/data_wait_share", speed[1], step)
+    if parts.device.type == "cuda":
+        writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(parts.device) / 2**20, step)
     writer.add_scalar("data/failed_files", failed, step)
     writer.add_scalar("train/skipped_steps", skipped_steps, step)
     progress.set_postfix(loss=f"{total:.3f}", failed=failed)
     return total
-
-
-def log_speed(writer, data_wait_share, step, device):
-    """Share of the interval the host waited on the data workers, and peak GPU memory (MiB)."""
-    if writer is None:
-        return
-    writer.add_scalar("speed/data_wait_share", data_wait_share, step)
-    if device.type == "cuda":
-        writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(device) / 2**20, step)
 
 
 @torch.no_grad()
@@ -560,36 +555,6 @@ def parse_columns(manifest, args):
     return columns, specs
 
 
-def build_pools(manifest, columns, given_columns, given_share, args, is_main):
-    """The labeled and unlabeled pools of train rows, checked; fills in what the data decides.
-
-    given_columns, given_share: --label-column and --labeled-per-batch as the user gave
-    them. Sets args.labeled_per_batch (when not given), args.manifest_rows and
-    args.manifest_digest. Returns (any_labeled `[rows]` bool, labeled_rows, unlabeled_rows).
-    """
-    has_labels = any(c.labeled.any() for c in columns)
-    if args.labeled_per_batch is None:
-        args.labeled_per_batch = 0.5 if has_labels else 0.0  # b_s = 0.5: half of each batch labeled
-    any_labeled = np.zeros(len(manifest), dtype=bool)
-    for column in columns:
-        any_labeled |= column.labeled
-    train_rows = np.flatnonzero(manifest["split"].to_numpy() == "train")
-    labeled_rows, unlabeled_rows = datasets.split_pools(any_labeled, train_rows, args.labeled_fraction, args.seed)
-    safety.check_labeled_pool(manifest, columns, given_columns, given_share, labeled_rows, args)
-    args.manifest_rows, args.manifest_digest = len(manifest), safety.manifest_digest(manifest, columns)
-    if args.labeled_per_batch < 1 and not len(unlabeled_rows):
-        # Every train row is labeled: the unlabeled share of each batch hides the labels of train rows.
-        unlabeled_rows = train_rows
-        if is_main:
-            print("no unlabeled rows: the unlabeled share of each batch draws from all train rows, labels hidden")
-    if is_main:
-        print(f"train rows {len(train_rows)}: labeled pool {len(labeled_rows)}, unlabeled pool "
-              f"{len(unlabeled_rows)}; b_s={args.labeled_per_batch} p_s={args.labeled_fraction}; "
-              f"signals: {[c.name + ':' + c.task for c in columns] or 'none (self-supervised)'}")
-        warn_label_changes(args, columns)
-    return any_labeled, labeled_rows, unlabeled_rows
-
-
 def warn_label_changes(args, columns):
     """Say which labeled-clip transforms contradict the declared label kinds."""
     chain = augment.parse_augment(args.augment_labeled)
@@ -620,21 +585,7 @@ def build_chains(args):
     return None, chains
 
 
-def build_dataset(manifest, columns, labeled_rows, unlabeled_rows, worker_chains, args, rank):
-    """The ClipDataset of the run and the folder where its workers note the file they read.
-
-    Returns (dataset, status_dir).
-    """
-    status_dir = os.path.join(args.out, "workers", str(rank))
-    # Worker-side augmentation needs audio at the training rate, so the workers resample too.
-    resample_in_workers = args.resample_on == "workers" or worker_chains is not None
-    dataset = datasets.ClipDataset(manifest["path"], columns, {1: labeled_rows, 0: unlabeled_rows}, args.views,
-                                   args.clip_samples, args.sample_rate, worker_chains,
-                                   status_dir if args.workers else None, resample_in_workers)
-    return dataset, status_dir
-
-
-# ---------------------------------------------------------------- set-up: model, optimizer, resume, loaders
+# ---------------------------------------------------------------- set-up: model, optimizer, logging
 
 def build_model(args, device):
     """Encoder and projection head on `device`: the bare model, before any compile or DDP wrapper."""
@@ -669,22 +620,6 @@ def lr_factor(args, step):
     return 1.0
 
 
-def restore(state, path, model, optimizer, scheduler, scaler, generator, rank, is_main):
-    """Load a checkpoint's state into the run's objects; returns (step, best_val)."""
-    safety.load_weights(model, state["model"], path)
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:
-        group.update(fused=True, foreach=None)  # a checkpoint of an unfused optimizer keeps the fused step
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    # With another process count than the saved run, process r takes saved state r mod count.
-    utils.set_rng_states(state["rng"][rank % len(state["rng"])])
-    generator.set_state(state["generator"][rank % len(state["generator"])].cpu())
-    if is_main:
-        print(f"resumed from {path} at step {state['step']}")
-    return state["step"], state["best_val"]
-
-
 def wrap_model(model, args, world_size, local_rank, device):
     """The model the step calls: compiled if asked, under DDP with several processes."""
     if args.compile:
@@ -693,29 +628,6 @@ def wrap_model(model, args, world_size, local_rank, device):
         # DDP broadcasts rank 0's weights at construction and averages gradients after backward.
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     return model
-
-
-def make_loader(dataset, batches, args, device):
-    """DataLoader over an iterable of draw lists (a batch sampler)."""
-    workers = args.workers
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
-        collate_fn=datasets.collate_clips, worker_init_fn=safety.ignore_interrupts,
-        persistent_workers=workers > 0 and not isinstance(batches, list), prefetch_factor=4 if workers else None)
-
-
-def build_loaders(dataset, manifest, any_labeled, labeled_rows, unlabeled_rows, step, args, device, rank):
-    """(endless training batch iterator starting at `step`, validation loader or None)."""
-    # One sampler step per micro-batch: --grad-accum k reads k batches per optimizer step.
-    sampler = datasets.MixedBatchSampler(labeled_rows, unlabeled_rows, args.batch_size, args.labeled_per_batch,
-                                         args.seed, rank, args.world_size, start_step=step * args.grad_accum)
-    loader = iter(make_loader(dataset, sampler, args, device))
-    val_rows = np.flatnonzero(manifest["split"].to_numpy() == "val")
-    # Validation measures the objective the run trains on: labels only where batches hold them (b_s > 0).
-    val_labeled = any_labeled if args.labeled_per_batch > 0 else np.zeros_like(any_labeled)
-    val_batches = datasets.fixed_batches(val_rows, val_labeled, args.batch_size, args.seed, rank, args.world_size)
-    val_loader = make_loader(dataset, val_batches[:args.val_batches], args, device) if val_batches else None
-    return loader, val_loader
 
 
 def start_logging(args, bare_model, device, is_main):

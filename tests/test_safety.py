@@ -216,3 +216,19 @@ def test_writes_are_whole_or_absent_and_name_a_full_disk(tmp_path):
     with pytest.raises(utils.UserError, match="cannot write results.json in .*No space left on device"):
         safety.write_file(str(path), failing)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_train_warns_of_audio_in_two_splits(tiny_set, tmp_path, capsys):
+    import shutil
+
+    from test_reliability import copy_manifest
+    manifest, csv = copy_manifest(tiny_set, tmp_path)
+    train_row = manifest.index[manifest["split"] == "train"][0]
+    copy = str(tmp_path / "copy-of-a-train-file.wav")
+    shutil.copy(manifest.loc[train_row, "path"], copy)  # the same bytes under another name
+    test_row = manifest.index[manifest["split"] == "test"][0]
+    manifest.loc[test_row, "path"] = copy
+    manifest.to_csv(csv, index=False)
+    train.main(train_args(str(csv), tmp_path / "run", 1))
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: 1 audio file")]
+    assert warning and "byte copy under another name" in warning[0] and "train/test 1" in warning[0]
