@@ -554,7 +554,8 @@ MODEL_FLAGS = ("encoder", "width", "clip_seconds", "sample_rate", "views", "hidd
 RESUME_FREE_FLAGS = ("steps", "log_every", "image_every", "val_every", "val_batches", "save_every", "keep",
                      "workers", "world_size", "resume", "out", "check_data", "skip_check", "max_bad_fraction",
                      "max_bad_steps", "allow_changed_settings", "synthetic_dir", "train_csv", "compile",
-                     "activation_checkpointing", "resample_on", "precision_name")
+                     "activation_checkpointing", "resample_on", "precision_name", "monitor_csv", "monitor_column",
+                     "monitor_task", "monitor_every", "monitor_clips")
 
 
 def find_resume(args, device, is_main):

@@ -32,6 +32,7 @@ import augment
 import datasets
 import losses
 import models
+import monitor
 import safety
 import synthetic
 import utils
@@ -135,6 +136,14 @@ def build_parser():
                      help="refuse to train if more than this share of files is bad")
     run.add_argument("--max-bad-steps", type=int, default=5,
                      help="stop after this many consecutive steps with non-finite loss or gradients")
+    knn = parser.add_argument_group("monitor (k-NN scores of the frozen encoder on a labeled set during training)")
+    knn.add_argument("--monitor-csv", default=None, help="manifest whose train tracks are the k-NN's reference and "
+                                                         "test tracks its queries (off without it)")
+    knn.add_argument("--monitor-column", action="append", default=[], help="label column scored (repeatable)")
+    knn.add_argument("--monitor-task", action="append", default=[], choices=datasets.TASKS,
+                     help="how each --monitor-column is read (one, or one per column; default multiclass)")
+    knn.add_argument("--monitor-every", type=int, default=0, help="steps between scores (default: --val-every)")
+    knn.add_argument("--monitor-clips", type=int, default=4, help="fixed clips per track (spread over the track)")
     return parser
 
 
@@ -194,8 +203,12 @@ def main(argv=None):
     loader, val_loader, status_dir = datasets.build_loaders(manifest, columns, any_labeled, labeled_rows,
                                                             unlabeled_rows, worker_chains, step, args, device, rank)
     writer = start_logging(args, bare_model, device, is_main)
+    knn = monitor.KnnMonitor(args.monitor_csv, args.monitor_column, args.monitor_task, args.clip_samples,
+                             args.sample_rate, args.monitor_clips) if args.monitor_csv else None
+    if knn is not None and state is not None:
+        knn.history = state.get("monitor", [])
     run = Run(args, model, bare_model, optimizer, scheduler, scaler, generator, columns, specs, device_chains,
-              status_dir, device, rank, is_main, writer, best_val)
+              status_dir, device, rank, is_main, writer, knn, best_val)
 
     # ---- training loop
     start_step, started = step, time.perf_counter()
@@ -216,7 +229,8 @@ def train_loop(run, loader, val_loader, step, stop):
     logging steps, files that failed to load, skipped non-finite steps, last validation loss).
     """
     args, device = run.args, run.device
-    failed_files, clips_seen, data_wait, tick, history = 0, 0, 0.0, time.perf_counter(), []
+    failed_files, clips_seen, data_wait, history = 0, 0, 0.0, []
+    started = tick = time.perf_counter()
     # Non-finite steps in a row and in all, counted on the device and read on logging steps only.
     bad_steps = torch.zeros((), dtype=torch.long, device=device)
     skipped_steps = torch.zeros((), dtype=torch.long, device=device)
@@ -262,6 +276,10 @@ def train_loop(run, loader, val_loader, step, stop):
             # ---- 7. validate every --val-every steps (and at the end); best.pt on a new best
             if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
                 val_loss = validate_and_keep_best(run, val_loader, step)
+            # ---- 7. k-NN scores of the frozen encoder every --monitor-every steps (and at the end)
+            if run.knn is not None and (step % args.monitor_every == 0 or step == args.steps):
+                run.knn.evaluate(run.bare_model.encoder, step, device, run.rank, args.world_size, run.writer,
+                                 time.perf_counter() - started)
             # ---- stop on --max-bad-steps non-finite steps in a row (read on logging steps: a sync)
             if is_logging and int(bad_steps) >= args.max_bad_steps:
                 save(run, step)  # skipped steps left the weights untouched: the last good weights
@@ -469,7 +487,7 @@ def save(run, step, is_best=False):
         state = {"model": run.bare_model.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "step": step,
                  "args": saved_args(run.args), "rng": rngs, "generator": generators, "best_val": run.best_val,
-                 "labels": [c.describe() for c in run.columns]}
+                 "labels": [c.describe() for c in run.columns], "monitor": run.knn.history if run.knn else []}
         if is_best:
             safety.save_torch(os.path.join(run.args.out, "best.pt"), {"format": safety.FORMAT} | state)
         else:
@@ -504,6 +522,9 @@ def derive_args(args, world_size, device):
         # A GPU resamples a whole batch at once; on a CPU the workers resample in parallel.
         args.resample_on = "device" if device.type == "cuda" else "workers"
     args.augment_labeled = args.augment if args.augment_labeled is None else args.augment_labeled
+    if args.monitor_csv and not args.monitor_column:
+        raise utils.UserError(f"--monitor-csv {args.monitor_csv} needs --monitor-column: the label column to score")
+    args.monitor_every = args.monitor_every or args.val_every or 500
     for name, default in SIGNAL_DEFAULTS.items():
         setattr(args, name, getattr(args, name) or [default])
     # bf16 on a GPU needs no loss scaling; on a CPU, autocast gains nothing, so fp32.
@@ -659,6 +680,7 @@ class Run:
     rank: int
     is_main: bool
     writer: SummaryWriter | None  # TensorBoard, main process only
+    knn: monitor.KnnMonitor | None  # --monitor-csv's k-NN scores
     best_val: float = float("inf")  # the lowest validation loss so far (best.pt)
 
 
