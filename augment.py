@@ -117,7 +117,8 @@ WSOLA_SEARCH = 256
 
 # Parameters a transform needs on the host (loop bounds, FFT sizes, groups); the chain
 # passes them as CPU tensors and the transform moves what it computes with itself.
-HOST_PARAMETERS = {"pitch": {"semitones"}, "delay": {"lag", "repeats"}, "stretch": {"rate"}}
+HOST_PARAMETERS = {"pitch": {"semitones"}, "delay": {"lag", "repeats", "volume", "attenuation"},
+                   "stretch": {"rate"}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,8 +173,12 @@ class Draw:
         return torch.randint(low, high + 1, (n,), generator=self.host)
 
     def choice(self, values, n):
-        """`[n]` elements of the sequence `values`, each uniformly chosen, on the host."""
-        return torch.as_tensor(values)[self.integers(0, len(values) - 1, n)]
+        """`[n]` elements of the sequence `values`, each uniformly chosen, on the host.
+
+        Python floats stay float64, so the drawn values are exactly the listed ones (the
+        authors' draws are Python floats; float32 would move each by up to 3e-8)."""
+        dtype = torch.float64 if any(isinstance(v, float) for v in values) else None
+        return torch.tensor(values, dtype=dtype)[self.integers(0, len(values) - 1, n)]
 
     def chance(self, p, n):
         """`[n]` booleans, each True with probability p, on the host."""
@@ -597,33 +602,38 @@ def delay(x, lag, volume, repeats, attenuation):
 
     The i = 0 copy is not delayed, so one repeat only scales the clip by (1 + volume) / 2,
     three repeats give two echoes, and zero repeats halve the clip. Copies delayed beyond
-    the clip's end vanish.
+    the clip's end vanish. Computed in the authors' order and precision, so that equal
+    parameters give equal float32 outputs: the weights attenuation^i are taken in float64
+    and rounded once to float32, the delayed sum is accumulated copy by copy (i = 0
+    first), then scaled by the volume, added to the clip and halved.
 
     Args:
         x: `[B, T]`.
         lag: `[B]` int64 delay in samples (>= 1), and repeats: `[B]` int64 (a negative
             count counts as 0), on the host (they size the loop); python ints also work.
-        volume, attenuation: `[B]`.
+        volume, attenuation: `[B]` (float64 keeps the drawn values exact), on the host:
+            the weights are computed there (a device tensor is copied, which synchronises).
     """
     batch, length = x.shape
     lag = torch.as_tensor(lag).cpu().expand(batch)
     repeats = torch.as_tensor(repeats).cpu().expand(batch).clamp(min=0)
-    copies = int(repeats.max())
+    attenuation = torch.as_tensor(attenuation).cpu().double().expand(batch).tolist()
+    volume = to_device(torch.as_tensor(volume).cpu().float().expand(batch), x.device)
+    copies = max(1, int(repeats.max()))
     shifts = torch.arange(copies)[:, None] * lag  # [copies, B] host: copy i of example b is delayed by i·lag_b
     is_copy = torch.arange(copies)[:, None] < repeats  # [copies, B] host
-    max_shift = min(length, int((shifts * is_copy).max())) if copies else 0
+    max_shift = min(length, int((shifts * is_copy).max()))
     windows = F.pad(x, (max_shift, 0)).unfold(1, length, 1)  # [B, max_shift + 1, T], a view
     # A copy delayed by T or more reads window 0, which is all padding when max_shift = T.
     starts = to_device(max_shift - shifts.clamp(max=max_shift), x.device)  # [copies, B]
-    is_copy = to_device(is_copy, x.device)
+    # attenuation^i as python floats (as the authors' `attenuation ** i`), 0 past the repeats.
+    weights = torch.tensor([[a**i for a in attenuation] for i in range(copies)]) * is_copy  # [copies, B] float32
+    weights = to_device(weights, x.device)
     rows = torch.arange(batch, device=x.device)
-    attenuation, volume = to_device(attenuation, x.device), to_device(volume, x.device)
-    # The undelayed copy (i = 0) only scales the clip: (1 + volume) / 2, or 1 / 2 without it.
-    out = x * torch.where(is_copy[0], (1 + volume) / 2, 0.5)[:, None] if copies else x / 2
+    delayed = x * weights[0][:, None]  # the undelayed copy; a plain multiply-then-add below, no fused addcmul
     for i in range(1, copies):
-        weight = torch.where(is_copy[i], volume * attenuation.pow(i) / 2, 0.0)  # [B]
-        out.addcmul_(windows[rows, starts[i]], weight[:, None])
-    return out
+        delayed += windows[rows, starts[i]] * weights[i][:, None]
+    return (x + volume[:, None] * delayed) / 2
 
 
 def sample_delay(n, length, setting, draw, sample_rate):
@@ -631,18 +641,20 @@ def sample_delay(n, length, setting, draw, sample_rate):
 
     Lag uniform among whole samples from int(min_ms·sr/1000) to int(max_ms·sr/1000);
     volume, repeats and attenuation each centre - step or centre + step with equal
-    chance (DELAY_STEPS): at s = 1, volume 0.3 or 0.7, repeats 1 or 3, attenuation 0.3 or 0.7.
+    chance (DELAY_STEPS), computed as Python floats as the authors' are (float64, so
+    0.5 - 0.2 is the authors' 0.3, not float32's 0.30000001): at s = 1, volume 0.3 or 0.7,
+    repeats 1 or 3, attenuation 0.3 or 0.7.
     """
     low_ms, high_ms = setting["delay_ms"]
 
     def either(name):
-        return setting[name] + DELAY_STEPS[name] * (2 * draw.integers(0, 1, n) - 1)  # [n]
+        return draw.choice((setting[name] - DELAY_STEPS[name], setting[name] + DELAY_STEPS[name]), n)  # [n]
 
     return {
         "lag": draw.integers(max(1, int(low_ms * sample_rate / 1000)), max(1, int(high_ms * sample_rate / 1000)), n),
-        "volume": either("volume").float(),
+        "volume": either("volume"),
         "repeats": either("repeats"),
-        "attenuation": either("attenuation").float(),
+        "attenuation": either("attenuation"),
     }
 
 

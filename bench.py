@@ -98,6 +98,9 @@ def build_parser():
                         help="also write what the section(s) print to this file, under a header line (date, "
                              "machine: CPU count and GPU, torch version, load average)")
     parser.add_argument("--compare-clips", type=int, default=300, help="compare-augment: clips (2 views each) per case")
+    parser.add_argument("--compare-transforms", default=",".join(COMPARE_NAMES),
+                        help="compare-augment: transforms to compare alone, comma-separated (default: the paper's six, "
+                             "then the whole chain; a subset leaves the whole chain out)")
     parser.add_argument("--reference-path", default=os.environ.get("SEMISUPCON_REFERENCE_PATH", ""),
                         help="compare-augment: folder holding torch-audiomentations 0.12 and its dependencies "
                              "(pip install --target DIR --no-deps ...), put on sys.path for this section only "
@@ -626,7 +629,7 @@ def run_authors_chain(ta, names, s, clips, sample_rate):
             if parameters.get("should_apply") is not None and bool(parameters["should_apply"].any()):
                 for key, value in authors_parameters(transform, parameters).items():
                     drawn.setdefault(key, []).extend(value)
-    return torch.stack(outputs), kinds, {key: torch.tensor(value) for key, value in drawn.items()}
+    return torch.stack(outputs), kinds, {key: torch.tensor(value, dtype=torch.float64) for key, value in drawn.items()}
 
 
 def authors_parameters(transform, parameters):
@@ -681,6 +684,14 @@ def parameter_statistics(drawn, sample_rate):
     return stats
 
 
+def compare_side(name, x, y, kinds, drawn, sample_rate):
+    """One side of a comparison: ({statistic: text}, {check: per-view values}) from the
+    drawn parameters and the outputs."""
+    stats, samples = transform_statistics(name, x, y, kinds, sample_rate)
+    drawn_samples = {f"drawn {key}": values.double() for key, values in sorted(drawn.items())}
+    return {**parameter_statistics(drawn, sample_rate), **stats}, {**drawn_samples, **samples}
+
+
 def run_our_chain(names, s, clips, sample_rate, seed):
     """Our chain on all clips at once, views of a clip in adjacent rows: (outputs `[N, 2, T]`,
     filter kind per view `[N, 2]` (-1 for none), drawn parameters)."""
@@ -728,22 +739,27 @@ def shares(values, digits=2):
 
 
 def transform_statistics(name, x, y, kinds, sample_rate):
-    """Output statistics of one transform alone: {statistic: text} from inputs and
-    outputs `[N, 2, T]` (and the filter kind per view)."""
+    """Output statistics of one transform alone, from inputs and outputs `[N, 2, T]` (and
+    the filter kind per view): ({statistic: text}, {check: `[M]` per-view values for a KS
+    test}), the checks over changed views."""
     is_changed = (y != x).flatten(2).any(-1)  # [N, 2]
     stats = {"views changed": f"{is_changed.float().mean():.3f}"}
     x, y = x[is_changed], y[is_changed]  # [M, T]
+    samples = {}
     if name == "gain":
-        stats["gain dB"] = summary(level_db(y) - level_db(x))
+        samples["gain dB"] = level_db(y) - level_db(x)
+        stats["gain dB"] = summary(samples["gain dB"])
     elif name == "polarity":
         stats["inverted share"] = f"{((y * x).sum(-1) < 0).double().mean():.3f}"
     elif name == "noise":
         residual = y - x
-        stats["SNR dB"] = summary(level_db(x) - level_db(residual))
+        samples["SNR dB"] = level_db(x) - level_db(residual)
+        stats["SNR dB"] = summary(samples["SNR dB"])
         centres, power = octave_bands(residual, sample_rate, 125.0, 8000.0, 3)
         octaves = torch.log2(centres / 1000)
         level = 10 * torch.log10(power.clamp(min=1e-30))  # [M, K]
         slope = ((level - level.mean(-1, keepdim=True)) * (octaves - octaves.mean())).sum(-1) / (octaves - octaves.mean()).pow(2).sum()
+        samples["slope, dB/octave"] = slope
         stats["slope magnitude, dB/octave, 125 Hz-8 kHz"] = summary(slope.abs())
     elif name == "filter":
         kinds = kinds[is_changed]
@@ -764,7 +780,10 @@ def transform_statistics(name, x, y, kinds, sample_rate):
     elif name == "pitch":
         spectrum = torch.fft.rfft(y.double() * torch.hann_window(y.shape[-1], dtype=torch.float64), n=10 * sample_rate)
         peak = spectrum.abs().argmax(-1).double() / 10
-        semitones = torch.round(12 * torch.log2(peak / PITCH_TONE_HZ) * 20) / 20
+        shift = 12 * torch.log2(peak / PITCH_TONE_HZ)  # [M], on a 0.1 Hz grid: 0.004 semitone at 440 Hz
+        samples["measured shift, semitones"] = torch.round(shift * 100) / 100
+        samples["measured |shift|, semitones"] = samples["measured shift, semitones"].abs()
+        semitones = torch.round(shift * 20) / 20
         stats["measured shifts, absolute semitones (0.05 steps)"] = f"{torch.unique(semitones.abs()).tolist()}"
         stats["distinct shifts"] = f"{torch.unique(semitones).numel()}"
         stats["share of shifts beyond ±3.25 semitones"] = f"{(semitones.abs() > 3.25).double().mean():.3f}"
@@ -776,11 +795,19 @@ def transform_statistics(name, x, y, kinds, sample_rate):
         is_near = (frequency[None, :] - target[:, None]).abs() < 0.03 * target[:, None]
         stats["energy off the tone dB"] = summary(10 * torch.log10((power * ~is_near).sum(-1) / power.sum(-1)), digits=1)
     elif name == "delay":
-        size = 2 * x.shape[-1]
-        correlation = torch.fft.irfft(torch.fft.rfft(y.double(), n=size) * torch.fft.rfft(x.double(), n=size).conj(), n=size)
-        correlation = correlation[:, : x.shape[-1]] / x.double().pow(2).sum(-1, keepdim=True)  # [M, T]: gain of x(t - k)
+        # The input is a click at t = 0 (compare_inputs), so y(k) / x(0) is the gain of x(t - k), exactly.
+        correlation = y.double() / x.double()[:, :1]  # [M, T]
         direct = correlation[:, 0]
-        stats["direct-path gain dB"] = summary(20 * torch.log10(direct.abs()))
+        samples["direct-path gain dB"] = 20 * torch.log10(direct.abs())
+        stats["direct-path gain dB"] = summary(samples["direct-path gain dB"])
+        # The second echo relative to the first (attenuation a): the first delayed copy is
+        # the first non-zero gain after t = 0, the second sits at twice its lag.
+        is_delayed = correlation[:, 1:] != 0
+        lag1 = is_delayed.double().argmax(-1) + 1  # [M]
+        doubled = (2 * lag1).clamp(max=x.shape[-1] - 1)
+        second, first = correlation.gather(1, doubled[:, None])[:, 0], correlation.gather(1, lag1[:, None])[:, 0]
+        has_two = is_delayed.any(-1) & (2 * lag1 < x.shape[-1]) & (second != 0)
+        samples["second echo / first echo"] = second[has_two] / first[has_two]
         # The first echo is the strongest delayed copy; later ones sit at multiples of its lag.
         first = correlation[:, 1:].abs().max(-1)
         lag = first.indices + 1  # [M]
@@ -790,20 +817,49 @@ def transform_statistics(name, x, y, kinds, sample_rate):
         stats["first echo dB below direct"] = summary(20 * torch.log10(direct[has_echo].abs() / first.values[has_echo]))
         stats[f"echoes above {ECHO_THRESHOLD} of the clip (shares)"] = shares(
             (at_multiples > ECHO_THRESHOLD).sum(-1).double(), digits=0)
-    return stats
+    return stats, samples
 
 
 PITCH_TONE_HZ = 440.0
-ECHO_THRESHOLD = 0.02  # echo gain counted as an echo: 34 dB below the clip, 6 standard errors of a 2.7 s correlation
+ECHO_THRESHOLD = 0.02  # echo gain counted as an echo: 34 dB below the clip
+KS_AGREE = 0.001  # a check agrees when its two-sample KS p-value is at least this (about 90 checks per run)
 
 
 def compare_inputs(name, clips, length, sample_rate, generator):
-    """`[clips, 2, T]` inputs: a 440 Hz tone for pitch, quiet white noise otherwise (peak
-    about 0.1, so that no gain reaches our chain's peak guard)."""
+    """`[clips, 2, T]` inputs: a 440 Hz tone for pitch, a click at t = 0 (0.1) for delay, so
+    that each echo's gain reads off one sample; quiet white noise otherwise (peak about 0.1,
+    so that no gain reaches our chain's peak guard)."""
     if name == "pitch":
         t = torch.arange(length) / sample_rate
         return (0.3 * torch.sin(2 * math.pi * PITCH_TONE_HZ * t)).repeat(clips, 2, 1)
+    if name == "delay":
+        click = torch.zeros(clips, 2, length)
+        click[..., 0] = 0.1
+        return click
     return 0.02 * torch.randn(clips, 2, length, generator=generator)
+
+
+def ks_test(a, b):
+    """Two-sample Kolmogorov-Smirnov test of 1-D samples a and b: (D, p).
+
+    D is the largest gap between the two empirical distribution functions, evaluated at
+    every observed value (ties included, so discrete samples are compared exactly); p is
+    the asymptotic two-sided p-value with Stephens' small-sample correction,
+    Q(λ) = 2·Σ_{k>=1} (-1)^(k-1)·exp(-2k²λ²), λ = (√n + 0.12 + 0.11/√n)·D, n = |a||b| / (|a| + |b|).
+    Conservative for discrete samples. Returns (nan, nan) when either sample is empty.
+    """
+    if a.numel() == 0 or b.numel() == 0:
+        return math.nan, math.nan
+    a, b = torch.sort(a.double().flatten()).values, torch.sort(b.double().flatten()).values
+    points = torch.cat([a, b])
+    gap = torch.searchsorted(a, points, right=True) / len(a) - torch.searchsorted(b, points, right=True) / len(b)
+    d = float(gap.abs().max())
+    n = len(a) * len(b) / (len(a) + len(b))
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    if lam < 0.2:  # the series converges slowly there, and Q is 1 to 6 digits
+        return d, 1.0
+    p = 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
+    return d, min(1.0, max(0.0, p))
 
 
 def bench_compare_augment(args):
@@ -828,23 +884,31 @@ def bench_compare_augment(args):
           f"median (10th to 90th percentile)\n")
     print("| transform | s | statistic | authors (torch-audiomentations 0.12) | ours |")
     print("|---|---:|---|---|---|")
-    for name in COMPARE_NAMES:
+    names = [name.strip() for name in args.compare_transforms.split(",") if name.strip()]
+    unknown = [name for name in names if name not in COMPARE_NAMES]
+    if unknown:
+        print(f"bench.py: error: --compare-transforms {','.join(unknown)}: not in the paper's chain; use some of "
+              f"{','.join(COMPARE_NAMES)}", file=sys.stderr)
+        sys.exit(2)
+    checks = []
+    for name in names:
         for s in COMPARE_SEVERITIES:
             x = compare_inputs(name, clips, length, args.sample_rate, generator)
-            theirs, ours = (
-                {**parameter_statistics(drawn, args.sample_rate),
-                 **transform_statistics(name, x, y, kinds, args.sample_rate)}
+            (theirs, their_samples), (ours, our_samples) = (
+                compare_side(name, x, y, kinds, drawn, args.sample_rate)
                 for y, kinds, drawn in (run_authors_chain(ta, [name], s, x, args.sample_rate),
                                         run_our_chain([name], s, x, args.sample_rate, args.seed)))
             for statistic in theirs:
                 print(f"| {name} | {s:g} | {statistic} | {theirs[statistic]} | {ours.get(statistic, '-')} |", flush=True)
-    names = list(augment.DEFAULT_AUGMENT)
-    for s in COMPARE_SEVERITIES:
+            checks.extend((name, s, check, their_samples[check], our_samples.get(check, torch.zeros(0)))
+                          for check in their_samples)
+    chain_names = list(augment.DEFAULT_AUGMENT)
+    for s in COMPARE_SEVERITIES if set(names) == set(COMPARE_NAMES) else ():  # the whole chain: with all six only
         x = 0.5 * compare_inputs("pitch", clips, length, args.sample_rate, generator) + \
             0.5 * compare_inputs("gain", clips, length, args.sample_rate, generator)
         rows = {}
-        for who, (y, kinds, _) in (("authors", run_authors_chain(ta, names, s, x, args.sample_rate)),
-                                   ("ours", run_our_chain(names, s, x, args.sample_rate, args.seed))):
+        for who, (y, kinds, _) in (("authors", run_authors_chain(ta, chain_names, s, x, args.sample_rate)),
+                                   ("ours", run_our_chain(chain_names, s, x, args.sample_rate, args.seed))):
             untouched = (y == x).flatten(2).all(-1)  # [N, 2]
             both_filtered = (kinds >= 0).all(-1)
             rows[who] = {
@@ -856,6 +920,20 @@ def bench_compare_augment(args):
         for statistic in rows["ours"]:
             print(f"| chain | {s:g} | {statistic} | {rows['authors'][statistic]} | {rows['ours'][statistic]} |",
                   flush=True)
+    print(f"\nTwo-sample KS test per check, over the changed views of each side (a check agrees when "
+          f"p >= {KS_AGREE:g}; drawn values compared exactly, measured shifts on a 0.01-semitone grid; a check "
+          f"with no view on a side is left out)\n")
+    print("| transform | s | check | views (authors / ours) | D | p | agrees |")
+    print("|---|---:|---|---|---:|---:|---|")
+    agreed, tested = 0, 0
+    for name, s, check, theirs, ours in checks:
+        if theirs.numel() == 0 or ours.numel() == 0:
+            continue
+        d, p = ks_test(theirs, ours)
+        agreed, tested = agreed + (p >= KS_AGREE), tested + 1
+        print(f"| {name} | {s:g} | {check} | {theirs.numel()} / {ours.numel()} | {d:.3f} | {p:.2g} | "
+              f"{'yes' if p >= KS_AGREE else 'NO'} |", flush=True)
+    print(f"\n{agreed} of {tested} checks agree")
 
 
 # ---------------------------------------------------------------- gpu (make gpu-check)

@@ -205,6 +205,16 @@ def test_delay_matches_the_authors_formula():
     assert torch.allclose(expected[2], 0.65 * x[2]) and torch.allclose(expected[1], 0.5 * x[1])
 
 
+def test_delay_output_is_the_authors_bit_for_bit():
+    # Equal parameters give equal float32 outputs: same weights (a^i rounded once), same
+    # order of sums, so exact-valued measurements (an echo's level) match the authors'.
+    x = torch.randn(64, 4000, generator=torch.Generator().manual_seed(2))
+    for severity in (0.5, 1.0, 2.0):
+        draw = augment.Draw(torch.Generator().manual_seed(3), "cpu")
+        params = augment.sample_delay(64, 4000, augment.SEVERITY_TABLE["delay"](severity), draw, 8000)
+        assert torch.equal(augment.delay(x, **params), authors_delay(x, **params)), severity
+
+
 @pytest.mark.parametrize("severity", [0.5, 1.0, 2.0])
 def test_delay_parameters_are_the_authors_draws(severity):
     n = 4000
@@ -216,6 +226,7 @@ def test_delay_parameters_are_the_authors_draws(severity):
         values = params[name].double()
         low, high = centre - steps[name], centre + steps[name]
         assert bool(((values - low).abs() < 1e-6).logical_or((values - high).abs() < 1e-6).all()), name
+        assert set(params[name].tolist()) == {low, high}, name  # exactly the authors' Python values
         assert abs(float((values > centre).double().mean()) - 0.5) < 0.03, name  # each side half the time
     lag = params["lag"]
     low, high = int(100 / severity * SAMPLE_RATE / 1000), int(500 * SAMPLE_RATE / 1000)  # whole samples, inclusive
@@ -586,3 +597,87 @@ def test_gain_and_noise_parameters_are_uniform_in_the_authors_ranges(severity):
     assert setting["gain"](severity)["p"] == min(0.7, 0.4 * severity) and setting["polarity"](severity)["p"] == min(0.8, 0.6 * severity)
     assert setting["noise"](severity)["p"] == min(0.8, 0.6 * severity) and setting["filter"](severity)["p"] == min(0.6, 0.3 * severity)
     assert setting["pitch"](severity)["p"] == min(0.75, 0.6 * severity) and setting["delay"](severity)["p"] == min(0.6, 0.6 * severity)
+
+
+# ---------------------------------------------------------------------------------------
+# The issue-20 checks: two-sample KS tests of our draws and outputs against the authors'
+# sampling re-implemented here from torch-audiomentations 0.12 and torch-pitch-shift 1.2.5
+# as documented and published (not imported: neither is a dependency). bench.py
+# compare-augment runs the same checks against the installed libraries.
+# ---------------------------------------------------------------------------------------
+def ks_p_value(a, b):
+    """Two-sample KS p-value (asymptotic, with Stephens' correction), ties compared exactly."""
+    a, b = torch.sort(a.double()).values, torch.sort(b.double()).values
+    points = torch.cat([a, b])
+    d = float((torch.searchsorted(a, points, right=True) / len(a)
+               - torch.searchsorted(b, points, right=True) / len(b)).abs().max())
+    n = len(a) * len(b) / (len(a) + len(b))
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    if lam < 0.2:
+        return 1.0
+    return min(1.0, max(0.0, 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))))
+
+
+def authors_pitch_draws(sample_rate, semitones, n, seed):
+    """torch-audiomentations 0.12 PitchShift: torch-pitch-shift's get_fast_shifts (ratios
+    i / j of products of the rate's prime factors, kept between 2^(-s/12) and 2^(s/12),
+    1 excluded), one picked per example with random.choices; semitones = 12·log2(ratio)."""
+    import random
+    from itertools import combinations
+    factors, m, p = [], sample_rate, 2
+    while m > 1:
+        while m % p == 0:
+            factors.append(p)
+            m //= p
+        p += 1
+    products = {math.prod(c) for r in range(1, len(factors) + 1) for c in combinations(factors, r)}
+    low, high = Fraction(2.0 ** (-semitones / 12)), Fraction(2.0 ** (semitones / 12))
+    ratios = list({Fraction(i, j) for i in products for j in products if low <= Fraction(i, j) <= high and i != j})
+    return torch.tensor([12 * math.log2(r) for r in random.Random(seed).choices(ratios, k=n)], dtype=torch.float64)
+
+
+def test_pitch_shift_draws_match_the_authors_signed_and_absolute():
+    n = 3000
+    ours = augment.sample_pitch(n, LENGTH, augment.SEVERITY_TABLE["pitch"](1.0) | {"shifts": "fast"},
+                                augment.Draw(torch.Generator().manual_seed(5), "cpu"), SAMPLE_RATE)["semitones"]
+    theirs = authors_pitch_draws(SAMPLE_RATE, 4.0, n, seed=5)
+    assert ours.dtype == torch.float64 and set(ours.tolist()) == set(theirs.tolist())  # the same 14 values, exactly
+    assert ks_p_value(ours, theirs) > 0.001  # signed shift
+    assert ks_p_value(ours.abs(), theirs.abs()) > 0.001  # |shift|
+    assert abs(float(ours.mean())) < 0.15 and abs(float(theirs.mean())) < 0.15  # no skew: sd 2.1 / sqrt(3000) = 0.04
+
+
+def authors_echo_ratios(severity, n, sample_rate, seed):
+    """The authors' Delay (SemiSupCon delay.py) on a click: the second echo's level over
+    the first's, for draws made as theirs (random.choices of centre ± step, int(2·s) repeats)."""
+    import random
+    rng = random.Random(seed)
+    volume, repeats, attenuation = 0.5 * severity, int(2 * severity), min(1, 0.5 * severity)
+    lags = range(int(100 / severity * sample_rate / 1000), int(500 * sample_rate / 1000) + 1)
+    params = {"lag": torch.tensor(rng.choices(lags, k=n)),
+              "volume": torch.tensor(rng.choices([volume - 0.2, volume + 0.2], k=n), dtype=torch.float64),
+              "repeats": torch.tensor(rng.choices([repeats - 1, repeats + 1], k=n)),
+              "attenuation": torch.tensor(rng.choices([attenuation - 0.2, attenuation + 0.2], k=n), dtype=torch.float64)}
+    return params
+
+
+def echo_ratios(y, lag):
+    """y(2·lag) / y(lag) of clicks at t = 0, for rows with a second echo."""
+    rows = torch.arange(len(y))
+    first, second = y[rows, lag], y[rows, 2 * lag]
+    return (second / first)[second != 0]
+
+
+@pytest.mark.parametrize("severity", [1.0, 2.0])
+def test_second_echo_over_first_matches_the_authors_delay(severity):
+    n, sample_rate = 600, 8000
+    length = int(1.1 * sample_rate)  # room for two echoes of the longest lag (500 ms)
+    click = torch.zeros(n, length)
+    click[:, 0] = 0.1
+    theirs = authors_echo_ratios(severity, n, sample_rate, seed=7)
+    ours = augment.sample_delay(n, length, augment.SEVERITY_TABLE["delay"](severity),
+                                augment.Draw(torch.Generator().manual_seed(7), "cpu"), sample_rate)
+    ratio_theirs = echo_ratios(authors_delay(click, **theirs), theirs["lag"])
+    ratio_ours = echo_ratios(augment.delay(click, **ours), ours["lag"])
+    assert set(ratio_ours.tolist()) == set(ratio_theirs.tolist())  # the same float32 levels, exactly
+    assert ks_p_value(ratio_ours, ratio_theirs) > 0.001
