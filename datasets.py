@@ -1496,6 +1496,7 @@ def write_cache(csv_paths, folder, sample_rate, workers=2, log=print):
 SCAN_CACHE = os.path.join(".cache", "scans")
 # The settings a folder given as --train-csv / --csv is scanned with (see manifest_or_scan).
 AUTO_SPLIT = (0.8, 0.1, 0.1)
+GROUP_BY_FILE = "file"  # scan --group-by file: every file its own group
 AUTO_LABEL_PREFIX = "folder"
 
 
@@ -1514,7 +1515,10 @@ def folder_level(relative, level):
 
 def group_key(relative, level):
     """The folder path down to `level` (folder_level's numbering): files of one album under
-    two artists stay two groups. Files not that deep group by the folders they have."""
+    two artists stay two groups. Files not that deep group by the folders they have.
+    level "file" (GROUP_BY_FILE): the file's own path, so that every file is its own group."""
+    if level == GROUP_BY_FILE:
+        return relative.replace(os.sep, "/")
     parts = folder_parts(relative)
     end = level if level > 0 else len(parts) + level + 1
     return "/".join(parts[:max(0, min(end, len(parts)))])
@@ -1544,27 +1548,53 @@ def parse_fractions(text):
     return fractions
 
 
-def assign_splits(groups, fractions, seed=0):
+def assign_splits(groups, fractions, seed=0, strata=None):
     """A split per file from its group, so that no group straddles train/val/test.
 
     groups: per-file group keys; fractions: shares of train, val, test. Groups are taken
     in the order of a hash of (seed, key), and each goes to the split furthest below
     its share of the files assigned so far (its own files included): the result depends
     only on the keys, their sizes and the seed, and the shares hold to within about one
-    group. Returns a list of split names, one per file.
+    group.
+    strata: optional per-file labels (`scan --stratify`): each label's groups are split
+    on their own, in the same shares, and the first of them goes to train, so that every
+    label is in train and in val and test as far as its groups allow. A group holding
+    files of several labels counts under its most frequent one (the first in sorted
+    order on a tie), as a group is never split.
+    Returns a list of split names, one per file.
     """
-    sizes = {}
-    for key in groups:
+    sizes, label_counts = {}, {}
+    for index, key in enumerate(groups):
         sizes[key] = sizes.get(key, 0) + 1
+        if strata is not None:
+            counts = label_counts.setdefault(key, {})
+            counts[strata[index]] = counts.get(strata[index], 0) + 1
+    stratum = {key: min(label_counts[key], key=lambda label: (-label_counts[key][label], label))
+               if strata is not None else "" for key in sizes}
     order = sorted(sizes, key=lambda k: hashlib.sha1(f"{seed}:{k}".encode()).hexdigest())
-    counts, total, chosen = [0, 0, 0], 0, {}
-    for key in order:
-        total += sizes[key]
-        deficits = [fraction * total - count for fraction, count in zip(fractions, counts)]
-        best = max((s for s in range(3) if fractions[s] > 0), key=lambda s: deficits[s])
-        counts[best] += sizes[key]
-        chosen[key] = SPLITS[best]
+    chosen = {}
+    for label in sorted(set(stratum.values())):
+        counts, total = [0, 0, 0], 0
+        for rank, key in enumerate(key for key in order if stratum[key] == label):
+            total += sizes[key]
+            deficits = [fraction * total - count for fraction, count in zip(fractions, counts)]
+            best = max((s for s in range(3) if fractions[s] > 0), key=lambda s: deficits[s])
+            if strata is not None and rank == 0:
+                best = 0  # every label in train
+            counts[best] += sizes[key]
+            chosen[key] = SPLITS[best]
     return [chosen[key] for key in groups]
+
+
+def parse_group_by(text):
+    """--group-by: "file" (GROUP_BY_FILE) or a folder level as --label-from-folder numbers
+    them ("1", "-1"); UserError otherwise."""
+    if text.strip().lower() == GROUP_BY_FILE:
+        return GROUP_BY_FILE
+    if not re.fullmatch(r"-?[1-9]\d*", text.strip()):
+        raise utils.UserError(f"--group-by {text!r}: give a folder level (1 the first folder below DIR, -1 the "
+                              f"file's own folder) or file (every file its own group)")
+    return int(text)
 
 
 VANISHED = "vanished during the scan"
@@ -1744,13 +1774,15 @@ def find_duplicates(folder, rows, skipped, keep_duplicates):
 
 
 def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="stem", join_column=None, split=None,
-                group_by=-1, split_seed=0, min_seconds=0.0, keep_duplicates=False, log=print):
+                group_by=-1, split_seed=0, min_seconds=0.0, keep_duplicates=False, log=print, stratify=None):
     """Walk `folder` for every file soundfile can read and write a manifest to `out_csv`.
 
     folder_labels: (column, level) pairs, each folder level (folder_level's numbering)
     becoming a label column. labels_csv, join_on, join_column: see join_labels.
     split: None (no split column) or (train, val, test) shares, assigned per group
-    (the folder at `group_by`, by default the file's own folder) by assign_splits.
+    (the folder at `group_by`, by default the file's own folder; "file": each file its
+    own group) by assign_splits. stratify: None or a label column; with it each of the
+    column's labels is split on its own in the shares, every label in train.
     min_seconds: shorter files are skipped. Exact duplicates (same bytes) keep the first
     path in sorted order unless keep_duplicates. Hidden files and folders (".name") are
     left out; linked folders are followed once each (walk_folder). Only regular files are
@@ -1780,13 +1812,19 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
     frame = pd.DataFrame({"path": [os.path.relpath(os.path.join(folder, r["relative"]), out_folder).replace(os.sep, "/")
                                    for r in rows]})
     relatives = [r["relative"] for r in rows]
-    if split is not None:
-        frame["split"] = assign_splits([group_key(r, group_by) for r in relatives], split, split_seed)
     for column, level in folder_labels:
         frame[column] = [folder_level(r, level) for r in relatives]
     unmatched, shared = [], 0
     if labels_csv:
         frame, unmatched, shared = join_labels(frame, relatives, labels_csv, join_on, join_column)
+    if stratify is not None and stratify not in frame.columns:
+        raise utils.UserError(f"--stratify {stratify!r}: no such label column; name one given by "
+                              f"--label-from-folder or --labels ({', '.join(map(repr, frame.columns[1:])) or 'none'})")
+    if stratify is not None and split is None:
+        raise utils.UserError(f"--stratify {stratify!r} needs --split TRAIN,VAL,TEST shares")
+    if split is not None:
+        strata = frame[stratify].astype(str).tolist() if stratify is not None else None
+        frame.insert(1, "split", assign_splits([group_key(r, group_by) for r in relatives], split, split_seed, strata))
     for column in ("seconds", "sample_rate", "channels"):
         frame[column] = [r[column] for r in rows]
     safety.write_csv(out_csv, frame)
@@ -1828,7 +1866,17 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
     for name, count in report["splits"].items():
         if split[SPLITS.index(name)] > 0 and count == 0:
             log(f"  split {name} got no file: too few groups (folders at level {group_by}) for the shares "
-                f"{','.join(f'{f:g}' for f in split)}; try --group-by with a deeper level")
+                f"{','.join(f'{f:g}' for f in split)}; try --group-by with a deeper level, or --group-by file")
+    if stratify is not None:
+        per_label = frame.groupby(frame[stratify].astype(str))["split"].agg(set)
+        report["stratified"] = {s: int(sum(s in found for found in per_label)) for s in SPLITS}
+        log(f"  stratified by {stratify!r}: {len(per_label)} labels; in train {report['stratified']['train']}, "
+            f"val {report['stratified']['val']}, test {report['stratified']['test']}")
+        missing = [label for label, found in per_label.items()
+                   if any(split[SPLITS.index(s)] > 0 and s not in found for s in SPLITS)]
+        if missing:
+            log(f"  {len(missing)} label(s) have too few groups to reach every split, e.g. {missing[0]!r}; "
+                f"they are in train" + ("" if group_by == GROUP_BY_FILE else "; --group-by file splits by file"))
     return report
 
 
@@ -1877,9 +1925,13 @@ def main(argv=None):
     scan.add_argument("--split", default=None, metavar="TRAIN,VAL,TEST",
                       help="shares of files for train, val and test, e.g. 0.8,0.1,0.1 (default: no split column, "
                            "every file train)")
-    scan.add_argument("--group-by", type=int, default=-1, metavar="LEVEL",
+    scan.add_argument("--group-by", default="-1", metavar="LEVEL",
                       help="folder level whose files share a split (numbered as --label-from-folder; default -1, "
-                           "the file's own folder, e.g. the album)")
+                           "the file's own folder, e.g. the album: no album effect across splits), or file (every "
+                           "file its own group: to classify tracks by a folder label, e.g. which soundtrack)")
+    scan.add_argument("--stratify", default=None, metavar="COLUMN",
+                      help="split each label of this label column on its own in the --split shares, every label "
+                           "in train (default: no stratification)")
     scan.add_argument("--split-seed", type=int, default=0, help="seed of the split's group order (default 0)")
     scan.add_argument("--min-seconds", type=float, default=0.0,
                       help="skip files shorter than this many seconds (default %(default)s)")
@@ -1894,7 +1946,8 @@ def main(argv=None):
     if args.command == "scan":
         split = parse_fractions(args.split) if args.split else None
         scan_folder(args.folder, args.out, parse_folder_labels(args.label_from_folder), args.labels, args.join_on,
-                    args.join_column, split, args.group_by, args.split_seed, args.min_seconds, args.keep_duplicates)
+                    args.join_column, split, parse_group_by(args.group_by), args.split_seed, args.min_seconds,
+                    args.keep_duplicates, stratify=args.stratify)
     elif args.command == "cache":
         print(write_cache(args.train_csv, args.out, args.sample_rate, args.workers))
 

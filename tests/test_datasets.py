@@ -301,3 +301,90 @@ def test_validation_batches_split_evenly_over_processes():
         assert len({len(b) for b in batches}) == 1  # the same number of clips on every process
     whole = datasets.fixed_batches(np.arange(31), labeled, 8, seed=0)
     assert sum(len(b) for b in whole) == 31
+
+
+def write_ogg(path, seconds, sample_rate, frequency, block=2048):
+    """A quiet tone written to OGG Vorbis block by block (libsndfile's Vorbis encoder
+    takes long single writes badly)."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    audio = (0.3 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+    with sf.SoundFile(path, "w", sample_rate, 1, format="OGG", subtype="VORBIS") as out:
+        for start in range(0, len(audio), block):
+            out.write(audio[start : start + block])
+    return path
+
+
+def soundtrack_library(folder, soundtracks=9, tracks=10):
+    """Soundtrack/track.ogg: `soundtracks` folders of `tracks` short files each."""
+    for s in range(soundtracks):
+        os.makedirs(folder / f"Soundtrack {s}")
+        for k in range(tracks):
+            write_ogg(folder / f"Soundtrack {s}" / f"track {k:02d}.ogg", 0.3, 8000, 200.0 + 40 * s + 3 * k)
+    return folder
+
+
+def test_scan_by_file_stratified_puts_every_soundtrack_in_every_split_in_the_shares(tmp_path, capsys):
+    library = soundtrack_library(tmp_path / "Library")
+    out = tmp_path / "soundtracks.csv"
+    datasets.main(["scan", str(library), "--out", str(out), "--label-from-folder", "soundtrack=1",
+                   "--split", "0.7,0.1,0.2", "--group-by", "file", "--stratify", "soundtrack"])
+    printed = capsys.readouterr().out
+    frame = pd.read_csv(out)
+    assert len(frame) == 90 and list(frame.columns[:3]) == ["path", "split", "soundtrack"]
+    counts = frame.groupby("soundtrack")["split"].value_counts().unstack(fill_value=0)
+    assert len(counts) == 9
+    assert (counts["train"] == 7).all() and (counts["val"] == 1).all() and (counts["test"] == 2).all()
+    assert "stratified by 'soundtrack': 9 labels; in train 9, val 9, test 9" in printed
+    # Without stratifying, grouping by folder (the default) sends whole soundtracks to test:
+    # the failure that --group-by file --stratify fixes.
+    datasets.main(["scan", str(library), "--out", str(out), "--label-from-folder", "soundtrack=1",
+                   "--split", "0.7,0.1,0.2"])
+    frame = pd.read_csv(out)
+    assert (frame.groupby("soundtrack")["split"].nunique() == 1).all()
+    assert set(frame.loc[frame["split"] == "test", "soundtrack"]).isdisjoint(frame.loc[frame["split"] == "train", "soundtrack"])
+
+
+def test_stratified_split_by_folder_never_splits_a_group(tmp_path):
+    # Artist/Album/track.ogg: stratify by artist, group by album (level 2).
+    library = tmp_path / "Library"
+    for a in range(4):
+        for b in range(6):
+            os.makedirs(library / f"Artist {a}" / f"Album {b}")
+            for k in range(1 + (a + b) % 3):
+                write_ogg(library / f"Artist {a}" / f"Album {b}" / f"{k}.ogg", 0.2, 8000, 300.0 + 10 * k)
+    out = tmp_path / "albums.csv"
+    datasets.main(["scan", str(library), "--out", str(out), "--label-from-folder", "artist=1",
+                   "--label-from-folder", "album=2", "--split", "0.5,0.2,0.3", "--group-by", "2",
+                   "--stratify", "artist"])
+    frame = pd.read_csv(out)
+    frame["group"] = frame["artist"] + "/" + frame["album"]
+    assert (frame.groupby("group")["split"].nunique() == 1).all()  # an album never straddles splits
+    assert set(frame.loc[frame["split"] == "train", "artist"]) == set(frame["artist"])
+    for artist, rows in frame.groupby("artist"):
+        assert set(rows["split"]) == {"train", "val", "test"}, artist
+
+
+def test_assign_splits_stratified_shares_and_group_by_file_keys():
+    labels = [f"L{k % 3}" for k in range(60)]
+    splits = datasets.assign_splits([str(k) for k in range(60)], (0.7, 0.1, 0.2), seed=1, strata=labels)
+    for label in ("L0", "L1", "L2"):
+        chosen = [s for s, l in zip(splits, labels) if l == label]
+        assert (chosen.count("train"), chosen.count("val"), chosen.count("test")) == (14, 2, 4)
+    # Without strata the result is the unstratified assignment, as before.
+    groups = [f"g{k // 3}" for k in range(60)]
+    assert datasets.assign_splits(groups, (0.7, 0.1, 0.2), seed=2) == \
+        datasets.assign_splits(groups, (0.7, 0.1, 0.2), seed=2, strata=None)
+    assert datasets.group_key(os.path.join("Soundtrack 1", "track.ogg"), "file") == "Soundtrack 1/track.ogg"
+    assert datasets.parse_group_by("file") == "file" and datasets.parse_group_by("-2") == -2
+    with pytest.raises(datasets.utils.UserError, match="--group-by"):
+        datasets.parse_group_by("album")
+
+
+def test_stratify_needs_a_label_column_and_a_split(tmp_path):
+    library = soundtrack_library(tmp_path / "Library", soundtracks=2, tracks=2)
+    with pytest.raises(datasets.utils.UserError, match="no such label column"):
+        datasets.scan_folder(str(library), str(tmp_path / "m.csv"), folder_labels=[("soundtrack", 1)],
+                             split=(0.7, 0.1, 0.2), stratify="genre")
+    with pytest.raises(datasets.utils.UserError, match="needs --split"):
+        datasets.scan_folder(str(library), str(tmp_path / "m.csv"), folder_labels=[("soundtrack", 1)],
+                             stratify="soundtrack")
