@@ -1,10 +1,19 @@
 """Encoders and the projection head.
 
-Every encoder maps a batch of raw mono waveforms `x` `[B, T]` (T == the `num_samples` it
-was built for) to embeddings `h` `[B, embed_dim]`; the projection head maps `h` to the
-projections `z` `[B, 128]` that the contrastive loss compares. Encoders are chosen by
-name through the plain dict `ENCODERS` (name -> constructor(num_samples, sample_rate,
-width)); `build_encoder` looks a name up and gives a readable error.
+The encoder contract. An encoder is an `nn.Module` made by a constructor
+`(num_samples, sample_rate, width) -> module`, registered under its name in the plain dict
+`ENCODERS`: the one place a new encoder is added (--encoder NAME then trains, probes and
+exports it). It must
+  1. map raw mono waveforms x `[B, num_samples]` at `sample_rate` to embeddings h
+     `[B, embed_dim]`, in train and eval mode;
+  2. have an int attribute `embed_dim` (the projection head's input size);
+  3. have a bool attribute `is_checkpointed` (False when built) and run each of its blocks
+     as `apply_block(block, x, is_checkpointed=self.is_checkpointed)`, so that
+     --activation-checkpointing recomputes them in backward;
+  4. use nn.BatchNorm1d/2d for batch norm, if any, so that --sync-bn can swap it.
+`check_encoder` checks 1-3 on a built encoder; `build_encoder` looks a name up (a readable
+error for an unknown one) and checks 2-3. The projection head maps h to the projections
+`z` `[B, 128]` that the contrastive loss compares.
 
 Encoders (all 512-d at full width):
 - `samplecnn`: SampleCNN (Lee et al. 2017, as in CLMR and the paper), depth set by the
@@ -645,7 +654,52 @@ def build_encoder(name: str, num_samples: int, sample_rate: int, width: float = 
     """
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}")
-    return ENCODERS[name](num_samples, sample_rate, width)
+    encoder = ENCODERS[name](num_samples, sample_rate, width)
+    if not isinstance(getattr(encoder, "embed_dim", None), int) or \
+            not isinstance(getattr(encoder, "is_checkpointed", None), bool):
+        raise TypeError(f"encoder {name!r} breaks the encoder contract (models.py, top): it needs an int "
+                        f"`embed_dim` and a bool `is_checkpointed`")
+    return encoder
+
+
+def check_encoder(encoder: nn.Module, num_samples: int) -> list[str]:
+    """What a built encoder breaks of the encoder contract (points 1-3), as sentences; [] if nothing.
+
+    Runs one small batch forward in train and eval mode, and one backward with
+    checkpointing, which must call blocks again (the recomputation of apply_block).
+    """
+    broken, state = [], {k: v.clone() for k, v in encoder.state_dict().items()}  # batch norm's statistics move
+    embed_dim = getattr(encoder, "embed_dim", None)
+    if not isinstance(embed_dim, int):
+        broken.append("no int attribute embed_dim")
+    if getattr(encoder, "is_checkpointed", None) is not False:
+        broken.append("no bool attribute is_checkpointed, False when built")
+    was_training, x = encoder.training, torch.randn(2, num_samples)
+    for training in (True, False):
+        encoder.train(training)
+        with torch.no_grad():
+            shape = tuple(encoder(x).shape)
+        if shape != (2, embed_dim):
+            broken.append(f"output {shape} in {'train' if training else 'eval'} mode, not (2, embed_dim)")
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in encoder.modules() if m is not encoder]
+    encoder.train()
+    counts = []
+    for enabled in (False, True):
+        calls.clear()
+        set_activation_checkpointing(encoder, enabled)
+        encoder(x).sum().backward()
+        counts.append(len(calls))
+    set_activation_checkpointing(encoder, False)
+    encoder.zero_grad(set_to_none=True)
+    encoder.load_state_dict(state)
+    for hook in hooks:
+        hook.remove()
+    encoder.train(was_training)
+    if counts[1] <= counts[0]:
+        broken.append("checkpointing recomputes nothing: run blocks through apply_block(..., "
+                      "is_checkpointed=self.is_checkpointed)")
+    return broken
 
 
 # ---------------------------------------------------------------- a trained encoder in one's own code
