@@ -21,7 +21,7 @@ demo: $(VENV)/installed
 	$(PY) train.py $(DEMO_TRAIN) --out runs/demo-semisup --label-column pitch_class --label-kind pitch_class \
 		--labeled-fraction 0.25 --augment-labeled gain,polarity,noise,filter,delay
 	$(PY) probe.py $(DEMO_MODEL) --checkpoint runs/demo-selfsup --checkpoint runs/demo-semisup --checkpoint random \
-		--label-column pitch_class --label-column timbre --head linear --out runs/demo-results.json --plot
+		--label-column pitch_class --label-column timbre --head linear --retrieval --out runs/demo-results.json --plot
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q -rs --durations=10 tests

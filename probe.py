@@ -13,6 +13,10 @@ The experiments of the paper's evaluation:
     --prototypes                        no head: cosine similarity to class-mean embeddings
     --plot                              figures (PNG + TensorBoard): confusion matrix, few-label and
                                         robustness curves; test embeddings in the projector
+    --retrieval                         similarity metrics beside the head's: same-track top-1 and MRR,
+                                        label P@10 and mAP (similar.py computes them)
+A test track that repeats a train or val track's audio (same path or bytes) is refused
+before any embedding (splits.py), unless --allow-leaks.
 One GPU: the same commands (the GPU is used when present). The tables print; the full
 results (JSON) go to --out as each probe finishes (a rerun with the same --out skips the
 finished ones), with the tables next to it as .md and .csv at the end (reports.py).
@@ -29,12 +33,9 @@ corruption) and cached on disk under the checkpoint's SHA-256 (export.cached_emb
 import argparse
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -43,8 +44,11 @@ import augment
 import datasets
 import export
 import models
+import records
 import reports
 import safety
+import similar
+import splits
 import synthetic
 import utils
 from export import load_encoder  # a name of this module too, so that callers can swap the loader
@@ -155,6 +159,14 @@ def build_parser():
     run.add_argument("--plot-dir", default=None,
                      help="TensorBoard folder for --plot (default: next to --out as NAME-plots, else "
                           "runs/probe-plots)")
+    run.add_argument("--retrieval", action="store_true",
+                     help="similarity metrics of the frozen test embeddings (cosine), no head: same-track top-1 and "
+                          "MRR (first-half clips query the second-half clips of every test track) and label P@10 "
+                          "and mAP (each track, the mean of its clips, queries the others; relevant: same class, "
+                          "or a shared tag); shown beside the head's metrics")
+    run.add_argument("--allow-leaks", action="store_true",
+                     help="score a test split whose audio also appears in train or val (same path or same bytes), "
+                          "which the probe otherwise refuses")
     run.add_argument("--cache-dir", default=".cache/embeddings",
                      help="embedding cache folder, 'none' disables (default %(default)s)")
     run.add_argument("--workers", type=int, default=2, help="--finetune: data-loading processes (default %(default)s)")
@@ -326,91 +338,6 @@ def metrics(task, outputs, labels, column=None):
         return {"roc_auc": float(np.nanmean(aucs)), "pr_auc": float(np.nanmean(aps))}
     per_output = r2_score(outputs.numpy(), labels.numpy())
     return {"r2": float(per_output.mean()), "r2_per_output": per_output.tolist()}
-
-
-def mean_and_std(runs):
-    """Mean and sample standard deviation (ddof 1; 0 for a single run) of metric dicts.
-
-    runs: list of dicts with the same keys; list values are averaged element-wise.
-    Returns (mean dict, std dict).
-    """
-    mean, std = {}, {}
-    for key in runs[0]:
-        values = np.array([r[key] for r in runs], dtype=np.float64)  # [runs] or [runs, K]
-        spread = values.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(values[0])
-        mean[key], std[key] = values.mean(0).tolist(), spread.tolist()
-    return mean, std
-
-
-@dataclasses.dataclass
-class ClipSet:
-    """Clip embeddings of some tracks: x `[M, E]` float32, owners `[M]` their track indices."""
-    x: torch.Tensor
-    owners: np.ndarray
-
-    @property
-    def tracks(self):
-        """The distinct track indices, sorted `[n]`."""
-        return np.unique(self.owners)
-
-    def subset(self, rows):
-        """The clips at `rows` (indices `[m]` or a boolean mask `[M]`)."""
-        return ClipSet(self.x[torch.as_tensor(rows)], self.owners[rows])
-
-    def one_per_track(self, rng):
-        """Row indices `[n]` of one clip per track, each drawn uniformly among the track's clips."""
-        order = np.argsort(self.owners, kind="stable")
-        _, first, counts = np.unique(self.owners[order], return_index=True, return_counts=True)
-        return order[first + (rng.random(len(counts)) * counts).astype(np.int64)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    """One probe of the list (--tasks rows, or one per --label-column): its manifest, label
-    column(s), task and label kind, display name, head ("linear" or "mlp") and patience."""
-    csv: str
-    label_column: str
-    task: str
-    label_kind: str
-    name: str
-    head: str
-    patience: int
-
-
-@dataclasses.dataclass
-class ProbeData:
-    """One probe's labeled tracks, read and checked once, and their frozen clip embeddings.
-
-    rows: the labeled manifest rows `[N]` (path, split, labels); column: their
-    datasets.LabelColumn; split `[N]`; labels `[N]` class indices or `[N, C]` float targets;
-    clips: every readable track's clips (None until embedded, see probe_data); failed:
-    messages of files that could not be read.
-    """
-    probe: Probe
-    rows: pd.DataFrame
-    column: datasets.LabelColumn
-    split: np.ndarray
-    labels: torch.Tensor
-    clips: ClipSet = None
-    failed: tuple = ()
-
-    @property
-    def paths(self):
-        return list(self.rows["path"])
-
-    @property
-    def out_dim(self):
-        """Classes, or regression outputs, C."""
-        return len(self.column.columns) if self.probe.task == "regression" else len(self.column.classes)
-
-    def split_clips(self, name):
-        """The clips of the split called `name` (train, val or test)."""
-        return self.clips.subset(self.split[self.clips.owners] == name)
-
-    def train_statistics(self):
-        """Mean and std `[E]` of the train clips' embeddings, which the head standardizes with."""
-        train = self.clips.x.numpy()[self.split[self.clips.owners] == "train"]  # [M_train, E]
-        return torch.from_numpy(train.mean(0)), torch.from_numpy(train.std(0) + 1e-6)
 
 
 # ---------------------------------------------------------------- heads and prototypes
@@ -617,7 +544,7 @@ def finetune(args, model, settings, data, chosen, seed, device):
         model.eval()
         head.eval()
         embedded = export.embed_files(model, val_paths, settings, args.layer, device, args.max_clips)
-        val = ClipSet(torch.from_numpy(embedded.x), val_tracks[embedded.owners])
+        val = splits.ClipSet(torch.from_numpy(embedded.x), val_tracks[embedded.owners])
         val_rows = val_crop_rows(args, val, seed) if val_rows is None else val_rows
         scores = val_scores(predictor, data, val, val.subset(val_rows), args.aggregate)
         progress.set_postfix({"train loss": f"{train_loss:.3f}", **{f"val {k}": f"{v:.3f}" for k, v in scores.items()}})
@@ -658,123 +585,19 @@ def prototype_scores(prototypes, x):
     return x @ prototypes[0].T - x @ prototypes[1].T  # [M, C]
 
 
-def label_subset(tracks, labels, task, fraction, seed):
-    """The train tracks whose labels a probe may use under a label budget, stratified.
-
-    tracks: `[N]` train track indices; labels: their labels (`[N]` class indices,
-    `[N, C]` multi-hot tags or `[N, K]` regression values).
-    multiclass: round(fraction * n_c) tracks of each class c, at least one, so every class
-        stays in train.
-    multilabel: iterative stratification (Sechidis et al., 2011): tags are served from the
-        rarest up, each taking tracks that carry it until it has its share round(fraction
-        * n_c) (at least one); tracks picked for one tag count for all their tags. Then
-        tracks with the fewest tags fill up to round(fraction * N).
-    regression: tracks sorted by their mean target, cut into round(fraction * N) equal
-        bins, one random track per bin, so the subset spans the range of targets.
-    Returns sorted track indices.
-    """
-    tracks = np.asarray(tracks)
-    if fraction >= 1:
-        return np.sort(tracks)
-    rng = np.random.default_rng([seed, 31337])
-    labels = np.asarray(labels)
-    size = max(1, round(fraction * len(tracks)))
-    if task == "multiclass":
-        kept = [rng.permutation(tracks[labels == c])[:max(1, round(fraction * (labels == c).sum()))]
-                for c in np.unique(labels)]
-        return np.sort(np.concatenate(kept))
-    if task == "regression":
-        order = np.argsort(labels.reshape(len(tracks), -1).mean(1), kind="stable")
-        bins = np.array_split(order, size)
-        return np.sort(tracks[[int(rng.choice(b)) for b in bins if len(b)]])
-    tags = labels > 0.5  # [N, C]
-    counts = tags.sum(0)
-    needed = np.where(counts > 0, np.maximum(1, np.round(fraction * counts)), 0)
-    chosen = np.zeros(len(tracks), dtype=bool)
-    for tag in np.argsort(counts, kind="stable"):
-        for index in rng.permutation(np.flatnonzero(tags[:, tag] & ~chosen)):
-            if needed[tag] <= 0:
-                break
-            chosen[index] = True
-            needed -= tags[index]
-    missing = size - chosen.sum()
-    if missing > 0:
-        # Top up with the tracks carrying the fewest tags, so tag shares stay near fraction.
-        rest = rng.permutation(np.flatnonzero(~chosen))
-        rest = rest[np.argsort(tags[rest].sum(1), kind="stable")]
-        chosen[rest[:missing]] = True
-    return np.sort(tracks[chosen])
-
-
 # ---------------------------------------------------------------- one probe
 
 def probe_list(args):
-    """The probes to run, as Probe records.
-
-    From --tasks, relative csv paths are read from the tasks file's folder, and an empty
-    head or patience cell (or a missing column) means --head or --patience; otherwise one
-    probe per --label-column, with --head and --patience.
-    """
+    """The probes to run, as splits.Probe records: the rows of --tasks (splits.read_tasks), or
+    one probe per --label-column of --csv (a folder is scanned), with --head and --patience."""
     if args.tasks:
-        table = pd.read_csv(args.tasks, dtype=str, keep_default_na=False)
-        missing = {"csv", "label_column", "task"} - set(table.columns)
-        if missing:
-            raise utils.UserError(f"{args.tasks}: missing column(s) {sorted(missing)}; a tasks file has the columns "
-                                  f"csv, label_column, task (optional: label_kind, name, head, patience)")
-        folder = os.path.dirname(os.path.abspath(args.tasks))
-        probes = []
-        for row, entry in table.iterrows():
-            where = f"{args.tasks}, line {row + 2}"
-            if entry["task"] not in datasets.TASKS:
-                raise utils.UserError(f"{where}, column 'task': {entry['task']!r} is not one of {datasets.TASKS}")
-            head = entry.get("head", "").strip() or args.head
-            if head not in HEADS:
-                raise utils.UserError(f"{where}, column 'head': {head!r} is not one of {HEADS}")
-            patience = entry.get("patience", "").strip() or str(args.patience)
-            if not patience.isdigit():
-                raise utils.UserError(f"{where}, column 'patience': {patience!r} is not a whole number of epochs")
-            csv = entry["csv"] if os.path.isabs(entry["csv"]) else os.path.join(folder, entry["csv"])
-            probes.append(Probe(csv, entry["label_column"], entry["task"], entry.get("label_kind", "") or "generic",
-                                entry.get("name", "") or f"{os.path.basename(csv)}:{entry['label_column']}", head,
-                                int(patience)))
-        return probes
+        return splits.read_tasks(args.tasks, args.head, args.patience, HEADS)
     columns = args.label_column or ["label"]
     tasks = utils.per_column(args.task or ["multiclass"], len(columns), "task")
     kinds = utils.per_column(args.label_kind or ["generic"], len(columns), "label-kind")
     csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
         synthetic.make_synthetic_set(args.synthetic_dir)
-    return [Probe(csv, c, t, k, c, args.head, args.patience) for c, t, k in zip(columns, tasks, kinds)]
-
-
-def read_labels(args, probe):
-    """Read a probe's manifest and labels and check that they suit probing (once per probe).
-
-    Returns its ProbeData without embeddings (probe_data adds them). Raises datasets.ManifestError for labels that do not fit the
-    task (naming file, line and column) and utils.UserError for a split without labeled
-    rows, test or val classes absent from train, or --prototypes on regression.
-    """
-    csv, task = probe.csv, probe.task
-    if args.prototypes and task == "regression":
-        raise utils.UserError(f"{probe.name}: --prototypes needs class labels (multiclass or multilabel), "
-                              f"not a regression task; drop --prototypes for this probe")
-    manifest = datasets.read_manifest(csv)
-    column = datasets.parse_labels(manifest, probe.label_column, task, probe.label_kind)
-    labeled = manifest.index[column.labeled].to_numpy()
-    split = manifest["split"].to_numpy()[labeled]
-    for name in ("train", "val", "test"):
-        if not (split == name).any():
-            raise utils.UserError(f"{csv}: no labeled {name} rows for column {column.name!r}; a probe needs "
-                                  f"labeled train, val and test rows (split column)")
-    if task == "multiclass":
-        values = column.values[labeled]
-        seen = set(values[split == "train"].tolist())
-        unseen = sorted({column.classes[c] for c in values} - {column.classes[c] for c in seen})
-        if unseen:
-            raise utils.UserError(f"{csv}: classes {unseen} of column {column.name!r} appear in val or test "
-                                  f"but have no train rows; move some of their rows to train")
-    column.values, column.labeled = column.values[labeled], column.labeled[labeled]
-    labels = torch.as_tensor(column.values, dtype=torch.long if task == "multiclass" else torch.float32)
-    return ProbeData(probe, manifest.iloc[labeled].reset_index(drop=True), column, split, labels)
+    return [splits.Probe(csv, c, t, k, c, args.head, args.patience) for c, t, k in zip(columns, tasks, kinds)]
 
 
 def test_conditions(args):
@@ -790,11 +613,11 @@ def test_conditions(args):
 
 
 def probe_data(args, model, settings, data, device):
-    """`data` (from read_labels) with the frozen (cached) clip embeddings of its files."""
+    """`data` (from splits.read_labels) with the frozen (cached) clip embeddings of its files."""
     embedded = export.cached_embeddings(model, data.paths, settings, args, device)
     for message in embedded.failed:
         print(f"skipped: {message}")
-    return dataclasses.replace(data, clips=ClipSet(torch.from_numpy(embedded.x), embedded.owners),
+    return dataclasses.replace(data, clips=splits.ClipSet(torch.from_numpy(embedded.x), embedded.owners),
                                failed=tuple(embedded.failed))
 
 
@@ -827,7 +650,7 @@ def test_clips(args, model, settings, data, corruption, cache, device):
         embedded = export.cached_embeddings(model, test_paths, settings, args, device, corruption)
     else:
         embedded = export.embed_files(model, test_paths, settings, args.layer, device, args.max_clips, corruption)
-    return ClipSet(torch.from_numpy(embedded.x), test_rows[embedded.owners])
+    return splits.ClipSet(torch.from_numpy(embedded.x), test_rows[embedded.owners])
 
 
 def score_run(predictor, data, tests, aggregate, main_condition):
@@ -851,11 +674,13 @@ def score_run(predictor, data, tests, aggregate, main_condition):
 def run_probe(args, model, settings, source, data, device, initial_state=None):
     """Evaluate one (checkpoint, probe): one results dict per label fraction.
 
-    source: what results record of the checkpoint (checkpoint_record). Frozen (default)
+    source: what results record of the checkpoint (records.checkpoint_record). Frozen (default)
     and --prototypes runs share cached embeddings; --finetune starts each run from
     initial_state (the checkpoint's weights) and re-embeds val and test. Every run is
     scored on each test condition: clean, or --corrupt at --severity, and each
-    --severity-sweep value. data: the probe's labels (read_labels).
+    --severity-sweep value. --retrieval adds the similarity metrics of the checkpoint's
+    frozen, clean test embeddings (similar.retrieval_metrics), the same for every run.
+    data: the probe's labels (splits.read_labels).
     """
     if initial_state is not None:
         model.load_state_dict(initial_state)
@@ -865,11 +690,15 @@ def run_probe(args, model, settings, source, data, device, initial_state=None):
     frozen_tests = None if args.finetune else {
         name: test_clips(args, model, settings, data, corruption, True, device) for name, corruption in conditions.items()}
     train_tracks = np.flatnonzero(data.split == "train")
+    test = data.split_clips("test")
+    retrieval = similar.retrieval_metrics(test.x, test.owners, data.labels[test.tracks], data.probe.task) \
+        if args.retrieval else None
     results = []
     for fraction in args.label_fractions:
         runs, shown = [], None
         for seed in range(args.seed, args.seed + args.seeds):
-            chosen = label_subset(train_tracks, data.column.values[train_tracks], data.probe.task, fraction, seed)
+            chosen = splits.label_subset(train_tracks, data.column.values[train_tracks], data.probe.task, fraction,
+                                         seed)
             fit = fit_predictor(args, model, settings, data, chosen, seed, device, initial_state)
             tests = frozen_tests or {name: test_clips(args, model, settings, data, corruption, False, device)
                                      for name, corruption in conditions.items()}
@@ -880,88 +709,10 @@ def run_probe(args, model, settings, source, data, device, initial_state=None):
                 run["confusion_matrix"] = confusion.tolist()
             shown = shown or run_shown
             runs.append(run)
-        results.append(summarize_runs(args, source, data, fraction, runs, main_condition))
+        results.append(records.summarize_runs(args, source, data, fraction, runs, main_condition,
+                                               retrieval))
         if args.plot:
             reports.plot_run(args, results[-1], data, shown)
-    return results
-
-
-def checkpoint_record(checkpoint, settings):
-    """What each result says of its checkpoint: as typed, the file read, its step and SHA-256
-    (first 12 hex digits; None for 'random')."""
-    return {"checkpoint": checkpoint, "checkpoint_file": settings["file"], "checkpoint_step": settings["step"],
-            "checkpoint_sha256": settings["sha256"]}
-
-
-def summarize_runs(args, source, data, fraction, runs, main_condition):
-    """One results dict from the runs (seeds) of one label fraction: mean and std over runs."""
-    test, test_std = mean_and_std([r["test"][main_condition] for r in runs])
-    val, _ = mean_and_std([r["val"] for r in runs])
-    csv = data.probe.csv
-    result = {**source, "probe": data.probe.name, "csv": csv,
-              "manifest_sha256": utils.file_digest(csv)[:12] if os.path.isfile(csv) else None,
-              "label_column": data.column.name, "task": data.probe.task,
-              "head": "prototypes" if args.prototypes else data.probe.head, "layer": args.layer,
-              "finetune": args.finetune,
-              "aggregate": args.aggregate, "train_clips": "audio" if args.finetune else args.train_clips,
-              "early_stop": None if args.prototypes else args.early_stop, "patience": data.probe.patience,
-              "label_fraction": fraction, "seeds": [r["seed"] for r in runs], "val": val,
-              "epochs": [r["epochs"] for r in runs], "test": test, "test_std": test_std,
-              "corrupt": None if main_condition == "clean" else {"names": args.corrupt_names,
-                                                                  "severity": args.severity},
-              "tracks": {"train": runs[0]["train_tracks"], "val": int((data.split == "val").sum()),
-                         "test": int((data.split == "test").sum())},
-              "skipped_files": len(data.failed), "runs": runs}
-    if args.severities:
-        sweep = {f"{s:g}": mean_and_std([r["test"][f"{s:g}"] for r in runs]) for s in args.severities}
-        result["sweep"] = {s: m for s, (m, _) in sweep.items()}
-        result["sweep_std"] = {s: d for s, (_, d) in sweep.items()}
-    return result
-
-
-# ---------------------------------------------------------------- outputs and resume
-
-RESUME_IGNORES = ("checkpoint", "out", "plot", "plot_dir", "cache_dir", "workers", "tasks", "csv", "synthetic_dir",
-                  "label_column", "task", "label_kind", "head", "patience", "export_embeddings", "per_track",
-                  "export_part_files")  # flags that do not change a probe's results (or are in its Probe)
-
-
-def task_key(args, settings, probe):
-    """What decides one (checkpoint, probe)'s results: the checkpoint's SHA-256, the probe, its
-    manifest's bytes and every flag that changes results, as 16 hex digits."""
-    flags = {k: v for k, v in vars(args).items() if k not in RESUME_IGNORES}
-    manifest = utils.file_digest(probe.csv) if os.path.isfile(probe.csv) else None
-    text = json.dumps([settings["key"], dataclasses.asdict(probe), manifest, flags], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def claim_outputs(args):
-    """Before any work: every output folder checked writable (--cache-dir, --plot-dir, --out's
-    folder), and --out locked (one probe per results file). Returns the lock, or None."""
-    if args.cache_dir != "none":
-        safety.check_writable(args.cache_dir, f"--cache-dir {args.cache_dir}")
-    if args.plot:
-        safety.check_writable(args.plot_dir, f"--plot-dir {args.plot_dir}")
-    if not args.out:
-        return None
-    folder = os.path.dirname(os.path.abspath(args.out))
-    safety.check_writable(folder, f"--out {args.out}")
-    return safety.FolderLock(folder, f"--out {args.out}", name=os.path.basename(args.out) + ".lock").acquire()
-
-
-def finished_results(out):
-    """The results a previous run with this --out wrote (it writes them as each probe finishes);
-    [] without --out or file, and for a damaged file (said so: its probes run again)."""
-    if not out or not os.path.isfile(out):
-        return []
-    try:
-        with open(out, encoding="utf-8") as f:
-            results = json.load(f)
-        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-            raise ValueError("not a list of results")
-    except (OSError, ValueError) as error:
-        print(f"results: {out} is damaged ({str(error).splitlines()[0][:120]}); its probes run again")
-        return []
     return results
 
 
@@ -974,20 +725,20 @@ def main(argv=None):
             raise utils.UserError(f"--export-embeddings takes one --checkpoint, got {len(args.checkpoint)}")
         return export.export_embeddings(args, args.checkpoint[0], args.export_embeddings, device,
                                         "--export-embeddings")
-    # ---- every probe's manifest and labels, read and checked once, before any embedding or training
-    labeled = [read_labels(args, probe) for probe in probe_list(args)]
+    # ---- every probe's manifest and labels, read and checked once (leaks too), before any embedding or training
+    labeled = [splits.read_labels(probe, args.prototypes, args.allow_leaks) for probe in probe_list(args)]
     # ---- outputs writable and --out locked; the probes a killed run with this --out finished
-    lock = claim_outputs(args)
-    finished = finished_results(args.out)
+    lock = records.claim_outputs(args)
+    finished = records.finished_results(args.out)
 
     # ---- probes, checkpoint by checkpoint (each encoder loaded once); --out rewritten after each
     results, keys = [], set()
     for checkpoint in args.checkpoint:
         model, settings = load_encoder(checkpoint, args, device)
         initial_state = copy.deepcopy(model.state_dict()) if args.finetune else None
-        source = checkpoint_record(checkpoint, settings)
+        source = records.checkpoint_record(checkpoint, settings)
         for data in labeled:
-            key = task_key(args, settings, data.probe)
+            key = records.task_key(args, settings, data.probe)
             done = [dict(r, **source) for r in finished if r.get("task_key") == key]
             if done:
                 print(f"results: {data.probe.name} with {checkpoint} reused from {args.out} (finished before)")

@@ -17,6 +17,9 @@ from torch.utils.tensorboard import SummaryWriter
 import safety
 
 MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "roc_auc", "regression": "r2"}  # a task's headline metric
+# probe.py --retrieval's metrics (similar.retrieval_metrics) as the table names them.
+RETRIEVAL_NAMES = {"track_top1": "track top-1", "track_mrr": "track MRR", "label_p10": "label P@10",
+                   "label_map": "label mAP"}
 
 
 # ---------------------------------------------------------------- tables
@@ -38,8 +41,9 @@ def table_metrics(result):
     """The test metrics a result shows in the summary, as the paper's table reports them.
 
     multiclass: accuracy (and mirex for keys); multilabel: roc_auc and pr_auc;
-    regression: r2, and r2 of each output when there are several (e.g. "r2 arousal").
-    Returns a list of (metric name, mean, std).
+    regression: r2, and r2 of each output when there are several (e.g. "r2 arousal");
+    then, with --retrieval, the similarity metrics (RETRIEVAL_NAMES; no head, so no
+    spread over seeds). Returns a list of (metric name, mean, std).
     """
     test, spread = result["test"], result["test_std"]
     names = {"multiclass": ["accuracy", "mirex"], "multilabel": ["roc_auc", "pr_auc"], "regression": ["r2"]}
@@ -47,6 +51,8 @@ def table_metrics(result):
     if result["task"] == "regression" and len(test["r2_per_output"]) > 1:
         outputs = result["label_column"].split(",")
         cells += [(f"r2 {name}", m, s) for name, m, s in zip(outputs, test["r2_per_output"], spread["r2_per_output"])]
+    retrieval = result.get("retrieval", {})
+    cells += [(name, retrieval[key], 0.0) for key, name in RETRIEVAL_NAMES.items() if key in retrieval]
     return cells
 
 
@@ -58,7 +64,8 @@ def summary_records(results):
             column = column_name(r, results)
             records.append({"checkpoint": r["checkpoint"], "probe": r["probe"], "column": column,
                             "header": f"{column} ({metric})", "task": r["task"], "label_fraction": r["label_fraction"],
-                            "seeds": len(r["seeds"]), "metric": metric, "mean": mean, "std": std,
+                            "seeds": 1 if metric in RETRIEVAL_NAMES.values() else len(r["seeds"]),  # no spread
+                            "metric": metric, "mean": mean, "std": std,
                             "corrupt": r["corrupt"]})
     return records
 

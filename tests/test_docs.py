@@ -15,6 +15,7 @@ import export
 import manifests
 import models
 import probe
+import similar
 import synthetic
 import train
 
@@ -56,6 +57,7 @@ def help_texts():
     texts = {
         "train.py": train.build_parser().format_help(),
         "probe.py": probe.build_parser().format_help(),
+        "similar.py": similar.build_parser().format_help(),
         "export.py": "".join(help_text(lambda c=c: export.main([c, "--help"])) for c in ("embeddings", "model")),
         "manifests.py": manifests.build_parser().format_help(),
         "bench.py": bench.build_parser().format_help(),

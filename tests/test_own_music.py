@@ -19,6 +19,7 @@ import export
 import models
 import probe
 import safety
+import similar
 import train
 import utils
 
@@ -259,17 +260,20 @@ def doc_blocks(language):
 # Added to the docs' commands to keep the test to seconds: a tiny model, two steps, and
 # album shares that give this small library labeled files in every split.
 SMALL = {"datasets.py": ["--split", "0.5,0.25,0.25"], "train.py": TINY + ["--steps", "2"],
-         "probe.py": ["--max-epochs", "2"]}
+         "probe.py": ["--max-epochs", "2"], "similar.py": []}
+SONG = os.path.join("My Music", "Ånglar Trio", "Nattsång (2021)", "01 - Track 1 … Nattsång.flac")
 
 
 def test_the_docs_commands_and_python_snippet_run_as_written(library, tmp_path, monkeypatch, capsys):
     root, music, labels_csv = library
     shutil.copytree(music, tmp_path / "My Music")
     shutil.copy(labels_csv, tmp_path / "genres.csv")
+    shutil.copy(tmp_path / SONG, tmp_path / "song.flac")  # a song of the library under another name
     monkeypatch.chdir(tmp_path)
     commands = [line for line in doc_blocks("bash")[0].splitlines() if line.startswith("python ")]
-    scripts = {"datasets.py": datasets.main, "train.py": train.main, "probe.py": probe.main}
-    assert [c.split()[1] for c in commands] == ["datasets.py", "train.py", "probe.py", "probe.py"]
+    scripts = {"datasets.py": datasets.main, "train.py": train.main, "probe.py": probe.main, "similar.py": similar.main}
+    assert [c.split()[1] for c in commands] == ["datasets.py", "train.py", "probe.py", "probe.py", "similar.py",
+                                                "similar.py"]
     for command in commands:  # in this process: `python X.py ARGS` is X.main(ARGS)
         words = shlex.split(command)[1:]
         scripts[words[0]](words[1:] + SMALL[words[0]])
@@ -279,8 +283,13 @@ def test_the_docs_commands_and_python_snippet_run_as_written(library, tmp_path, 
     x = np.load(tmp_path / "runs" / "my-music-embeddings.npy")
     table = pd.read_csv(tmp_path / "runs" / "my-music-embeddings.csv")
     assert len(x) == len(table) and table["path"].map(lambda p: os.path.isfile(tmp_path / "runs" / p)).all()
-    song = next(p for p in table["path"] if p.endswith(".flac"))
-    shutil.copy(tmp_path / "runs" / song, tmp_path / "song.flac")
+    song = next(p for p in table["path"] if p.endswith(os.path.basename(SONG)))
+    nearest = printed.splitlines()[printed.splitlines().index(next(line for line in printed.splitlines() if
+                                                                   line.startswith("nearest 10 of ")))
+                                   + 1].split(None, 2)
+    assert nearest[:2] == ["1", "1.0000"] and nearest[2] == SONG  # the copy finds its original first
+    neighbours = pd.read_csv(tmp_path / "runs" / "my-music-neighbours.csv")
+    assert set(neighbours["path"]) == set(table["path"]) and (neighbours["path"] != neighbours["neighbour"]).all()
     result = subprocess.run([sys.executable, "-c", doc_blocks("python")[0]], cwd=tmp_path, capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, timeout=120)
     assert result.returncode == 0, result.stderr

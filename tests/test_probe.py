@@ -12,8 +12,11 @@ import torch
 import datasets
 import export
 import probe
+import records
 import reports
 import safety
+import similar
+import splits
 import synthetic
 import train
 import utils
@@ -124,10 +127,10 @@ def test_mirex_key_score_matches_hand_computed_values():
 
 
 def test_mean_and_std_over_seeds():
-    mean, std = probe.mean_and_std([{"a": 1.0, "b": [0.0, 2.0]}, {"a": 3.0, "b": [2.0, 2.0]}])
+    mean, std = records.mean_and_std([{"a": 1.0, "b": [0.0, 2.0]}, {"a": 3.0, "b": [2.0, 2.0]}])
     assert mean == {"a": 2.0, "b": [1.0, 2.0]}
     assert std["a"] == pytest.approx(np.sqrt(2)) and std["b"] == pytest.approx([np.sqrt(2), 0.0])
-    assert probe.mean_and_std([{"a": 0.5}])[1] == {"a": 0.0}
+    assert records.mean_and_std([{"a": 0.5}])[1] == {"a": 0.0}
 
 
 # ---------------------------------------------------------------- prototypes
@@ -182,15 +185,15 @@ def test_prototypes_option_scores_the_test_tracks_against_class_means_without_a_
 def test_label_subset_is_stratified_per_class():
     tracks = np.arange(100, 116)
     labels = np.array([0] * 10 + [1] * 5 + [2])
-    chosen = probe.label_subset(tracks, labels, "multiclass", 0.2, seed=0)
+    chosen = splits.label_subset(tracks, labels, "multiclass", 0.2, seed=0)
     chosen_labels = labels[np.searchsorted(tracks, chosen)]
     # round(0.2 * 10) = 2, round(0.2 * 5) = 1, and the single class-2 track is kept (at least one).
     assert np.bincount(chosen_labels).tolist() == [2, 1, 1]
     assert set(chosen) <= set(tracks) and list(chosen) == sorted(chosen)
-    assert np.array_equal(chosen, probe.label_subset(tracks, labels, "multiclass", 0.2, seed=0))
-    draws = {tuple(probe.label_subset(tracks, labels, "multiclass", 0.2, seed=s)) for s in range(5)}
+    assert np.array_equal(chosen, splits.label_subset(tracks, labels, "multiclass", 0.2, seed=0))
+    draws = {tuple(splits.label_subset(tracks, labels, "multiclass", 0.2, seed=s)) for s in range(5)}
     assert len(draws) > 1
-    assert np.array_equal(probe.label_subset(tracks, labels, "multiclass", 1.0, seed=3), tracks)
+    assert np.array_equal(splits.label_subset(tracks, labels, "multiclass", 1.0, seed=3), tracks)
 
 
 def test_label_subset_is_stratified_per_tag_and_across_the_target_range():
@@ -200,12 +203,12 @@ def test_label_subset_is_stratified_per_tag_and_across_the_target_range():
     tags[20:24, 1] = 1  # rare tag: 4 tracks
     tags[24:25, 2] = 1  # one track
     for seed in range(5):
-        chosen = probe.label_subset(tracks, tags, "multilabel", 0.25, seed=seed)
+        chosen = splits.label_subset(tracks, tags, "multilabel", 0.25, seed=seed)
         counts = tags[chosen].sum(0)
         # round(0.25 * 20) = 5, round(0.25 * 4) = 1, and the single tag-2 track (at least one).
         assert counts.tolist() == [5, 1, 1] and len(chosen) == 10  # topped up to round(0.25 * 40)
     values = np.linspace(-2, 2, 40)[:, None]
-    chosen = probe.label_subset(tracks, values, "regression", 0.1, seed=0)
+    chosen = splits.label_subset(tracks, values, "regression", 0.1, seed=0)
     assert len(chosen) == 4
     # One track from each quarter of the sorted targets.
     assert sorted(np.digitize(values[chosen, 0], [-1, 0, 1]).tolist()) == [0, 1, 2, 3]
@@ -490,7 +493,7 @@ def test_every_probe_is_checked_before_any_embedding(tiny_set, tmp_path):
 
 def test_track_outputs_aggregate_embeddings_before_the_head_or_outputs_after():
     # Track 4: clips 1 and -1; track 7: clip 2. A non-linear predictor (squares) tells the two apart.
-    clips = probe.ClipSet(torch.tensor([[1.0], [-1.0], [2.0]]), np.array([4, 4, 7]))
+    clips = splits.ClipSet(torch.tensor([[1.0], [-1.0], [2.0]]), np.array([4, 4, 7]))
     square = lambda x: x ** 2  # noqa: E731
     assert probe.track_outputs(square, clips, "embeddings").tolist() == [[0.0], [4.0]]  # head(mean of embeddings)
     assert probe.track_outputs(square, clips, "outputs").tolist() == [[1.0], [4.0]]  # mean of head outputs
@@ -498,7 +501,7 @@ def test_track_outputs_aggregate_embeddings_before_the_head_or_outputs_after():
 
 def test_one_clip_per_track_is_drawn_among_all_its_clips():
     owners = np.array([0, 0, 0, 5, 2, 2])
-    clips = probe.ClipSet(torch.arange(6.0)[:, None], owners)
+    clips = splits.ClipSet(torch.arange(6.0)[:, None], owners)
     rng = np.random.default_rng(0)
     draws = [clips.one_per_track(rng) for _ in range(200)]
     assert all(sorted(owners[d].tolist()) == [0, 2, 5] for d in draws)
@@ -521,7 +524,7 @@ def probe_setup(tiny_set, *extra):
     args = probe.finish_args(probe.build_parser().parse_args(["--checkpoint", "random", *MODEL, *FAST, "--cache-dir",
                                                               "none", "--csv", tiny_set, *extra]))
     model, settings = probe.load_encoder("random", args, torch.device("cpu"))
-    labeled = probe.read_labels(args, probe.probe_list(args)[0])
+    labeled = splits.read_labels(probe.probe_list(args)[0])
     data = probe.probe_data(args, model, settings, labeled, torch.device("cpu"))
     return args, data
 
@@ -599,3 +602,96 @@ def test_user_mistakes_are_one_line_with_exit_status_2(tiny_set, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == "probe.py: error: --label-fraction 2: must be in (0, 1]\n"
+
+
+# ---------------------------------------------------------------- leaks, tasks files, retrieval
+
+def one_line_error(argv, capsys):
+    """What probe.py prints for a user's mistake: exit status 2 and one line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        utils.run_cli(probe.main, argv)
+    err = capsys.readouterr().err
+    assert exit_status.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_test_split_copied_from_train_is_refused_before_any_embedding(tiny_set, tmp_path, capsys):
+    import shutil
+    manifest = pd.read_csv(tiny_set)
+    manifest["path"] = [os.path.join(os.path.dirname(tiny_set), p) for p in manifest["path"]]
+    train_rows, test_rows = manifest.index[manifest["split"] == "train"], manifest.index[manifest["split"] == "test"]
+    for k, (source, row) in enumerate(zip(train_rows, test_rows)):  # each test file: a train file under a new name
+        copy = str(tmp_path / f"renamed-{k}.wav")
+        shutil.copy(manifest.at[source, "path"], copy)
+        manifest.loc[row] = manifest.loc[source]
+        manifest.at[row, "path"], manifest.at[row, "split"] = copy, "test"
+    csv = tmp_path / "leaky.csv"
+    manifest.to_csv(csv, index=False)
+    argv = ["--checkpoint", "random", *MODEL, *FAST, "--csv", str(csv), "--label-column", "timbre",
+            "--cache-dir", str(tmp_path / "cache"), "--retrieval"]
+    err = one_line_error(argv, capsys)
+    assert "error: 6 audio files appear in more than one split (0 under the same path, 6 as a byte copy" in err
+    assert "renamed-0.wav (test)" in err and err.endswith("; remove the copies, or pass --allow-leaks to score "
+                                                          "anyway\n")
+    assert not os.path.exists(tmp_path / "cache"), "embedded before the leak was refused"
+    result = probe.main(argv + ["--allow-leaks"])[0]
+    assert result["leaks"].startswith("6 audio files appear in more than one split")
+    assert "leaks: timbre: 6 audio files" in capsys.readouterr().out
+    assert result["tracks"]["test"] == 6 and "accuracy" in result["test"]  # scored, the leak kept in its record
+    manifest.loc[test_rows, "path"] = [manifest.at[s, "path"] for s in train_rows[:len(test_rows)]]  # same paths
+    manifest.to_csv(csv, index=False)
+    assert "(6 under the same path, 0 as a byte copy" in one_line_error(argv, capsys)
+
+
+def test_a_tasks_file_that_is_not_a_plain_csv_is_one_line(tiny_set, tmp_path, capsys):
+    tasks = tmp_path / "tasks.csv"
+    argv = ["--checkpoint", "random", *MODEL, "--tasks", str(tasks)]
+    tasks.write_text(f'csv,label_column,task\n{tiny_set},"timbre,multiclass\n')
+    assert "line 2: a quote (\") opens a field that is never closed" in one_line_error(argv, capsys)
+    tasks.write_text("csv,label_column,task\n")
+    assert "a header (csv,label_column,task) but no rows" in one_line_error(argv, capsys)
+    tasks.write_text(f"csv;label_column;task\n{tiny_set};timbre;multiclass\n")
+    assert "its columns are separated by semicolons" in one_line_error(argv, capsys)
+    tasks.write_text(f"csv,label,task\n{tiny_set},timbre,multiclass\n")
+    assert "no 'label_column' column" in one_line_error(argv, capsys)
+
+
+def test_retrieval_is_stored_and_shown_beside_the_head_metrics(tiny_set, tmp_path, monkeypatch):
+    calls = []
+    metrics = similar.retrieval_metrics
+
+    def record(x, owners, labels, task):
+        calls.append((x.clone(), owners.copy(), labels.clone(), task))
+        return metrics(x, owners, labels, task)
+
+    monkeypatch.setattr(similar, "retrieval_metrics", record)
+    results = run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--label-column", "tags", "--task",
+                        "multiclass", "--task", "multilabel", "--retrieval", "--out", str(tmp_path / "r.json"))
+    args, data = probe_setup(tiny_set, "--label-column", "timbre")
+    test = data.split_clips("test")
+    x, owners, labels, task = calls[0]
+    assert torch.equal(x, test.x) and np.array_equal(owners, test.owners) and task == "multiclass"
+    assert torch.equal(labels, data.labels[test.tracks])  # one label per test track, in track order
+    expected = metrics(test.x, test.owners, data.labels[test.tracks], "multiclass")
+    assert results[0]["retrieval"] == expected and set(results[1]["retrieval"]) == set(expected)
+    table = pd.read_csv(tmp_path / "r.csv")
+    assert list(table.columns) == ["checkpoint", "timbre (accuracy)", "timbre (track top-1)", "timbre (track MRR)",
+                                   "timbre (label P@10)", "timbre (label mAP)", "tags (roc_auc)", "tags (pr_auc)",
+                                   "tags (track top-1)", "tags (track MRR)", "tags (label P@10)", "tags (label mAP)"]
+    assert table.loc[0, "timbre (label mAP)"] == pytest.approx(expected["label_map"])
+    assert json.loads((tmp_path / "r.json").read_text())[0]["retrieval"] == expected
+
+
+def test_retrieval_cells_show_no_spread_over_seeds():
+    result = {"checkpoint": "random", "checkpoint_file": None, "probe": "timbre", "label_fraction": 1.0,
+              "task": "multiclass", "label_column": "timbre", "seeds": [0, 1], "corrupt": None,
+              "test": {"accuracy": 0.5}, "test_std": {"accuracy": 0.1},
+              "retrieval": {"track_top1": 0.25, "track_mrr": 0.5, "label_p10": 0.125, "label_map": 0.75}}
+    table = reports.summary_table([result]).splitlines()
+    assert table[2] == ("| checkpoint | timbre (accuracy) | timbre (track top-1) | timbre (track MRR) | "
+                        "timbre (label P@10) | timbre (label mAP) |")
+    assert table[4] == "| random | 0.500 ± 0.100 | 0.250 | 0.500 | 0.125 | 0.750 |"
+    assert list(reports.summary_frame([result]).columns) == [
+        "checkpoint", "timbre (accuracy)", "timbre (accuracy) std", "timbre (track top-1)", "timbre (track MRR)",
+        "timbre (label P@10)", "timbre (label mAP)"]
