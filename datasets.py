@@ -171,8 +171,9 @@ class LabelColumn:
     columns: CSV column names (several only for regression).
     task: multiclass, multilabel or regression; kind: what the label means (LABEL_KINDS).
     classes: class or tag names (multiclass, multilabel), index = position.
-    mean, std: regression standardization, fitted on the labeled train rows.
-    values: per-row encoded labels (class index, multi-hot or standardized values).
+    mean, std: regression statistics per output, fitted on the labeled train rows.
+    values: per-row encoded labels (class index, multi-hot, or values in their own units;
+        0 where unlabeled).
     labeled: per-row bool.
     similarity: optional `[C, C]` class similarity (multiclass).
     """
@@ -189,6 +190,14 @@ class LabelColumn:
     @property
     def name(self):
         return ",".join(self.columns)
+
+    def standardized(self):
+        """values, with regression outputs as (value - mean) / std (0 where unlabeled)."""
+        if self.task != "regression":
+            return self.values
+        standardized = (self.values - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
+        standardized[~self.labeled] = 0.0
+        return standardized
 
     def describe(self):
         """Everything but the per-row arrays, for checkpoints and probing."""
@@ -528,10 +537,11 @@ def parse_labels(manifest, columns, task, kind="generic", similarity=None):
         fit = labeled & (manifest["split"].to_numpy() == "train")
         if not fit.any():
             raise ManifestError(f"regression column(s) {names}: no labeled train row to standardize on")
+        # The statistics travel with the column; the values stay in their own units (the target
+        # builder, losses.TargetSpec, decides whether distances are in standard deviations).
         column.mean = values[fit].mean(0).tolist()
         column.std = np.maximum(values[fit].std(0), 1e-8).tolist()
-        column.values = (values - np.array(column.mean, dtype=np.float32)) / np.array(column.std, dtype=np.float32)
-        column.values[~labeled] = 0.0
+        column.values = values
         return column
     raw = cells[0]
     name = names[0]

@@ -27,7 +27,7 @@ class TargetSpec:
     """How one label column turns into target values between labeled views.
 
     task: "multiclass" (labels are class indices `[N]`), "multilabel" (multi-hot `[N, C]`)
-        or "regression" (standardized values `[N, K]`).
+        or "regression" (values `[N, K]`, standardized here when mean and std are set).
     threshold: multilabel only; views sharing at least this many tags are positives.
         None means the soft "weighted" target 2|y_i & y_j| / (|y_i| + |y_j|).
     kernel, sigma, radius: regression only; "gaussian" gives exp(-d^2 / 2 sigma^2) and

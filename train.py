@@ -79,11 +79,14 @@ def build_parser():
                       help="regression: how target distance becomes a target value (one, or one per column; "
                            "default gaussian)")
     loss.add_argument("--target-sigma", action="append", type=float, default=[],
-                      help="regression, gaussian kernel: sigma in standard deviations of the labeled train values "
-                           "(one, or one per column; default 0.5)")
-    loss.add_argument("--target-radius", action="append", type=float, default=[],
-                      help="regression, threshold kernel: radius in standard deviations (one, or one per column; "
+                      help="regression, gaussian kernel: sigma in --target-units (one, or one per column; "
                            "default 0.5)")
+    loss.add_argument("--target-radius", action="append", type=float, default=[],
+                      help="regression, threshold kernel: radius in --target-units (one, or one per column; "
+                           "default 0.5)")
+    loss.add_argument("--target-units", action="append", default=[], choices=("standardized", "raw"),
+                      help="regression: sigma and radius in standard deviations of the labeled train values, or "
+                           "in the labels' own units (one, or one per column; default standardized)")
     loss.add_argument("--class-similarity", action="append", default=[],
                       help="multiclass: 'key', 'pitch', 'pitch-octave' or a C x C CSV (one, or one per column; "
                            "'none' to skip a column)")
@@ -502,7 +505,7 @@ def save(run, step, is_best=False):
 # One value per label column (or one for all); the flag's default where it is not given.
 SIGNAL_DEFAULTS = {"task": "multiclass", "label_kind": "generic", "class_similarity": "none",
                    "positive_threshold": "1", "target_kernel": "gaussian", "target_sigma": 0.5,
-                   "target_radius": 0.5}
+                   "target_radius": 0.5, "target_units": "standardized"}
 
 
 def derive_args(args, world_size, device):
@@ -569,10 +572,13 @@ def parse_columns(manifest, args):
         similarity = None if setting["class_similarity"] == "none" else setting["class_similarity"]
         column = datasets.parse_labels(manifest, name, setting["task"], setting["label_kind"], similarity)
         threshold = setting["positive_threshold"]
+        is_standardized = column.task == "regression" and setting["target_units"] == "standardized"
         columns.append(column)
-        specs.append(losses.TargetSpec(task=setting["task"], threshold=None if threshold == "weighted" else int(threshold),
-                                       kernel=setting["target_kernel"], sigma=setting["target_sigma"],
-                                       radius=setting["target_radius"], similarity=column.similarity))
+        specs.append(losses.TargetSpec(
+            task=setting["task"], threshold=None if threshold == "weighted" else int(threshold),
+            kernel=setting["target_kernel"], sigma=setting["target_sigma"], radius=setting["target_radius"],
+            similarity=column.similarity, mean=column.mean if is_standardized else None,
+            std=column.std if is_standardized else None))
     return columns, specs
 
 

@@ -56,7 +56,8 @@ def test_multilabel_and_several_regression_columns(tmp_path):
     emotion = datasets.parse_labels(manifest, "valence,arousal", "regression")
     assert emotion.labeled.tolist() == [True, True, False]
     assert emotion.mean == pytest.approx([1.0, 2.0])
-    assert emotion.values[0].tolist() == pytest.approx([-1.0, -1.0])
+    assert emotion.values[0].tolist() == pytest.approx([0.5, 1.0])  # parsed in their own units
+    assert emotion.standardized()[0].tolist() == pytest.approx([-1.0, -1.0])
 
 
 @pytest.mark.parametrize("rows, columns, task, message", [

@@ -3,6 +3,7 @@ import argparse
 import copy
 import glob
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 
 import augment
 import datasets
+import losses
 import probe
 import safety
 import synthetic
@@ -348,3 +350,19 @@ def test_activation_checkpointing_and_bf16_flags(tiny_set, tmp_path):
                                                                           rel=1e-5)
     bf16 = run(tmp_path, "bf16", tiny_set, "--augment", "none", "--skip-check", "--precision", "bf16", steps=3)
     assert np.allclose([loss for _, loss in bf16["losses"]], [loss for _, loss in plain["losses"]], rtol=0.05)
+
+
+def test_each_regression_signal_has_its_own_units_and_kernel(tiny_set):
+    # brightness in standard deviations, pitch in semitones (raw MIDI values) with its own sigma.
+    args = train.build_parser().parse_args(
+        ["--label-column", "brightness", "--label-column", "pitch", "--task", "regression",
+         "--target-units", "standardized", "--target-units", "raw", "--target-sigma", "0.5", "--target-sigma", "2"])
+    train.derive_args(args, 1, torch.device("cpu"))
+    columns, specs = train.parse_columns(datasets.read_manifest([tiny_set]), args)
+    assert specs[0].std == columns[0].std and specs[0].sigma == 0.5
+    assert specs[1].std is None and specs[1].sigma == 2.0
+    assert columns[1].values[columns[1].labeled].max() > 40  # MIDI numbers, not standardized
+    pitches = torch.tensor([[60.0], [62.0], [72.0]])
+    target = losses.labels_target(pitches, torch.ones(3, dtype=torch.bool), specs[1])
+    assert target[0, 1].item() == pytest.approx(math.exp(-4 / 8))  # 2 semitones at sigma 2 semitones
+    assert target[0, 2].item() == pytest.approx(math.exp(-144 / 8))
