@@ -283,6 +283,8 @@ def main(argv=None):
     out = args.out or (f"{stem}-neighbours.csv" if stem else "neighbours.csv")
     if args.query is None:
         safety.check_writable(os.path.dirname(os.path.abspath(out)), f"--out {out}")
+    if args.csv is not None and args.cache_dir != "none":
+        safety.check_writable(args.cache_dir, f"--cache-dir {args.cache_dir}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, settings = export.load_encoder(args.checkpoint, args, device) if args.checkpoint else (None, None)
     library = read_export(args.embeddings) if args.embeddings else embed_library(args, model, settings, device)

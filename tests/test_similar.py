@@ -226,7 +226,10 @@ def test_more_like_this_mistakes_are_one_line(library, tmp_path, capsys):
     for argv, message in [([], "give --embeddings OUT (an export), or --checkpoint C with --csv FOLDER"),
                           (["--embeddings", stem, "--query", "8"], "--query 8: not a row of --embeddings (rows 0 to 7"),
                           (["--embeddings", stem, "--query", "nowhere.wav"], "not a row number, a path of the library"),
-                          (["--embeddings", str(tmp_path / "missing")], "missing.npy not found")]:
+                          (["--embeddings", str(tmp_path / "missing")], "missing.npy not found"),
+                          (["--checkpoint", checkpoint, "--csv", str(root / "Library"), "--cache-dir",
+                            stem + ".npy"], f"--cache-dir {stem}.npy is not writable"),
+                          (["--embeddings", stem, "--out", stem + ".npy/table.csv"], "is not writable")]:
         with pytest.raises(SystemExit) as exit_status:
             utils.run_cli(similar.main, argv)
         err = capsys.readouterr().err
