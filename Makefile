@@ -12,10 +12,14 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 # The demo: self-supervised vs semi-supervised (pitch-class labels on a quarter of the
-# train set, kept out of pitch shift) on the built-in synthetic set, then probes, whose
-# table, results and figures (confusion matrices, PNG) land in runs/.
+# train set, kept out of pitch shift) on the built-in synthetic set, with the k-NN monitor
+# on pitch class and timbre, then probes, whose table, results and figures (confusion
+# matrices, PNG) land in runs/.
 DEMO_MODEL := --encoder melcnn --width 0.25 --clip-seconds 1 --sample-rate 16000
-DEMO_TRAIN := $(DEMO_MODEL) --batch-size 32 --steps 150 --lr 1e-3 --val-every 50 --save-every 50 --workers 2
+DEMO_MONITOR := --monitor-csv .cache/synthetic/manifest.csv --monitor-column pitch_class --monitor-column timbre \
+	--monitor-every 50 --monitor-clips 2
+DEMO_TRAIN := $(DEMO_MODEL) --batch-size 32 --steps 150 --lr 1e-3 --val-every 50 --save-every 50 --workers 2 \
+	$(DEMO_MONITOR)
 demo: $(VENV)/installed
 	$(PY) train.py $(DEMO_TRAIN) --out runs/demo-selfsup --labeled-per-batch 0
 	$(PY) train.py $(DEMO_TRAIN) --out runs/demo-semisup --label-column pitch_class --label-kind pitch_class \
