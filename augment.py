@@ -1064,3 +1064,32 @@ def build_chain(names, severity=1.0, sample_rate=22050, pitch_shifts="fast"):
     ±4·s semitones, as the paper describes).
     """
     return Chain(names, severity=severity, sample_rate=sample_rate, pitch_shifts=pitch_shifts)
+
+
+def build_chains(names, labeled_names, severity, sample_rate, pitch_shifts="fast", on_workers=False):
+    """The augmentation switch of a run, decided once: (worker_chains, device_chains).
+
+    names, labeled_names: transform lists (parse_augment's spelling) for all views and for
+    labeled clips. Each result is {"labeled": chain, "unlabeled": chain}. on_workers: the
+    data workers augment each clip (worker_chains) and the device chains are the identity;
+    otherwise worker_chains is None and the training step augments whole batches. Training
+    and validation take this one pair, so no clip is augmented twice.
+    """
+    chains = {"unlabeled": build_chain(parse_augment(names), severity, sample_rate, pitch_shifts)}
+    # One chain object for both when the lists agree: the step then makes one call, no split.
+    chains["labeled"] = chains["unlabeled"] if labeled_names == names else \
+        build_chain(parse_augment(labeled_names), severity, sample_rate, pitch_shifts)
+    identity = build_chain([], 0.0, sample_rate)
+    return (chains, {"labeled": identity, "unlabeled": identity}) if on_workers else (None, chains)
+
+
+def label_warnings(labeled_names, columns):
+    """Warnings for labeled-clip transforms that change the declared kind of a label column.
+
+    columns: objects with `kind` and `name` (datasets.LabelColumn). Returns lines of text.
+    """
+    return [f"warning: transform {name!r} changes {column.kind} labels of column {column.name!r} but runs on "
+            f"labeled clips; set --augment-labeled without it"
+            for column in columns for name in parse_augment(labeled_names)
+            if column.kind in LABEL_CHANGES.get(name, ())]
+

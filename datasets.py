@@ -1112,7 +1112,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
     paths: per-row file paths; columns: LabelColumns; pools: {pool id: row array}.
     worker_chains: optional {"labeled": chain, "unlabeled": chain} of callables `[V, T] -> [V, T]`
-        applied here (augmentation in the data workers; train.build_chains decides), chosen
+        applied here (augmentation in the data workers; augment.build_chains decides), chosen
         by the draw's pool.
     resample_here: resample to sample_rate in the dataset (the workers); if False, crops
         keep their source rate and length (batch them with collate_clips, then

@@ -27,6 +27,29 @@ TEMPERATURE = 0.07  # weight exp(similarity / T) of each neighbour's vote, as DI
 REPORTED = {"multiclass": "accuracy", "multilabel": "pr_auc", "regression": "r2"}
 
 
+def add_flags(parser):
+    """train.py's monitor flags, in a group of their own."""
+    group = parser.add_argument_group("monitor (k-NN scores of the frozen encoder on a labeled set during training)")
+    group.add_argument("--monitor-csv", default=None, help="manifest whose train tracks are the k-NN's reference "
+                                                           "and test tracks its queries (off without it)")
+    group.add_argument("--monitor-column", action="append", default=[], help="label column scored (repeatable)")
+    group.add_argument("--monitor-task", action="append", default=[], choices=datasets.TASKS,
+                       help="how each --monitor-column is read (one, or one per column; default multiclass)")
+    group.add_argument("--monitor-every", type=int, default=0, help="steps between scores (default: --val-every)")
+    group.add_argument("--monitor-clips", type=int, default=4, help="fixed clips per track (spread over the track)")
+
+
+def from_flags(args, state=None):
+    """The run's KnnMonitor from train.py's flags (None without --monitor-csv), its scores so far
+    taken from the checkpoint `state` when resuming."""
+    if not args.monitor_csv:
+        return None
+    knn = KnnMonitor(args.monitor_csv, args.monitor_column, args.monitor_task, args.clip_samples, args.sample_rate,
+                     args.monitor_clips)
+    knn.history = list(state.get("monitor", [])) if state is not None else []
+    return knn
+
+
 def knn_outputs(query, reference, labels, task, num_classes, k=K, temperature=TEMPERATURE):
     """Weighted k-NN outputs of `query` tracks among `reference` tracks, by cosine similarity.
 

@@ -139,14 +139,7 @@ def build_parser():
                      help="refuse to train if more than this share of files is bad")
     run.add_argument("--max-bad-steps", type=int, default=5,
                      help="stop after this many consecutive steps with non-finite loss or gradients")
-    knn = parser.add_argument_group("monitor (k-NN scores of the frozen encoder on a labeled set during training)")
-    knn.add_argument("--monitor-csv", default=None, help="manifest whose train tracks are the k-NN's reference and "
-                                                         "test tracks its queries (off without it)")
-    knn.add_argument("--monitor-column", action="append", default=[], help="label column scored (repeatable)")
-    knn.add_argument("--monitor-task", action="append", default=[], choices=datasets.TASKS,
-                     help="how each --monitor-column is read (one, or one per column; default multiclass)")
-    knn.add_argument("--monitor-every", type=int, default=0, help="steps between scores (default: --val-every)")
-    knn.add_argument("--monitor-clips", type=int, default=4, help="fixed clips per track (spread over the track)")
+    monitor.add_flags(parser)
     return parser
 
 
@@ -188,11 +181,13 @@ def main(argv=None):
         columns, specs = parse_columns(manifest, args)
     any_labeled, labeled_rows, unlabeled_rows = datasets.build_pools(manifest, columns, given_columns, given_share,
                                                                      args, is_main)
-    if is_main:
-        warn_label_changes(args, columns)
+    for warning in augment.label_warnings(args.augment_labeled, columns) if is_main else []:
+        print(warning)
     if state is not None:
         safety.check_settings(state["args"], saved_args(args), flag_defaults(), resume_path, is_main)
-    worker_chains, device_chains = build_chains(args)
+    worker_chains, device_chains = augment.build_chains(args.augment, args.augment_labeled, args.severity,
+                                                        args.sample_rate, args.pitch_shifts,
+                                                        on_workers=args.augment_on == "workers")
 
     # ---- model, optimizer, resume
     bare_model = build_model(args, device)
@@ -206,10 +201,7 @@ def main(argv=None):
     loader, val_loader, status_dir = datasets.build_loaders(manifest, columns, any_labeled, labeled_rows,
                                                             unlabeled_rows, worker_chains, step, args, device, rank)
     writer = start_logging(args, bare_model, device, is_main)
-    knn = monitor.KnnMonitor(args.monitor_csv, args.monitor_column, args.monitor_task, args.clip_samples,
-                             args.sample_rate, args.monitor_clips) if args.monitor_csv else None
-    if knn is not None and state is not None:
-        knn.history = state.get("monitor", [])
+    knn = monitor.from_flags(args, state)
     run = Run(args, model, bare_model, optimizer, scheduler, scaler, generator, columns, specs, device_chains,
               status_dir, device, rank, is_main, writer, knn, best_val)
 
@@ -580,36 +572,6 @@ def parse_columns(manifest, args):
             similarity=column.similarity, mean=column.mean if is_standardized else None,
             std=column.std if is_standardized else None))
     return columns, specs
-
-
-def warn_label_changes(args, columns):
-    """Say which labeled-clip transforms contradict the declared label kinds."""
-    chain = augment.parse_augment(args.augment_labeled)
-    for column in columns:
-        for name in chain:
-            if column.kind in augment.LABEL_CHANGES.get(name, ()):
-                print(f"warning: transform {name!r} changes {column.kind} labels of column {column.name!r} "
-                      f"but runs on labeled clips; set --augment-labeled without it")
-
-
-def build_chains(args):
-    """The augmentation switch, decided once: (worker_chains, device_chains).
-
-    Each is {"labeled": chain, "unlabeled": chain}. With --augment-on workers the data
-    workers augment each clip (worker_chains) and the device chains are the identity;
-    with --augment-on device, worker_chains is None and the step augments whole batches.
-    Training and validation both take this one pair, so no clip is augmented twice.
-    """
-    chains = {"unlabeled": augment.build_chain(augment.parse_augment(args.augment), args.severity, args.sample_rate,
-                                               args.pitch_shifts)}
-    # One chain object for both when the lists agree: augment_batch then makes one call, no split.
-    chains["labeled"] = chains["unlabeled"] if args.augment_labeled == args.augment else \
-        augment.build_chain(augment.parse_augment(args.augment_labeled), args.severity, args.sample_rate,
-                            args.pitch_shifts)
-    identity = augment.build_chain([], 0.0, args.sample_rate)
-    if args.augment_on == "workers":
-        return chains, {"labeled": identity, "unlabeled": identity}
-    return None, chains
 
 
 # ---------------------------------------------------------------- set-up: model, optimizer, logging
