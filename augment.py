@@ -5,7 +5,7 @@ tensors (so tests can call it with known values), paired with a sampler that dra
 parameters. `build_chain(names, severity)` turns a list of transform names into a `Chain`.
 
 The chain samples what the authors' chain samples (torch-audiomentations 0.12 plus their
-own Delay, called once per clip on its views; METHOD.md, "What the authors' code actually
+own Delay, called once per clip on its views; docs/augmentations.md, "What the chain
 samples"): whether to augment at all is decided once per clip (probability min(1, 0.8·s)),
 so a clip's views are augmented together or both left clean; the filter type is drawn once
 per clip; each transform's own probability and parameters are drawn per view. The caller
@@ -13,7 +13,7 @@ says which rows are views of one clip (`views`: rows [k·V, (k+1)·V) are clip k
 peak guard scales down any example whose peak exceeds 1.
 
 Severity s scales every range and probability in one place only: `SEVERITY_TABLE` below.
-s = 0 is no augmentation, s = 1 the paper's normal strength (METHOD.md), up to 2.5 the
+s = 0 is no augmentation, s = 1 the paper's normal strength (docs/paper.md), up to 2.5 the
 strongest. The six transforms of the paper's chain use the paper's values. For the nine
 extra transforms of the robustness study, the strong end of each range at s = 1 is the
 study's setting, ranges widen with s, and each applies with probability min(1, s) (the
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 # Frequencies in Hz, times in ms unless named otherwise.
 # ---------------------------------------------------------------------------------------
 SEVERITY_TABLE = {
-    # The paper's chain (METHOD.md), as the authors' configuration builds it.
+    # The paper's chain (docs/paper.md), as the authors' configuration builds it.
     "gain": lambda s: {"p": min(0.7, 0.4 * s), "gain_db": (-15 * s, 5 * s)},
     "polarity": lambda s: {"p": min(0.8, 0.6 * s)},
     "noise": lambda s: {"p": min(0.8, 0.6 * s), "snr_db": (3 / s, 30 / s), "decay": (-2 * s, 2 * s)},
@@ -94,7 +94,7 @@ TRANSFORM_NAMES = tuple(SEVERITY_TABLE)
 DEFAULT_AUGMENT = ("gain", "polarity", "noise", "filter", "pitch", "delay")
 
 # Which kinds of label a transform changes: a chain applied to labeled clips must not
-# contain a transform that changes the label being supervised (METHOD.md, last note).
+# contain a transform that changes the label being supervised (docs/paper.md, the last lesson).
 LABEL_CHANGES = {name: set() for name in TRANSFORM_NAMES}
 LABEL_CHANGES["pitch"] = {"pitch", "pitch_class", "key"}
 LABEL_CHANGES["stretch"] = {"tempo"}
@@ -408,12 +408,11 @@ def sample_noise(n, length, setting, draw, sample_rate):
 FILTER_KINDS = ("band_pass", "band_stop", "high_pass", "low_pass")
 # Low-pass 1 / (1 + (f / f_c)^16): from 0.85 to 0.16 between 0.9 and 1.1 f_c, as julius's
 # windowed sinc; the power is taken as four squarings, cheaper than a general power.
-FILTER_SQUARINGS = 4
-FILTER_EXPONENT = 2**FILTER_SQUARINGS
+FILTER_SQUARINGS = 4  # (f / f_c)^(2^4)
 
 
 def low_pass_response(f, cutoff):
-    """Low-pass magnitude 1 / (1 + (f / cutoff)^FILTER_EXPONENT) at frequencies `f`.
+    """Low-pass magnitude 1 / (1 + (f / cutoff)^16) at frequencies `f` (16 = 2^FILTER_SQUARINGS).
 
     0.5 (-6 dB) at the cut-off and 0.85 / 0.16 at 0.9 / 1.1 times it, as the windowed-sinc
     low-pass of julius (which torch-audiomentations uses), and amplitude complementary:

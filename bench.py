@@ -211,7 +211,6 @@ def bench_augment(args):
         print(f"| {what} | {'' if rate is None else f'{rate:,.0f}'} |")
 
 
-
 # ---------------------------------------------------------------- loss
 
 LOSS_SIZES = (192, 1024, 4096, 16384)

@@ -498,6 +498,20 @@ def _cell_error(manifest, row, column, message):
     return ManifestError(f"{source}, line {line}, column {column!r}: {message}")
 
 
+def _regression_values(manifest, names, cells, labeled):
+    """`[rows, len(names)]` float32 values of regression columns (0 where unlabeled), or ManifestError."""
+    values = np.zeros((len(manifest), len(names)), dtype=np.float32)
+    for k, name in enumerate(names):
+        for row in np.flatnonzero(labeled):
+            try:
+                values[row, k] = float(cells[k][row])
+            except ValueError:
+                raise _cell_error(manifest, row, name, f"{cells[k][row]!r} is not a number") from None
+            if not math.isfinite(values[row, k]):
+                raise _cell_error(manifest, row, name, f"{cells[k][row]!r} is not finite")
+    return values
+
+
 def parse_labels(manifest, columns, task, kind="generic", similarity=None):
     """Encode one label column of a manifest (see the module docstring for the format).
 
@@ -525,23 +539,14 @@ def parse_labels(manifest, columns, task, kind="generic", similarity=None):
     labeled = np.array([all(c[row] for c in cells) for row in range(len(manifest))])
     column.labeled = labeled
     if task == "regression":
-        values = np.zeros((len(manifest), len(names)), dtype=np.float32)
-        for k, name in enumerate(names):
-            for row in np.flatnonzero(labeled):
-                try:
-                    values[row, k] = float(cells[k][row])
-                except ValueError:
-                    raise _cell_error(manifest, row, name, f"{cells[k][row]!r} is not a number") from None
-                if not math.isfinite(values[row, k]):
-                    raise _cell_error(manifest, row, name, f"{cells[k][row]!r} is not finite")
+        column.values = _regression_values(manifest, names, cells, labeled)
+        # The statistics travel with the column; the values stay in their own units (the target
+        # builder, losses.TargetSpec, decides whether distances are in standard deviations).
         fit = labeled & (manifest["split"].to_numpy() == "train")
         if not fit.any():
             raise ManifestError(f"regression column(s) {names}: no labeled train row to standardize on")
-        # The statistics travel with the column; the values stay in their own units (the target
-        # builder, losses.TargetSpec, decides whether distances are in standard deviations).
-        column.mean = values[fit].mean(0).tolist()
-        column.std = np.maximum(values[fit].std(0), 1e-8).tolist()
-        column.values = values
+        column.mean = column.values[fit].mean(0).tolist()
+        column.std = np.maximum(column.values[fit].std(0), 1e-8).tolist()
         return column
     raw = cells[0]
     name = names[0]
@@ -1839,12 +1844,20 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
         frame[column] = [r[column] for r in rows]
     safety.write_csv(out_csv, frame)
     safety.write_csv(skipped_csv, pd.DataFrame(skipped, columns=["path", "reason"]))
+    return scan_report(folder, out_csv, skipped_csv, len(names), frame, relatives, skipped, linked, unmatched, shared,
+                       labels_csv, join_on, split, group_by, stratify, log)
+
+
+def scan_report(folder, out_csv, skipped_csv, files, frame, relatives, skipped, linked, unmatched, shared, labels_csv,
+                join_on, split, group_by, stratify, log):
+    """scan_folder's counts as a dict, and its report through `log`: rows, splits, skipped files
+    by reason, decoder warnings, labeled rows per column, unmatched label rows, strata."""
     reasons = {}
     for entry in skipped:
         kind = entry["reason"].split(" (")[0].split(" of ")[0]
         reasons[kind] = reasons.get(kind, 0) + 1
     splits = frame["split"].value_counts().to_dict() if split is not None else {}
-    report = {"manifest": out_csv, "files": len(names), "rows": len(frame), "skipped": reasons,
+    report = {"manifest": out_csv, "files": files, "rows": len(frame), "skipped": reasons,
               "linked_folders": linked,
               "skipped_csv": skipped_csv, "splits": {s: int(splits.get(s, 0)) for s in SPLITS} if splits else {},
               "unmatched_labels": len(unmatched), "shared_keys": shared,
@@ -1853,7 +1866,7 @@ def scan_folder(folder, out_csv, folder_labels=(), labels_csv=None, join_on="ste
     split_text = (" (" + ", ".join(f"{s} {n}" for s, n in report["splits"].items()) + ")") if splits else ""
     skip_text = ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items())) or "none"
     link_text = f" ({linked} linked folder{'s' * (linked != 1)} followed)" if linked else ""
-    log(f"scanned {folder}{link_text}: {len(names)} files, {len(frame)} rows in {out_csv}{split_text}; skipped: "
+    log(f"scanned {folder}{link_text}: {files} files, {len(frame)} rows in {out_csv}{split_text}; skipped: "
         f"{skip_text}" + (f" (listed in {skipped_csv})" if skipped else ""))
     for entry in skipped[:10]:
         log(f"  skipped {entry['path']}: {entry['reason']}")

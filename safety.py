@@ -715,7 +715,6 @@ def resolved_from_current_folder(manifest, report):
             f"read as {path}); write them relative to that folder, or absolute")
 
 
-
 def check_labeled_pool(manifest, columns, named_columns, explicit_share, labeled_rows, args):
     """Refuse labels that cannot fill the labeled share b_s of each batch, naming file and column.
 
