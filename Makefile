@@ -14,18 +14,24 @@ $(VENV)/installed: requirements.txt
 # The demo: self-supervised vs semi-supervised (pitch-class labels on a quarter of the
 # train set, kept out of pitch shift) on the built-in synthetic set, with the k-NN monitor
 # on pitch class and timbre, then probes, whose table, results and figures (confusion
-# matrices, PNG) land in runs/.
+# matrices, PNG) land in runs/, and a last line that checks the README's claims on this run
+# (reports.py check). SEED (default 0) seeds both trainings and the probe; a seed other
+# than 0 gets its own folders (runs/demo-seed3-selfsup, …), so seeds never resume each other.
+SEED ?= 0
+DEMO := runs/demo$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 DEMO_MODEL := --encoder melcnn --width 0.25 --clip-seconds 1 --sample-rate 16000
 DEMO_MONITOR := --monitor-csv .cache/synthetic/manifest.csv --monitor-column pitch_class --monitor-column timbre \
 	--monitor-every 50 --monitor-clips 2
 DEMO_TRAIN := $(DEMO_MODEL) --batch-size 32 --steps 150 --lr 1e-3 --val-every 50 --save-every 50 --workers 2 \
-	$(DEMO_MONITOR)
+	$(DEMO_MONITOR) --seed $(SEED)
 demo: $(VENV)/installed
-	$(PY) train.py $(DEMO_TRAIN) --out runs/demo-selfsup --labeled-per-batch 0
-	$(PY) train.py $(DEMO_TRAIN) --out runs/demo-semisup --label-column pitch_class --label-kind pitch_class \
+	$(PY) train.py $(DEMO_TRAIN) --out $(DEMO)-selfsup --labeled-per-batch 0
+	$(PY) train.py $(DEMO_TRAIN) --out $(DEMO)-semisup --label-column pitch_class --label-kind pitch_class \
 		--labeled-fraction 0.25 --augment-labeled gain,polarity,noise,filter,delay
-	$(PY) probe.py $(DEMO_MODEL) --checkpoint runs/demo-selfsup --checkpoint runs/demo-semisup --checkpoint random \
-		--label-column pitch_class --label-column timbre --head linear --retrieval --out runs/demo-results.json --plot
+	$(PY) probe.py $(DEMO_MODEL) --checkpoint $(DEMO)-selfsup --checkpoint $(DEMO)-semisup --checkpoint random \
+		--label-column pitch_class --label-column timbre --head linear --retrieval --seed $(SEED) \
+		--out $(DEMO)-results.json --plot
+	$(PY) reports.py check $(DEMO)-results.json
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q -rs --durations=10 tests

@@ -4,8 +4,16 @@ the test embeddings for TensorBoard's projector.
 probe.py calls these after scoring; they read results dicts (see probe.summarize_runs)
 and write every file through safety's atomic writer (figures are drawn into memory and
 written whole), so a killed run never leaves half a table or a torn PNG.
+
+One command, the last line of `make demo`: the README's claims about the demo, checked on
+a demo's results file (one line, "as expected: …" or "unexpected: …"; exit status 0 either
+way, since a surprising result is information, not a failure):
+
+    python reports.py check runs/demo-results.json
 """
+import argparse
 import io
+import json
 import os
 import re
 
@@ -15,11 +23,29 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import safety
+import utils
+from utils import UserError
 
 MAIN_METRIC = {"multiclass": "accuracy", "multilabel": "roc_auc", "regression": "r2"}  # a task's headline metric
 # probe.py --retrieval's metrics (similar.retrieval_metrics) as the table names them.
 RETRIEVAL_NAMES = {"track_top1": "track top-1", "track_mrr": "track MRR", "label_p10": "label P@10",
                    "label_map": "label mAP"}
+# What `make demo` shows on each of 5 seeds (README, "Start here": its sentences mirror these,
+# as claim_text writes them): (probe, test metric, encoder above, encoder below, least gap).
+DEMO_CLAIMS = [("pitch_class", "accuracy", "semi-supervised", "self-supervised", 0.10),
+               ("timbre", "accuracy", "self-supervised", "random", 0.20)]
+# The demo's encoders by how its checkpoints are named (runs/demo-selfsup, runs/demo-seed3-semisup, random).
+DEMO_ENCODERS = {"self-supervised": "-selfsup", "semi-supervised": "-semisup", "random": "random"}
+
+
+def build_parser():
+    """The command line: `check RESULTS`."""
+    parser = argparse.ArgumentParser(description="Reports of probe results from the command line.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="check the README's claims about the demo on a demo's results file; "
+                                              "prints one line, exit status 0 whatever it finds")
+    check.add_argument("results", help="a results file of `make demo` (JSON, e.g. runs/demo-results.json)")
+    return parser
 
 
 # ---------------------------------------------------------------- tables
@@ -321,3 +347,76 @@ def display_path(path, csv):
     relative = os.path.relpath(os.path.abspath(path), folder)
     shown = path if relative.startswith("..") else relative
     return shown.replace("\t", " ").replace("\n", " ")
+
+
+# ---------------------------------------------------------------- the demo's check
+
+def claim_text(claim):
+    """A claim as the README states it: 'semi-supervised above self-supervised on pitch class
+    (accuracy) by at least 0.10'."""
+    probe, metric, above, below, gap = claim
+    return f"{above} above {below} on {probe.replace('_', ' ')} ({metric}) by at least {gap:.2f}"
+
+
+def demo_encoder(checkpoint):
+    """The DEMO_ENCODERS name of a checkpoint as `make demo` names it, or None."""
+    return next((name for name, end in DEMO_ENCODERS.items() if checkpoint.endswith(end)), None)
+
+
+def demo_check(results, claims=DEMO_CLAIMS):
+    """One line that checks `claims` (DEMO_CLAIMS) on a demo's results dicts.
+
+    A claim holds when the encoder above beats the one below on the probe's test metric (a
+    head metric, or a --retrieval one) by at least its gap. Returns 'as expected: A above B
+    on PROBE by GAP, …' (the gaps measured) when every claim holds, else 'unexpected: …'
+    naming each claim that failed with both values, or the result that is missing (an
+    encoder, probe or metric the results do not hold), then where the README explains.
+    """
+    values = {}
+    for r in results:
+        encoder = demo_encoder(r["checkpoint"])
+        for metric, value in {**r.get("retrieval", {}), **r["test"]}.items():
+            values[(encoder, r["probe"], metric)] = value
+    held, failed = [], []
+    for probe, metric, above, below, gap in claims:
+        task = probe.replace("_", " ")
+        missing = [name for name in (above, below) if (name, probe, metric) not in values]
+        if missing:
+            failed.append(f"no {task} {metric} for the {' and '.join(missing)} encoder")
+            continue
+        high, low = values[(above, probe, metric)], values[(below, probe, metric)]
+        if high - low >= gap:
+            held.append(f"{above} above {below} on {task} by {high - low:.2f}")
+        else:
+            failed.append(f"{above} {high:.2f} against {below} {low:.2f} on {task} {metric} "
+                          f"(at least {gap:.2f} above expected)")
+    if not failed:
+        return "as expected: " + ", ".join(held)
+    return "unexpected: " + "; ".join(failed) + "; see README, 'Start here'"
+
+
+def read_results(path):
+    """The results dicts of a probe's --out file; a missing or damaged file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such results file; run `make demo` (or probe.py --out {path}) first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: not a results file ({str(error).splitlines()[0][:120]}); run the probe again") \
+            from None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "checkpoint" in r for r in results):
+        raise UserError(f"{path}: not a results file (a list of probe results); run the probe again")
+    return results
+
+
+def main(argv=None):
+    """`check RESULTS`: print demo_check's line for the file; returns it."""
+    args = build_parser().parse_args(argv)
+    line = demo_check(read_results(args.results))
+    print(line)
+    return line
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)
