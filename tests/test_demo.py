@@ -80,9 +80,14 @@ def test_the_readme_states_exactly_the_claims_the_demo_checks():
 
 
 def make_dry_run(*variables):
-    """The commands `make demo` would run (make -n), one per line, continuations joined."""
-    out = subprocess.run(["make", "-n", "-o", ".venv/installed", "demo", *variables], cwd=ROOT, text=True,
-                         capture_output=True, check=True).stdout
+    """The commands `make demo` would run (make -n), one per line, continuations joined.
+
+    Under `make test` this make is a sub-make: without --no-print-directory and a clean
+    MAKEFLAGS it would print "Entering directory" lines around the commands.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/installed", "demo", *variables],
+                         cwd=ROOT, env=env, text=True, capture_output=True, check=True).stdout
     return out.replace("\\\n", " ").splitlines()
 
 
