@@ -65,6 +65,7 @@ import augment
 import datasets
 import losses
 import models
+import safety
 import synthetic
 
 
@@ -1199,8 +1200,7 @@ def main():
             if args.section == name or (args.section == "all" and name != "gpu"):
                 section(args)
     if args.report:
-        with open(args.report, "w") as f:
-            f.write(f"{header}\n\n{''.join(tee.kept).strip()}\n")
+        safety.write_text(args.report, f"{header}\n\n{''.join(tee.kept).strip()}\n")
         print(f"written to {args.report}")
 
 

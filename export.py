@@ -356,35 +356,36 @@ def export_embeddings(args, checkpoint, out, device, flag="--out"):
     out_folder, parts = os.path.dirname(os.path.abspath(out)), out + ".parts"
     safety.check_writable(out_folder, f"{flag} {out}")
     lock = safety.FolderLock(parts, f"{flag} {out}", name="export.lock").acquire()
-    model, settings = load_encoder(checkpoint, args, device)
-    csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
-        synthetic.make_synthetic_set(args.synthetic_dir)
-    manifest = datasets.read_manifest(csv)
-    paths = list(manifest["path"])
-    open_export_parts(parts, {"checkpoint": settings["key"], "layer": args.layer, "max_clips": args.max_clips,
-                              "per_track": args.per_track, "part_files": args.export_part_files,
-                              "files": hashlib.sha256(json.dumps(paths).encode()).hexdigest()})
-    starts = range(0, len(paths), args.export_part_files)
-    done = {k: read_part(os.path.join(parts, f"part-{k:05d}.npz")) for k in range(len(starts))}
-    done = {k: part for k, part in done.items() if part is not None}
-    if done:
-        print(f"export: {len(done)} of {len(starts)} parts already in {parts}; continuing")
-    with tqdm(total=len(paths), desc="embed", unit="file") as bar:
-        for k, start in enumerate(starts):
-            rows = list(range(start, min(start + args.export_part_files, len(paths))))
-            if k in done:
-                bar.update(len(rows))
-                continue
-            done[k] = embed_part(model, paths, rows, settings, args, device, bar)
-            write_part(os.path.join(parts, f"part-{k:05d}.npz"), *done[k])
-    x, table, skipped = join_parts([done[k] for k in range(len(starts))], csv, paths)  # x [rows, E]
-    owners = table.pop("row").to_numpy()
-    table.insert(0, "path", [os.path.relpath(paths[r], out_folder).replace(os.sep, "/") for r in owners])
-    for column in [c for c in manifest.columns if c not in ("path", "source", "source_row")]:
-        table[column] = manifest[column].to_numpy()[owners]
-    safety.write_file(out + ".npy", lambda f: np.save(f, x))
-    safety.write_csv(out + ".csv", table)
-    remove_parts(parts, lock)
+    with lock:  # released however the export ends; on success remove_parts releases it as it goes
+        model, settings = load_encoder(checkpoint, args, device)
+        csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
+            synthetic.make_synthetic_set(args.synthetic_dir)
+        manifest = datasets.read_manifest(csv)
+        paths = list(manifest["path"])
+        open_export_parts(parts, {"checkpoint": settings["key"], "layer": args.layer, "max_clips": args.max_clips,
+                                  "per_track": args.per_track, "part_files": args.export_part_files,
+                                  "files": hashlib.sha256(json.dumps(paths).encode()).hexdigest()})
+        starts = range(0, len(paths), args.export_part_files)
+        done = {k: read_part(os.path.join(parts, f"part-{k:05d}.npz")) for k in range(len(starts))}
+        done = {k: part for k, part in done.items() if part is not None}
+        if done:
+            print(f"export: {len(done)} of {len(starts)} parts already in {parts}; continuing")
+        with tqdm(total=len(paths), desc="embed", unit="file") as bar:
+            for k, start in enumerate(starts):
+                rows = list(range(start, min(start + args.export_part_files, len(paths))))
+                if k in done:
+                    bar.update(len(rows))
+                    continue
+                done[k] = embed_part(model, paths, rows, settings, args, device, bar)
+                write_part(os.path.join(parts, f"part-{k:05d}.npz"), *done[k])
+        x, table, skipped = join_parts([done[k] for k in range(len(starts))], csv, paths)  # x [rows, E]
+        owners = table.pop("row").to_numpy()
+        table.insert(0, "path", [os.path.relpath(paths[r], out_folder).replace(os.sep, "/") for r in owners])
+        for column in [c for c in manifest.columns if c not in ("path", "source", "source_row")]:
+            table[column] = manifest[column].to_numpy()[owners]
+        safety.write_file(out + ".npy", lambda f: np.save(f, x))
+        safety.write_csv(out + ".csv", table)
+        remove_parts(parts, lock)
     unit = "track" if args.per_track else "clip"
     warned = sum(p in datasets.DECODER_WARNINGS for p in paths)
     print(f"embeddings: {x.shape[0]} {unit}s x {x.shape[1]} ({args.layer}, {checkpoint}, step {settings['step']}) -> "

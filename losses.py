@@ -210,6 +210,16 @@ class LossParts(NamedTuple):
     labels_count: torch.Tensor
 
 
+def part_means(sums):
+    """Means of the objective and its views and labels parts from summed losses.LossParts `[6]`.
+
+    Returns {"loss", "views", "labels"}; a part without any row with a positive is nan.
+    """
+    sums = sums.tolist()  # a host-device sync: on logging and validation steps only
+    return {name: sums[2 * k] / sums[2 * k + 1] if sums[2 * k + 1] > 0 else float("nan")
+            for k, name in enumerate(("loss", "views", "labels"))}
+
+
 def semisupcon_loss(z, clip_ids, signals=(), temperature=0.1, anchors=None):
     """The SemiSupCon objective of the anchors and its views and labels parts, from one pass.
 

@@ -1,17 +1,22 @@
-"""A downstream monitor during pretraining: k-NN scores of the frozen encoder on a labeled set.
+"""What a pretraining run shows while it trains: the step's scalars and images, and a k-NN monitor.
 
-Every --monitor-every steps train.py calls KnnMonitor.evaluate: the current encoder, in
+log_scalars and log_images write the step's losses (the objective and its views and labels
+parts, read from the step, never recomputed), lr, speed, failed files and skipped steps, and
+the batch's target and similarity matrices, to TensorBoard.
+
+The k-NN monitor, a downstream score of the frozen encoder on a labeled set: every --monitor-every steps train.py calls KnnMonitor.evaluate: the current encoder, in
 eval mode and without gradients, embeds fixed clips of the monitor manifest's train and
 test tracks (the same clips at every step, so values compare over time); each test track
 (the mean of its clip embeddings) takes the labels of its k nearest train tracks by cosine
 similarity, weighted by exp(similarity / 0.07) as in DINO's k-NN evaluation. Scores:
-accuracy for classes, mAP (PR-AUC, macro) for tags, R² for regression (probe.metrics).
+accuracy for classes, mAP (PR-AUC, macro) for tags, R² for regression (metrics.score).
 
     python train.py ... --monitor-csv data/gtzan.csv --monitor-column genre --monitor-every 1000
 
 Under torchrun every process embeds its share of the clips. The values go to TensorBoard
 (`monitor/<column>/<metric>`), to the log line and into each checkpoint.
 """
+import math
 import time
 
 import numpy as np
@@ -19,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import datasets
-import probe
+import losses
+import metrics
 import utils
 
 K = 20  # neighbours, as DINO's k-NN evaluation (it reports 10 and 20)
@@ -111,7 +117,7 @@ class KnnMonitor:
         for name, task, labeled, labels, classes in self.signals:
             reference, query = labeled & ~self.is_test.numpy(), labeled & self.is_test.numpy()
             outputs = knn_outputs(tracks[query], tracks[reference], labels[reference], task, classes)
-            result[name] = {REPORTED[task]: probe.metrics(task, outputs, labels[query])[REPORTED[task]]}
+            result[name] = {REPORTED[task]: metrics.score(task, outputs, labels[query])[REPORTED[task]]}
         return result
 
     def evaluate(self, encoder, step, device, rank, world_size, writer, run_seconds):
@@ -133,3 +139,41 @@ class KnnMonitor:
             print(f"\nmonitor at step {step}: {text} (k-NN, k={K}; {self.seconds / max(run_seconds, 1e-9):.1%} of "
                   f"the run's time so far)", flush=True)
         return scores
+
+
+# ---------------------------------------------------------------- the step's scalars and images
+
+@torch.no_grad()
+def log_scalars(writer, stats, step, lr, failed_files, skipped_steps, speed, progress):
+    """Scalars of the last step: the loss and its views and labels parts (read, never recomputed),
+    lr, failed files, skipped steps, and speed: (clips per second, share of the time the host
+    waited on the data workers). Returns the global-batch loss of the step (every process gets it)."""
+    parts = utils.all_reduce_sum(torch.stack([part.float() for part in stats["parts"]]))  # [6]
+    total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
+    failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=parts.device)).item())
+    if writer is None:
+        return total
+    means = losses.part_means(parts)
+    writer.add_scalar("loss/total", total, step)
+    for name in ("views", "labels"):
+        if not math.isnan(means[name]):
+            writer.add_scalar(f"loss/{name}", means[name], step)
+    writer.add_scalar("lr", lr, step)
+    writer.add_scalar("speed/clips_per_s", speed[0], step)
+    writer.add_scalar("speed/data_wait_share", speed[1], step)
+    if parts.device.type == "cuda":
+        writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(parts.device) / 2**20, step)
+    writer.add_scalar("data/failed_files", failed, step)
+    writer.add_scalar("train/skipped_steps", skipped_steps, step)
+    progress.set_postfix(loss=f"{total:.3f}", failed=failed)
+    return total
+
+
+@torch.no_grad()
+def log_images(writer, stats, step):
+    """The batch's target matrix, its density, and the cosine-similarity matrix (a diagnostic: image steps only)."""
+    target = losses.build_target(stats["clip_all"], stats["signals_all"])  # [N, N]
+    z = torch.nn.functional.normalize(stats["z_all"].float(), dim=1)
+    writer.add_scalar("target/density", (target.sum() / (len(target) * (len(target) - 1))).item(), step)
+    writer.add_image("batch/target", target[None].float().cpu(), step)
+    writer.add_image("batch/similarity", ((z @ z.T + 1) / 2)[None].cpu(), step)

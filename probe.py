@@ -43,6 +43,7 @@ from tqdm import tqdm
 import augment
 import datasets
 import export
+import metrics
 import models
 import records
 import reports
@@ -211,135 +212,6 @@ def finish_args(args):
     return args
 
 
-# ---------------------------------------------------------------- metrics
-
-def accuracy(logits, labels):
-    """Share of rows whose argmax equals the class index. logits `[M, C]`, labels `[M]`."""
-    return float((logits.argmax(1) == labels).double().mean())
-
-
-def macro_f1(logits, labels, num_classes):
-    """Unweighted mean over classes present in labels or predictions of per-class F1."""
-    predictions = logits.argmax(1)
-    scores = []
-    for c in range(num_classes):
-        true_positive = ((predictions == c) & (labels == c)).sum().item()
-        predicted, actual = (predictions == c).sum().item(), (labels == c).sum().item()
-        if predicted + actual:
-            scores.append(2 * true_positive / (predicted + actual))
-    return float(np.mean(scores)) if scores else 0.0
-
-
-def roc_auc(scores, targets):
-    """Area under the ROC curve of one class (ties share ranks); nan if one class is absent.
-
-    scores, targets: `[M]`; targets in {0, 1}. Computed as the Mann-Whitney statistic.
-    """
-    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0.5
-    positives, negatives = targets.sum(), (~targets).sum()
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    start = 0
-    while start < len(scores):
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1  # average rank of a tie group
-        start = end + 1
-    return float((ranks[targets].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def average_precision(scores, targets):
-    """Average precision (PR-AUC) of one class: mean precision at each positive's rank.
-
-    Tied scores are ranked together (precision taken at the end of the tie group), which
-    equals the step-wise sum over thresholds of (recall gain) x precision.
-    Returns nan when there is no positive.
-    """
-    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0.5
-    if targets.sum() == 0:
-        return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    sorted_scores, sorted_targets = scores[order], targets[order]
-    hits = np.cumsum(sorted_targets)
-    # Precision at the last index of each tie group, shared by the group.
-    last = np.r_[np.flatnonzero(np.diff(sorted_scores) != 0), len(scores) - 1]
-    group_end = np.repeat(last, np.diff(np.r_[-1, last]))
-    precision = hits[group_end] / (group_end + 1)
-    return float(precision[sorted_targets].mean())
-
-
-def r2_score(predictions, targets):
-    """Coefficient of determination per output `[K]` (1 - SSE / SST), on `[M, K]` arrays.
-
-    A constant target (SST = 0) scores 1 when predicted exactly and 0 otherwise, as
-    scikit-learn's r2_score (force_finite), instead of a huge negative number.
-    """
-    predictions, targets = np.asarray(predictions, np.float64), np.asarray(targets, np.float64)
-    residual = ((targets - predictions) ** 2).sum(0)
-    total = ((targets - targets.mean(0)) ** 2).sum(0)
-    constant = total == 0
-    score = 1 - residual / np.where(constant, 1.0, total)
-    return np.where(constant, np.where(residual == 0, 1.0, 0.0), score)
-
-
-def mirex_key_score(predicted, labels):
-    """MIREX weighted key score averaged over tracks; classes indexed as datasets.KEY_NAMES.
-
-    predicted, labels: `[M]` key indices (0-11 major C … B, 12-23 minor). Per track: 1 the
-    same key; 0.5 the estimate a perfect fifth above the reference in the same mode; 0.3
-    the relative key (estimate = relative minor of a major reference, or relative major
-    of a minor one); 0.2 the parallel key (same tonic, other mode); 0 anything else. As
-    mir_eval.key.weighted_score by default, a fifth below scores 0 (unlike the symmetric
-    datasets.key_similarity used for training targets).
-    """
-    predicted, labels = np.asarray(predicted), np.asarray(labels)
-    tonic, mode = predicted % 12, predicted // 12
-    reference_tonic, reference_mode = labels % 12, labels // 12
-    interval = (tonic - reference_tonic) % 12  # semitones from the reference tonic up to the estimate's
-    same_mode = mode == reference_mode
-    relative = ~same_mode & (((reference_mode == 0) & (interval == 9)) | ((reference_mode == 1) & (interval == 3)))
-    score = np.select([same_mode & (interval == 0), same_mode & (interval == 7), relative,
-                       ~same_mode & (interval == 0)],
-                      [datasets.KEY_WEIGHTS["same"], datasets.KEY_WEIGHTS["fifth"], datasets.KEY_WEIGHTS["relative"],
-                       datasets.KEY_WEIGHTS["parallel"]], 0.0)
-    return float(score.mean())
-
-
-def confusion_matrix(predicted, labels, num_classes):
-    """Counts `[C, C]` int64: row = true class, column = predicted class."""
-    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(counts, (np.asarray(labels), np.asarray(predicted)), 1)
-    return counts
-
-
-def metrics(task, outputs, labels, column=None):
-    """The task's metrics on track-level outputs `[M, C]` against labels.
-
-    multiclass: accuracy, macro_f1 (and mirex for key labels); multilabel: roc_auc,
-    pr_auc (macro over classes with both outcomes); regression: r2 (mean over outputs)
-    and r2 per output.
-    """
-    if task == "multiclass":
-        result = {"accuracy": accuracy(outputs, labels),
-                  "macro_f1": macro_f1(outputs, labels, outputs.shape[1])}
-        if column is not None and column.kind == "key":
-            result["mirex"] = mirex_key_score(outputs.argmax(1).numpy(), labels.numpy())
-        return result
-    if task == "multilabel":
-        # Rank the logits themselves: float32 sigmoids of logits above ~17 all round to 1.0
-        # and would tie (the ranking, hence ROC-AUC and PR-AUC, is the same otherwise).
-        scores, tags = outputs.double().numpy(), labels.numpy()
-        aucs = [roc_auc(scores[:, c], tags[:, c]) for c in range(tags.shape[1])]
-        aps = [average_precision(scores[:, c], tags[:, c]) for c in range(tags.shape[1])]
-        return {"roc_auc": float(np.nanmean(aucs)), "pr_auc": float(np.nanmean(aps))}
-    per_output = r2_score(outputs.numpy(), labels.numpy())
-    return {"r2": float(per_output.mean()), "r2_per_output": per_output.tolist()}
-
-
 # ---------------------------------------------------------------- heads and prototypes
 
 class Standardize(torch.nn.Module):
@@ -401,8 +273,8 @@ def val_scores(predictor, data, val, val_crops, aggregate, device=None):
     logits, so they have no loss).
     """
     metric = MAIN_METRIC[data.probe.task]
-    scores = {metric: metrics(data.probe.task, track_outputs(predictor, val, aggregate, device), data.labels[val.tracks],
-                              data.column)[metric]}
+    outputs = track_outputs(predictor, val, aggregate, device)
+    scores = {metric: metrics.score(data.probe.task, outputs, data.labels[val.tracks], data.column)[metric]}
     if val_crops is not None:
         outputs = predictor(val_crops.x.to(device) if device is not None else val_crops.x).float()  # [m, C]
         scores["loss"] = float(head_loss(data.probe.task, outputs, data.labels[val_crops.owners].to(outputs.device)))
@@ -663,10 +535,10 @@ def score_run(predictor, data, tests, aggregate, main_condition):
     for condition, clips in tests.items():
         outputs = track_outputs(predictor, clips, aggregate)  # [tracks, C]
         labels = data.labels[clips.tracks]
-        scores[condition] = metrics(data.probe.task, outputs, labels, data.column)
+        scores[condition] = metrics.score(data.probe.task, outputs, labels, data.column)
         if condition == main_condition:
             if data.probe.task == "multiclass":
-                confusion = confusion_matrix(outputs.argmax(1).numpy(), labels.numpy(), data.out_dim)
+                confusion = metrics.confusion_matrix(outputs.argmax(1).numpy(), labels.numpy(), data.out_dim)
             shown = (export.track_embeddings(clips.x, clips.owners, clips.tracks), clips.tracks, outputs)
     return scores, confusion, shown
 
@@ -716,22 +588,9 @@ def run_probe(args, model, settings, source, data, device, initial_state=None):
     return results
 
 
-def main(argv=None):
-    """Run every (checkpoint, probe, label fraction); print the tables; returns the list of results dicts."""
-    args = finish_args(build_parser().parse_args(argv))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.export_embeddings:
-        if len(args.checkpoint) != 1:
-            raise utils.UserError(f"--export-embeddings takes one --checkpoint, got {len(args.checkpoint)}")
-        return export.export_embeddings(args, args.checkpoint[0], args.export_embeddings, device,
-                                        "--export-embeddings")
-    # ---- every probe's manifest and labels, read and checked once (leaks too), before any embedding or training
-    labeled = [splits.read_labels(probe, args.prototypes, args.allow_leaks) for probe in probe_list(args)]
-    # ---- outputs writable and --out locked; the probes a killed run with this --out finished
-    lock = records.claim_outputs(args)
-    finished = records.finished_results(args.out)
-
-    # ---- probes, checkpoint by checkpoint (each encoder loaded once); --out rewritten after each
+def probe_checkpoints(args, labeled, finished, device):
+    """Every probe on every checkpoint, --out rewritten after each; `finished`: results to reuse."""
+    # Checkpoint by checkpoint: each encoder is loaded once.
     results, keys = [], set()
     for checkpoint in args.checkpoint:
         model, settings = load_encoder(checkpoint, args, device)
@@ -747,18 +606,33 @@ def main(argv=None):
                                                                               device, initial_state)])
             if args.out and not done:
                 safety.write_json(args.out, results + [r for r in finished if r.get("task_key") not in keys])
+    return results
 
-    # ---- report: the tables on stdout, the full results in --out, the figures in --plot-dir
-    report = "\n\n".join(t for t in (reports.summary_table(results), reports.robustness_table(results)) if t)
-    print("\n" + report)
-    if args.out:
-        print("results: " + ", ".join(reports.write_summary(args.out, results, report)))
-    if args.plot:
-        figures = reports.plot_curves(args, results)
-        if figures:
-            print(f"figures: {', '.join(figures)} (tensorboard --logdir {args.plot_dir})")
-    if lock is not None:
-        lock.release()
+
+def main(argv=None):
+    """Run every (checkpoint, probe, label fraction); print the tables; returns the list of results dicts."""
+    args = finish_args(build_parser().parse_args(argv))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.export_embeddings:
+        if len(args.checkpoint) != 1:
+            raise utils.UserError(f"--export-embeddings takes one --checkpoint, got {len(args.checkpoint)}")
+        return export.export_embeddings(args, args.checkpoint[0], args.export_embeddings, device,
+                                        "--export-embeddings")
+    # ---- every probe's manifest and labels, read and checked once (leaks too), before any embedding or training
+    labeled = [splits.read_labels(probe, args.prototypes, args.allow_leaks) for probe in probe_list(args)]
+    # ---- outputs writable and --out locked (until main ends, however); the probes a killed run finished
+    with records.claim_outputs(args):
+        results = probe_checkpoints(args, labeled, records.finished_results(args.out), device)
+
+        # ---- report: the tables on stdout, the full results in --out, the figures in --plot-dir
+        report = "\n\n".join(t for t in (reports.summary_table(results), reports.robustness_table(results)) if t)
+        print("\n" + report)
+        if args.out:
+            print("results: " + ", ".join(reports.write_summary(args.out, results, report)))
+        if args.plot:
+            figures = reports.plot_curves(args, results)
+            if figures:
+                print(f"figures: {', '.join(figures)} (tensorboard --logdir {args.plot_dir})")
     return results
 
 

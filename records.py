@@ -6,6 +6,7 @@ probe.py claims its outputs before any work (claim_outputs: folders checked writ
 reuses the records whose task_key (the checkpoint's SHA-256, the probe, its manifest's
 bytes and every flag that changes results) matches (finished_results).
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -89,13 +90,14 @@ def task_key(args, settings, probe):
 
 def claim_outputs(args):
     """Before any work: every output folder checked writable (--cache-dir, --plot-dir, --out's
-    folder), and --out locked (one probe per results file). Returns the lock, or None."""
+    folder), and --out locked (one probe per results file). Returns the lock (a context manager
+    that releases it), or a null context without --out."""
     if args.cache_dir != "none":
         safety.check_writable(args.cache_dir, f"--cache-dir {args.cache_dir}")
     if args.plot:
         safety.check_writable(args.plot_dir, f"--plot-dir {args.plot_dir}")
     if not args.out:
-        return None
+        return contextlib.nullcontext()
     folder = os.path.dirname(os.path.abspath(args.out))
     safety.check_writable(folder, f"--out {args.out}")
     return safety.FolderLock(folder, f"--out {args.out}", name=os.path.basename(args.out) + ".lock").acquire()

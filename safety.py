@@ -420,6 +420,12 @@ class StopSignal:
             signal.signal(getattr(signal, name), handler)
         self.previous = {}
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def handle(self, number, frame):
         name = signal.Signals(number).name
         if self.requested:
@@ -535,15 +541,6 @@ def claim_out_folder(out):
     check_writable(out, f"--out {out}", 64 << 20)  # 64 MiB: a few checkpoints of the small encoders
     # One run per folder: a second one would resume from this run's checkpoints and prune them.
     return FolderLock(out, f"--out {out}").acquire()
-
-
-def close_run(stop, lock, result):
-    """Give back the signal handlers, the folder lock and the process group; returns `result`."""
-    stop.close()
-    if lock:
-        lock.release()
-    utils.cleanup_process()
-    return result
 
 
 # ---------------------------------------------------------------- the resume point

@@ -13,17 +13,17 @@ checkpoint that loads is picked up, after checking that the model flags and sett
 (docs/training.md: faults and what happens). A finished run also writes OUT/model.pt, the
 file to share (weights and settings, no optimizer state).
 
-Reading order: build_parser, main (the set-up phases by name), train_loop (one step, top
+Reading order: build_parser, main and pretrain (the set-up phases by name), train_loop (one step, top
 to bottom), the step's functions, then logging, saving and the set-up phases. Run safety
 (the out-folder lock, the resume point, the data check, the stop path) lives in safety.py.
 """
 import argparse
+import contextlib
 import math
 import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -147,17 +147,28 @@ def build_parser():
 
 def main(argv=None):
     """Train from the command line `argv`; returns {"out", "losses", "failed_files", "skipped_steps", "step"}."""
-    # ---- flags and process
     args = build_parser().parse_args(argv)
     safety.check_flags(args)
-    stop = safety.StopSignal()  # from the start: a signal during set-up saves after the first step
+    # However the run ends, what it took is given back: the signal handlers and the --out lock
+    # (a notebook that calls main gets its Ctrl-C back), then, on a normal end, the process group.
+    with contextlib.ExitStack() as taken:
+        result = pretrain(args, taken)
+    utils.cleanup_process()
+    return result
+
+
+def pretrain(args, taken):
+    """The set-up phases by name, then the loop; `taken` (an ExitStack) gives back handlers and lock."""
+    # ---- process; from here a signal during set-up saves after the first step
+    stop = taken.enter_context(safety.StopSignal())
     rank, world_size, local_rank, device = utils.setup_process()
     is_main = rank == 0
     # The label flags as the user gave them, before the data fills in defaults (build_pools checks them).
     given_columns, given_share = list(args.label_column), args.labeled_per_batch
     derive_args(args, world_size, device)
     utils.seed_everything(args.seed + rank)
-    lock = safety.claim_out_folder(args.out) if is_main else None
+    if is_main:
+        taken.enter_context(safety.claim_out_folder(args.out))
     utils.barrier()
 
     # ---- resume point: the newest checkpoint that loads, checked against these flags
@@ -168,15 +179,14 @@ def main(argv=None):
             if is_main:
                 print(f"{args.out} is finished: {resume_path} is at step {state['step']} and --steps is "
                       f"{args.steps}; nothing to do (raise --steps to train on, or use another --out)")
-            return safety.close_run(stop, lock, {"out": args.out, "losses": [], "failed_files": 0,
-                                                 "skipped_steps": 0, "step": state["step"]})
+            return {"out": args.out, "losses": [], "failed_files": 0, "skipped_steps": 0, "step": state["step"]}
 
     # ---- data: manifests, the file check, label columns, pools, augmentation
     manifest, columns, specs = load_data(args, is_main)
     if args.check_data or not args.skip_check:
         manifest = safety.check_data(manifest, args, is_main, datasets.check_files)
         if args.check_data:
-            return safety.close_run(stop, None, {"out": args.out, "files": len(manifest)})
+            return {"out": args.out, "files": len(manifest)}
         # Label columns hold one entry per manifest row: the check dropped rows, so read them again.
         columns, specs = parse_columns(manifest, args)
     any_labeled, labeled_rows, unlabeled_rows = datasets.build_pools(manifest, columns, given_columns, given_share,
@@ -212,8 +222,8 @@ def main(argv=None):
         writer.close()
     if is_main:
         safety.print_summary(args, start_step, step, time.perf_counter() - started, val_loss, run.best_val)
-    return safety.close_run(stop, lock, {"out": args.out, "losses": history, "failed_files": failed_files,
-                                         "skipped_steps": skipped_steps, "step": step})
+    return {"out": args.out, "losses": history, "failed_files": failed_files, "skipped_steps": skipped_steps,
+            "step": step}
 
 
 def train_loop(run, loader, val_loader, step, stop):
@@ -262,12 +272,12 @@ def train_loop(run, loader, val_loader, step, stop):
             is_logging = step % args.log_every == 0 or step == args.steps
             if is_logging:
                 elapsed = time.perf_counter() - tick
-                total = log_scalars(run.writer, stats, step, run.scheduler.get_last_lr()[0], failed_files,
+                total = monitor.log_scalars(run.writer, stats, step, run.scheduler.get_last_lr()[0], failed_files,
                                     int(skipped_steps), (clips_seen / elapsed, data_wait / elapsed), progress)
                 history.append((step, total))
                 clips_seen, data_wait, tick = 0, 0.0, time.perf_counter()
             if run.writer and args.image_every and step % args.image_every == 0:
-                log_images(run.writer, stats, step)
+                monitor.log_images(run.writer, stats, step)
             # ---- 7. validate every --val-every steps (and at the end); best.pt on a new best
             if val_loader is not None and args.val_every and (step % args.val_every == 0 or step == args.steps):
                 val_loss = validate_and_keep_best(run, val_loader, step)
@@ -384,60 +394,14 @@ def optimizer_step(run, loss_sum):
     return is_bad
 
 
-# ---------------------------------------------------------------- logging, validation, saving
-
-def part_means(sums):
-    """Means of the objective and its views and labels parts from summed losses.LossParts `[6]`.
-
-    Returns {"loss", "views", "labels"}; a part without any row with a positive is nan.
-    """
-    sums = sums.tolist()  # a host-device sync: on logging and validation steps only
-    return {name: sums[2 * k] / sums[2 * k + 1] if sums[2 * k + 1] > 0 else float("nan")
-            for k, name in enumerate(("loss", "views", "labels"))}
-
-
-@torch.no_grad()
-def log_scalars(writer, stats, step, lr, failed_files, skipped_steps, speed, progress):
-    """Scalars of the last step: the loss and its views and labels parts (read, never recomputed),
-    lr, failed files, skipped steps, and speed: (clips per second, share of the time the host
-    waited on the data workers). Returns the global-batch loss of the step (every process gets it)."""
-    parts = utils.all_reduce_sum(torch.stack([part.float() for part in stats["parts"]]))  # [6]
-    total = (utils.all_reduce_sum(stats["loss_sum"]) / stats["count"].clamp(min=1)).item()
-    failed = int(utils.all_reduce_sum(torch.tensor(float(failed_files), device=parts.device)).item())
-    if writer is None:
-        return total
-    means = part_means(parts)
-    writer.add_scalar("loss/total", total, step)
-    for name in ("views", "labels"):
-        if not math.isnan(means[name]):
-            writer.add_scalar(f"loss/{name}", means[name], step)
-    writer.add_scalar("lr", lr, step)
-    writer.add_scalar("speed/clips_per_s", speed[0], step)
-    writer.add_scalar("speed/data_wait_share", speed[1], step)
-    if parts.device.type == "cuda":
-        writer.add_scalar("memory/peak_mib", torch.cuda.max_memory_allocated(parts.device) / 2**20, step)
-    writer.add_scalar("data/failed_files", failed, step)
-    writer.add_scalar("train/skipped_steps", skipped_steps, step)
-    progress.set_postfix(loss=f"{total:.3f}", failed=failed)
-    return total
-
-
-@torch.no_grad()
-def log_images(writer, stats, step):
-    """The batch's target matrix, its density, and the cosine-similarity matrix (a diagnostic: image steps only)."""
-    target = losses.build_target(stats["clip_all"], stats["signals_all"])  # [N, N]
-    z = torch.nn.functional.normalize(stats["z_all"].float(), dim=1)
-    writer.add_scalar("target/density", (target.sum() / (len(target) * (len(target) - 1))).item(), step)
-    writer.add_image("batch/target", target[None].float().cpu(), step)
-    writer.add_image("batch/similarity", ((z @ z.T + 1) / 2)[None].cpu(), step)
-
+# ---------------------------------------------------------------- validation, saving
 
 @torch.no_grad()
 def validate(model, loader, specs, chains, args, device, rank):
     """The training objective on the validation batches (fixed crops and augmentation).
 
     chains: the augmentation the training step applies on the device (identity when the
-    workers augment: their clips arrive augmented). Returns part_means: {"loss": the
+    workers augment: their clips arrive augmented). Returns losses.part_means: {"loss": the
     objective, "views": its views part alone, "labels": its labels part alone (nan
     without labels)}, each a mean over the views with a positive.
     """
@@ -452,7 +416,7 @@ def validate(model, loader, specs, chains, args, device, rank):
             _, stats = contrastive_step(model, views, clip_ids, signals, args.temperature, args.world_size, rank)
         sums += torch.stack([part.float() for part in stats["parts"]])
     model.train()
-    return part_means(utils.all_reduce_sum(sums))
+    return losses.part_means(utils.all_reduce_sum(sums))
 
 
 def validate_and_keep_best(run, val_loader, step):

@@ -4,7 +4,6 @@ import difflib
 import hashlib
 import os
 import random
-import re
 import sys
 import traceback
 

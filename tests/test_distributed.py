@@ -13,7 +13,6 @@ import losses
 import safety
 import synthetic
 import train
-import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -178,6 +178,7 @@ def test_hand_computed_targets():
     views_part, labels_part = target_parts(clip_ids, columns)
     assert views_part.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert labels_part.tolist() == [[0, 1, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    assert torch.equal(target, torch.maximum(views_part, labels_part))  # the target is the larger part
     tags = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 0, 1], [1, 1, 1]]).float()
     weighted = losses.labels_target(tags, torch.ones(4, dtype=torch.bool), losses.TargetSpec("multilabel", None))
     assert weighted[0, 1].item() == pytest.approx(2 * 1 / 4)

@@ -11,6 +11,7 @@ import torch
 
 import datasets
 import export
+import metrics
 import probe
 import records
 import reports
@@ -50,20 +51,20 @@ def run_probe(tiny_set, tmp_path, *extra, checkpoint="random"):
 
 def test_roc_auc_and_average_precision_match_hand_computed_values():
     # Positives 0.35, 0.8 against negatives 0.1, 0.4: 3 of 4 pairs ordered right.
-    assert probe.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert metrics.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     # Tie: positive 0.5 vs negative 0.5 counts one half -> (0.5 + 1 + 1 + 1) / 4.
-    assert probe.roc_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)
-    assert np.isnan(probe.roc_auc([0.1, 0.2], [1, 1]))
+    assert metrics.roc_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == pytest.approx(0.875)
+    assert np.isnan(metrics.roc_auc([0.1, 0.2], [1, 1]))
     # Ranked 1 0 1 0: precision 1/1 at the first positive, 2/3 at the second.
-    assert probe.average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics.average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx((1 + 2 / 3) / 2)
     # Tie group {0.5 positive, 0.5 negative} after a negative: precision 1/3 at the group's end,
     # then 2/4 at the last positive (the same as the step-wise recall x precision sum).
-    assert probe.average_precision([0.9, 0.5, 0.5, 0.1], [0, 1, 0, 1]) == pytest.approx((1 / 3 + 2 / 4) / 2)
-    assert np.isnan(probe.average_precision([0.3, 0.4], [0, 0]))
+    assert metrics.average_precision([0.9, 0.5, 0.5, 0.1], [0, 1, 0, 1]) == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert np.isnan(metrics.average_precision([0.3, 0.4], [0, 0]))
     # Macro over tags: tag 0 as above (0.75 / 0.8333), tag 1 perfect, tag 2 has no positive (left out).
     scores = torch.logit(torch.tensor([[0.1, 0.9, 0.5], [0.4, 0.8, 0.5], [0.35, 0.2, 0.5], [0.8, 0.1, 0.5]]))
     tags = torch.tensor([[0, 1, 0], [0, 1, 0], [1, 0, 0], [1, 0, 0]], dtype=torch.float32)
-    result = probe.metrics("multilabel", scores, tags)
+    result = metrics.score("multilabel", scores, tags)
     assert result["roc_auc"] == pytest.approx((0.75 + 1) / 2)
     assert result["pr_auc"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
@@ -74,7 +75,7 @@ def test_roc_auc_ranks_logits_that_saturate_float32_sigmoids():
     logits = torch.tensor([[30.0], [20.0], [0.0]])
     tags = torch.tensor([[1.0], [0.0], [0.0]])
     assert torch.sigmoid(logits[0]) == torch.sigmoid(logits[1])
-    result = probe.metrics("multilabel", logits, tags)
+    result = metrics.score("multilabel", logits, tags)
     assert result["roc_auc"] == 1.0 and result["pr_auc"] == 1.0
 
 
@@ -83,9 +84,9 @@ def test_r2_of_a_constant_target_is_zero_as_scikit_learn():
     predictions = np.array([[2.5, 1.0], [3.5, 2.0], [3.0, 3.0]])
     # Output 0: constant target, imperfect prediction -> 0 (scikit-learn), not -SSE / 1e-12.
     # Output 1: targets 1, 2, 4 (SST 14/3), SSE 1 -> 1 - 3/14.
-    assert probe.r2_score(predictions, targets) == pytest.approx([0.0, 11 / 14])
+    assert metrics.r2_score(predictions, targets) == pytest.approx([0.0, 11 / 14])
     # A constant target predicted exactly scores 1 (scikit-learn too).
-    assert probe.r2_score(targets[:, :1], targets[:, :1]).tolist() == [1.0]
+    assert metrics.r2_score(targets[:, :1], targets[:, :1]).tolist() == [1.0]
 
 
 def test_accuracy_f1_r2_and_confusion_match_hand_computed_values():
@@ -94,15 +95,15 @@ def test_accuracy_f1_r2_and_confusion_match_hand_computed_values():
     logits = torch.nn.functional.one_hot(predicted, 4).float()
     # Class 0: tp 1, 2 predicted, 2 actual -> F1 1/2; class 1: tp 2, 3 predicted, 2 actual -> 4/5;
     # class 2: tp 1, 1 predicted, 2 actual -> 2/3; class 3: never seen, left out.
-    result = probe.metrics("multiclass", logits, labels)
+    result = metrics.score("multiclass", logits, labels)
     assert result == {"accuracy": pytest.approx(4 / 6), "macro_f1": pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)}
-    counts = probe.confusion_matrix(predicted.numpy(), labels.numpy(), 3)
+    counts = metrics.confusion_matrix(predicted.numpy(), labels.numpy(), 3)
     assert counts.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     # Targets 1, 2, 4 (mean 7/3, SST 14/3) predicted 1, 2, 3 (SSE 1): R2 = 1 - 3/14.
     # Second output predicted perfectly: R2 = 1.
     targets = torch.tensor([[1.0, 0.0], [2.0, 5.0], [4.0, 1.0]])
     predictions = torch.tensor([[1.0, 0.0], [2.0, 5.0], [3.0, 1.0]])
-    result = probe.metrics("regression", predictions, targets)
+    result = metrics.score("regression", predictions, targets)
     assert result["r2_per_output"] == pytest.approx([11 / 14, 1.0])
     assert result["r2"] == pytest.approx((11 / 14 + 1) / 2)
 
@@ -114,14 +115,14 @@ def test_mirex_key_score_matches_hand_computed_values():
              ("A minor", "E minor", 0.5), ("A minor", "C major", 0.3), ("A minor", "A major", 0.2),
              ("A minor", "D minor", 0.0), ("B major", "F# major", 0.5), ("C major", "E minor", 0.0)]
     for reference, estimate, expected in cases:
-        assert probe.mirex_key_score([key[estimate]], [key[reference]]) == pytest.approx(expected), (reference,
+        assert metrics.mirex_key_score([key[estimate]], [key[reference]]) == pytest.approx(expected), (reference,
                                                                                                   estimate)
     labels = [key[r] for r, _, _ in cases]
     estimates = [key[e] for _, e, _ in cases]
-    assert probe.mirex_key_score(estimates, labels) == pytest.approx(sum(v for _, _, v in cases) / len(cases))
+    assert metrics.mirex_key_score(estimates, labels) == pytest.approx(sum(v for _, _, v in cases) / len(cases))
     logits = torch.nn.functional.one_hot(torch.tensor(estimates), 24).float()
     column = datasets.LabelColumn(columns=["key"], task="multiclass", kind="key", classes=list(datasets.KEY_NAMES))
-    result = probe.metrics("multiclass", logits, torch.tensor(labels), column)
+    result = metrics.score("multiclass", logits, torch.tensor(labels), column)
     assert result["mirex"] == pytest.approx(sum(v for _, _, v in cases) / len(cases))
     assert result["accuracy"] == pytest.approx(1 / len(cases))
 
@@ -144,7 +145,7 @@ def test_prototypes_are_perfect_on_separable_embeddings():
     assert prototypes.shape == (4, 5) and torch.all(prototypes[3] == 0)  # no example of class 3
     assert torch.allclose(prototypes[:3].norm(dim=1), torch.ones(3))
     scores = probe.prototype_scores(prototypes, x[30:])
-    assert probe.accuracy(scores, torch.as_tensor(classes[30:])) == 1.0
+    assert metrics.accuracy(scores, torch.as_tensor(classes[30:])) == 1.0
     # Multilabel: axis 2t is on when tag t is present, axis 2t + 1 when it is absent. Train on every
     # combination of 3 tags, so a tag's positive and negative means differ only on its own two axes:
     # the score is positive exactly for the clips that carry the tag.
@@ -158,7 +159,7 @@ def test_prototypes_are_perfect_on_separable_embeddings():
     assert prototypes.shape == (2, 3, 6)
     scores = probe.prototype_scores(prototypes, features(test_tags))
     assert torch.equal(scores > 0, torch.as_tensor(test_tags) > 0)
-    result = probe.metrics("multilabel", scores, torch.as_tensor(test_tags))
+    result = metrics.score("multilabel", scores, torch.as_tensor(test_tags))
     assert result["roc_auc"] == 1.0 and result["pr_auc"] == 1.0
 
 
@@ -174,7 +175,7 @@ def test_prototypes_option_scores_the_test_tracks_against_class_means_without_a_
         train, test = data.split_clips("train"), data.split_clips("test")
         prototypes = probe.class_prototypes(train.x, data.column.values[train.owners], task, data.out_dim)
         tracks = export.track_embeddings(test.x, test.owners, test.tracks)
-        expected = probe.metrics(task, probe.prototype_scores(prototypes, tracks), data.labels[test.tracks])
+        expected = metrics.score(task, probe.prototype_scores(prototypes, tracks), data.labels[test.tracks])
         assert result["test"] == pytest.approx(expected), column
     with pytest.raises(utils.UserError, match="--prototypes needs class labels"):
         run_probe(tiny_set, tmp_path, "--prototypes", "--label-column", "brightness", "--task", "regression")
@@ -659,11 +660,11 @@ def test_a_tasks_file_that_is_not_a_plain_csv_is_one_line(tiny_set, tmp_path, ca
 
 def test_retrieval_is_stored_and_shown_beside_the_head_metrics(tiny_set, tmp_path, monkeypatch):
     calls = []
-    metrics = similar.retrieval_metrics
+    real = similar.retrieval_metrics
 
     def record(x, owners, labels, task):
         calls.append((x.clone(), owners.copy(), labels.clone(), task))
-        return metrics(x, owners, labels, task)
+        return real(x, owners, labels, task)
 
     monkeypatch.setattr(similar, "retrieval_metrics", record)
     results = run_probe(tiny_set, tmp_path, "--label-column", "timbre", "--label-column", "tags", "--task",
@@ -673,7 +674,7 @@ def test_retrieval_is_stored_and_shown_beside_the_head_metrics(tiny_set, tmp_pat
     x, owners, labels, task = calls[0]
     assert torch.equal(x, test.x) and np.array_equal(owners, test.owners) and task == "multiclass"
     assert torch.equal(labels, data.labels[test.tracks])  # one label per test track, in track order
-    expected = metrics(test.x, test.owners, data.labels[test.tracks], "multiclass")
+    expected = real(test.x, test.owners, data.labels[test.tracks], "multiclass")
     assert results[0]["retrieval"] == expected and set(results[1]["retrieval"]) == set(expected)
     table = pd.read_csv(tmp_path / "r.csv")
     assert list(table.columns) == ["checkpoint", "timbre (accuracy)", "timbre (track top-1)", "timbre (track MRR)",

@@ -128,6 +128,20 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tiny_set, tmp_path):
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout
 
 
+def test_a_run_that_fails_in_python_gives_back_ctrl_c_and_its_lock(tiny_set, tmp_path, capsys):
+    """train.main called from Python (a notebook): an error leaves no signal handler or lock behind."""
+    out = tmp_path / "run"
+    train.main(train_args(tiny_set, out, 2, "--save-every", "2"))
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in safety.StopSignal.SIGNALS}
+    # Refused after the lock is taken and the handlers are set: another --width than the checkpoint's.
+    assert "holds another model" in cli_error(capsys, train_args(tiny_set, out, 4, "--width", "0.25"))
+    assert {name: signal.getsignal(getattr(signal, name)) for name in safety.StopSignal.SIGNALS} == handlers
+    assert (out / "run.lock").read_text() == ""  # released: the record is emptied
+    # Another process takes the folder at once, without a takeover message.
+    resumed = train_py(train_args(tiny_set, out, 3))
+    assert resumed.returncode == 0 and "took over" not in resumed.stdout and "at step 2" in resumed.stdout
+
+
 def test_a_worker_killed_by_the_kernel_is_named_and_the_run_saved(tiny_set, tmp_path):
     out = tmp_path / "run"
     argv = train_args(tiny_set, out, 100000, "--save-every", "100000", "--workers", "1")

@@ -1,5 +1,4 @@
 """Short end-to-end runs of train.py and probe.py on a tiny synthetic set."""
-import argparse
 import copy
 import glob
 import json
