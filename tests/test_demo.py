@@ -103,6 +103,16 @@ def test_make_demo_seed_seeds_both_trainings_and_the_probe_in_their_own_folders(
     assert default[3].endswith("reports.py check runs/demo-results.json")
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_steps_shortens_both_trainings_in_their_own_folders_without_the_check():
+    commands = make_dry_run("STEPS=10")
+    assert all(c.split().count("--steps") == 1 and "--steps 10 " in c for c in commands[:2])
+    assert "--out runs/demo-steps10-selfsup" in commands[0] and "--out runs/demo-steps10-semisup" in commands[1]
+    assert "--out runs/demo-steps10-results.json" in commands[2]
+    assert commands[3].startswith("echo") and "not checked" in commands[3]  # the claims are for 150 steps
+    assert all("--steps 150 " in c for c in make_dry_run()[:2])
+
+
 def test_check_command_on_a_real_results_file_prints_the_functions_line_and_exits_0(tmp_path):
     manifest = synthetic.make_synthetic_set(str(tmp_path / "synthetic"), num_files=80, seconds=1.2, sample_rate=8000)
     model = ["--width", "0.125", "--clip-seconds", "0.5", "--sample-rate", "8000"]
