@@ -812,6 +812,23 @@ def open_audio(path):
     return sf.SoundFile(path)
 
 
+# libsndfile 1.2's MP3 decoder gets the first frames of a read wrong unless the read starts at
+# the file's beginning: after a seek, and in every read after the first one (up to 0.36 off on
+# a 0.3 sine, in tonal audio whose frames use the bit reservoir). Measured at 8 to 48 kHz, a
+# read that begins 3,456 frames early is exact from there on; read_span begins 9,216 early.
+MP3_PREROLL = 9216  # frames: 8 MPEG-1 frames of 1,152 samples
+
+
+def read_span(f, start, count):
+    """Frames [start, start + count) of an open audio file: float32 `[n, channels]`, n <= count.
+
+    One seek and one read; an MP3 read begins up to MP3_PREROLL frames early and drops them.
+    """
+    preroll = min(start, MP3_PREROLL) if getattr(f, "format", None) in ("MP3", "MPEG") else 0
+    f.seek(start - preroll)
+    return f.read(preroll + count, dtype="float32", always_2d=True)[preroll:]
+
+
 def read_source_crops(path, num_views, clip_samples, sample_rate, rng):
     """Read `num_views` random crops of one file, mono, at the file's own sample rate.
 
@@ -843,8 +860,7 @@ def read_source_crops(path, num_views, clip_samples, sample_rate, rng):
                 starts = rng.integers(0, frames - crop + 1, size=num_views).tolist()
             crops = []
             for start in starts:
-                f.seek(int(start))
-                audio = f.read(min(crop, frames - int(start)), dtype="float32", always_2d=True)
+                audio = read_span(f, int(start), min(crop, frames - int(start)))  # [n, channels]
                 crops.append(_fit_length(torch.from_numpy(audio.mean(1)), crop))  # [L] mono, padded
     except (sf.LibsndfileError, RuntimeError, OSError) as error:
         if isinstance(error, AudioError):
@@ -938,24 +954,14 @@ def cut_clips(read, frames, source_rate, clip_samples, sample_rate, max_clips=No
 def frame_reader(f, block=1 << 16):
     """read(start, count) -> mono frames `[n]` float32 of an open audio file, for cut_clips.
 
-    Where the format seeks exactly (WAV, FLAC, AIFF, the cache's .npy), each read seeks.
-    libsndfile's Ogg seeks can land a few hundred frames off the frame asked for (1.2.x),
-    so Ogg files are read forward in blocks instead, keeping only the frames asked for and
-    the last range read (the reaches of consecutive clips overlap); memory stays flat, the
-    decoding time is the file's. Starts must then not decrease. MP3 files are decoded
-    whole: libsndfile 1.2 decodes them right only in one read from the start.
+    Where the format seeks exactly (WAV, FLAC, AIFF, MP3 through read_span, the cache's
+    .npy), each read seeks. libsndfile's Ogg seeks can land a few hundred frames off the
+    frame asked for (1.2.x), so Ogg files are read forward in blocks instead, keeping only
+    the frames asked for and the last range read (the reaches of consecutive clips overlap);
+    memory stays flat, the decoding time is the file's. Starts must then not decrease.
     """
-    if getattr(f, "format", None) in ("MP3", "MPEG"):
-        # libsndfile 1.2's MP3 decoder gives other samples (up to 0.36 off on a 0.3 sine) when a file
-        # is read in blocks or after a seek: only one read from the start is right, so the whole file
-        # is decoded once (memory grows with an MP3's length; convert long MP3s to FLAC to stream them).
-        whole = torch.from_numpy(f.read(dtype="float32", always_2d=True).mean(1))  # [frames] mono
-        return lambda start, count: whole[start:start + count]
     if getattr(f, "format", None) != "OGG":
-        def read(start, count):
-            f.seek(start)
-            return torch.from_numpy(f.read(count, dtype="float32", always_2d=True).mean(1))  # [n] mono
-        return read
+        return lambda start, count: torch.from_numpy(read_span(f, start, count).mean(1))  # [n] mono
     state = {"start": 0, "last": torch.zeros(0)}  # the frames [start, position) read last
 
     def read_forward(start, count):

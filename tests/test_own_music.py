@@ -284,10 +284,13 @@ def test_the_docs_commands_and_python_snippet_run_as_written(library, tmp_path, 
     table = pd.read_csv(tmp_path / "runs" / "my-music-embeddings.csv")
     assert len(x) == len(table) and table["path"].map(lambda p: os.path.isfile(tmp_path / "runs" / p)).all()
     song = next(p for p in table["path"] if p.endswith(os.path.basename(SONG)))
-    nearest = printed.splitlines()[printed.splitlines().index(next(line for line in printed.splitlines() if
-                                                                   line.startswith("nearest 10 of ")))
-                                   + 1].split(None, 2)
-    assert nearest[:2] == ["1", "1.0000"] and nearest[2] == SONG  # the copy finds its original first
+    lines = printed.splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("nearest 10 of "))) + 1
+    nearest = [line.split(None, 2) for line in lines[first:first + 10]]  # [rank, similarity, path]
+    # The copy finds its original at similarity 1. The docs' model trains 2 steps here, so other
+    # tracks may tie with it at 4 decimals and come first by float rounding: the original is
+    # among the top's ties (tests/test_similar.py checks the order with a trained encoder).
+    assert nearest[0][1] == "1.0000" and SONG in [path for _, similarity, path in nearest if similarity == "1.0000"]
     neighbours = pd.read_csv(tmp_path / "runs" / "my-music-neighbours.csv")
     assert set(neighbours["path"]) == set(table["path"]) and (neighbours["path"] != neighbours["neighbour"]).all()
     result = subprocess.run([sys.executable, "-c", doc_blocks("python")[0]], cwd=tmp_path, capture_output=True,
