@@ -13,9 +13,10 @@ checkpoint that loads is picked up, after checking that the model flags and sett
 (docs/training.md: faults and what happens). A finished run also writes OUT/model.pt, the
 file to share (weights and settings, no optimizer state).
 
-Reading order: build_parser, main and pretrain (the set-up phases by name), train_loop (one step, top
-to bottom), the step's functions, then logging, saving and the set-up phases. Run safety
-(the out-folder lock, the resume point, the data check, the stop path) lives in safety.py.
+Reading order: build_parser, main and pretrain (the set-up phases by name), train_loop,
+train_step (one step, top to bottom) and the step's functions, then validation, saving and
+the set-up phases. Run safety (the out-folder lock, the resume point, the data check, the
+stop path) lives in safety.py; what a run logs, in monitor.py.
 """
 import argparse
 import contextlib
@@ -227,15 +228,17 @@ def pretrain(args, taken):
 
 
 def train_loop(run, loader, val_loader, step, stop):
-    """The training loop, from global step `step` up to --steps, one step top to bottom.
+    """The training loop, from global step `step` up to --steps: each step (train_step), then
+    what runs every so many steps (logging, validation, the monitor, saving, stopping).
 
     A failed write or a dead data worker ends the loop through safety.stopped, which
     saves the last step. Returns (step reached, history [(step, global-batch loss)] of the
     logging steps, files that failed to load, skipped non-finite steps, last validation loss).
     """
     args, device = run.args, run.device
-    failed_files, clips_seen, data_wait, history = 0, 0, 0.0, []
-    started = tick = time.perf_counter()
+    # Files that failed to load; clips seen and host seconds blocked on the data workers since the last log.
+    counts = {"failed_files": 0, "clips": 0, "data_wait": 0.0}
+    history, started, tick = [], time.perf_counter(), time.perf_counter()
     # Non-finite steps in a row and in all, counted on the device and read on logging steps only.
     bad_steps = torch.zeros((), dtype=torch.long, device=device)
     skipped_steps = torch.zeros((), dtype=torch.long, device=device)
@@ -243,26 +246,8 @@ def train_loop(run, loader, val_loader, step, stop):
     progress = tqdm(total=args.steps, initial=step, disable=not run.is_main, desc="train")
     try:
         while step < args.steps:
-            for _ in range(args.grad_accum):
-                # ---- 1. the next batch, to the device
-                waited = time.perf_counter()
-                batch = next(loader)
-                data_wait += time.perf_counter() - waited  # host time blocked on the data workers
-                views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n] (host)
-                # ---- 2. augment on the device (the identity when the workers augmented)
-                views = augment_batch(views, labeled, run.device_chains, run.generator, args.views)
-                signals = batch_signals(batch, run.specs, args.views, device)
-                # ---- 3.-5. encode, project, gather, target and loss
-                with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
-                    loss, stats = contrastive_step(run.model, views, clip_ids, signals, args.temperature,
-                                                   args.world_size, run.rank)
-                # ---- 6. backward; accumulation averages k separate contrastive batches (negatives
-                # never cross micro-batches). No host-device sync: failed counts live on the host.
-                run.scaler.scale(loss / args.grad_accum).backward()
-                failed_files += int(batch["failed"].sum())
-                clips_seen += len(batch["clip"]) * args.world_size
-            # ---- 6. clip, optimizer step (skipped on the device if not finite), zero the gradients
-            is_bad = optimizer_step(run, stats["loss_sum"])
+            # ---- 1.-6. one step: batches, augmentation, loss, backward, the optimizer (train_step)
+            stats, is_bad = train_step(run, loader, counts)
             bad_steps = torch.where(is_bad, bad_steps + 1, 0)
             skipped_steps += is_bad
             step += 1
@@ -272,10 +257,12 @@ def train_loop(run, loader, val_loader, step, stop):
             is_logging = step % args.log_every == 0 or step == args.steps
             if is_logging:
                 elapsed = time.perf_counter() - tick
-                total = monitor.log_scalars(run.writer, stats, step, run.scheduler.get_last_lr()[0], failed_files,
-                                    int(skipped_steps), (clips_seen / elapsed, data_wait / elapsed), progress)
+                speed = (counts["clips"] / elapsed, counts["data_wait"] / elapsed)
+                total = monitor.log_scalars(run.writer, stats, step, run.scheduler.get_last_lr()[0],
+                                            counts["failed_files"], int(skipped_steps), speed, progress)
                 history.append((step, total))
-                clips_seen, data_wait, tick = 0, 0.0, time.perf_counter()
+                counts.update(clips=0, data_wait=0.0)
+                tick = time.perf_counter()
             if run.writer and args.image_every and step % args.image_every == 0:
                 monitor.log_images(run.writer, stats, step)
             # ---- 7. validate every --val-every steps (and at the end); best.pt on a new best
@@ -305,10 +292,39 @@ def train_loop(run, loader, val_loader, step, stop):
         raise safety.stopped(error, lambda: save(run, step), step, args.out, run.writer, run.status_dir) from error
     finally:
         progress.close()
-    return step, history, failed_files, int(skipped_steps), val_loss
+    return step, history, counts["failed_files"], int(skipped_steps), val_loss
 
 
-# ---------------------------------------------------------------- one training step, in the order the loop calls its parts
+# ---------------------------------------------------------------- one training step, in the order it calls its parts
+
+def train_step(run, loader, counts):
+    """One optimizer step over --grad-accum batches: steps 1-6 of the loop, top to bottom.
+
+    counts: train_loop's failed files, clips (all processes) and data wait, added to here.
+    Returns (the last batch's detached stats (contrastive_step), is_bad: a 0-d bool on the
+    device, true where the update was skipped as not finite)."""
+    args, device = run.args, run.device
+    for _ in range(args.grad_accum):
+        # ---- 1. the next batch, to the device
+        waited = time.perf_counter()
+        batch = next(loader)
+        counts["data_wait"] += time.perf_counter() - waited
+        views, clip_ids, labeled = prepare_batch(batch, args, device)  # [n, T], [n], [n] (host)
+        # ---- 2. augment on the device (the identity when the workers augmented)
+        views = augment_batch(views, labeled, run.device_chains, run.generator, args.views)
+        signals = batch_signals(batch, run.specs, args.views, device)
+        # ---- 3.-5. encode, project, gather, target and loss
+        with torch.autocast(device.type, dtype=args.autocast_dtype, enabled=args.autocast_dtype is not None):
+            loss, stats = contrastive_step(run.model, views, clip_ids, signals, args.temperature, args.world_size,
+                                           run.rank)
+        # ---- 6. backward; accumulation averages k separate contrastive batches (negatives
+        # never cross micro-batches). No host-device sync: failed counts live on the host.
+        run.scaler.scale(loss / args.grad_accum).backward()
+        counts["failed_files"] += int(batch["failed"].sum())
+        counts["clips"] += len(batch["clip"]) * args.world_size
+    # ---- 6. clip, optimizer step (skipped on the device if not finite), zero the gradients
+    return stats, optimizer_step(run, stats["loss_sum"])
+
 
 def prepare_batch(batch, args, device):
     """Move a batch to the device -> views `[b*V, T]`, clip ids `[b*V]`, labeled `[b*V]` (on the host)."""
