@@ -25,6 +25,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import time
 
 import pandas as pd
@@ -480,12 +481,22 @@ def worker_paths(status_dir, pids):
     return found
 
 
-def stopped(error, save, step, out, writer=None, status_dir=None):
+def close_writer(writer):
+    """Flush and close a TensorBoard writer (or None). A failing event file gets a warning line,
+    not a traceback: what it holds up to there stays readable, and checkpoints do not need it."""
+    try:
+        if writer is not None:
+            writer.close()
+    except OSError as error:
+        print(f"warning: the TensorBoard event file could not be written to the end ({error.strerror or error}); "
+              f"what it logged before stays readable, and the checkpoints are unaffected", file=sys.stderr)
+
+
+def stopped(error, save, step, out, status_dir=None):
     """The stop path of a run after a failed write, a dead data worker or data that vanished.
 
-    Saves what can be saved (save: writes the checkpoint of `step`), closes the TensorBoard
-    writer (its own failure may be the cause, and would strike again at exit) and returns
-    the one-line UserError to raise. Any other error is re-raised as it is: a bug.
+    Saves what can be saved (save: writes the checkpoint of `step`) and returns the one-line
+    UserError to raise. Any other error is re-raised as it is: a bug.
     """
     text = " ".join(str(error).split())
     if isinstance(error, OSError):
@@ -500,11 +511,6 @@ def stopped(error, save, step, out, writer=None, status_dir=None):
         cause, then = [line for line in str(error).splitlines() if line.strip()][-1].strip(), ""
     else:
         raise error
-    if writer is not None:
-        try:
-            writer.close()
-        except OSError:
-            pass  # the event file already failed: what it holds up to here stays readable
     try:
         save()
         kept = f"saved step {step} in {out}"

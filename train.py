@@ -150,8 +150,9 @@ def main(argv=None):
     """Train from the command line `argv`; returns {"out", "losses", "failed_files", "skipped_steps", "step"}."""
     args = build_parser().parse_args(argv)
     safety.check_flags(args)
-    # However the run ends, what it took is given back: the signal handlers and the --out lock
-    # (a notebook that calls main gets its Ctrl-C back), then, on a normal end, the process group.
+    # However the run ends, what it took is given back: the TensorBoard writer, the --out lock and
+    # the signal handlers (a notebook that calls main gets its Ctrl-C back), then, on a normal end,
+    # the process group.
     with contextlib.ExitStack() as taken:
         result = pretrain(args, taken)
     utils.cleanup_process()
@@ -159,7 +160,8 @@ def main(argv=None):
 
 
 def pretrain(args, taken):
-    """The set-up phases by name, then the loop; `taken` (an ExitStack) gives back handlers and lock."""
+    """The set-up phases by name, then the loop; `taken` (an ExitStack) gives back the handlers, the
+    lock and the TensorBoard writer."""
     # ---- process; from here a signal during set-up saves after the first step
     stop = taken.enter_context(safety.StopSignal())
     rank, world_size, local_rank, device = utils.setup_process()
@@ -212,6 +214,8 @@ def pretrain(args, taken):
     loader, val_loader, status_dir = datasets.build_loaders(manifest, columns, any_labeled, labeled_rows,
                                                             unlabeled_rows, worker_chains, step, args, device, rank)
     writer = start_logging(args, bare_model, device, is_main)
+    if writer:
+        taken.callback(safety.close_writer, writer)  # flushed and closed however the run ends
     knn = monitor.from_flags(args, state)
     run = Run(args, model, bare_model, optimizer, scheduler, scaler, generator, columns, specs, device_chains,
               status_dir, device, rank, is_main, writer, knn, best_val)
@@ -219,8 +223,6 @@ def pretrain(args, taken):
     # ---- training loop
     start_step, started = step, time.perf_counter()
     step, history, failed_files, skipped_steps, val_loss = train_loop(run, loader, val_loader, step, stop)
-    if writer:
-        writer.close()
     if is_main:
         safety.print_summary(args, start_step, step, time.perf_counter() - started, val_loss, run.best_val)
     return {"out": args.out, "losses": history, "failed_files": failed_files, "skipped_steps": skipped_steps,
@@ -289,7 +291,7 @@ def train_loop(run, loader, val_loader, step, stop):
                           f"(--resume auto) to continue from {args.out}", flush=True)
                 break
     except (OSError, RuntimeError) as error:  # a failed write, a dead data worker, vanished audio: else a bug
-        raise safety.stopped(error, lambda: save(run, step), step, args.out, run.writer, run.status_dir) from error
+        raise safety.stopped(error, lambda: save(run, step), step, args.out, run.status_dir) from error
     finally:
         progress.close()
     return step, history, counts["failed_files"], int(skipped_steps), val_loss

@@ -106,6 +106,23 @@ def test_a_failed_tensorboard_write_saves_and_ends_in_one_line(tiny_set, tmp_pat
     assert safety.load_model_file(safety.list_checkpoints(str(out))[-1], keys=safety.CHECKPOINT_KEYS)["step"] == 3
 
 
+def test_an_event_file_that_fails_at_the_end_is_a_warning_and_the_run_keeps_its_result(tiny_set, tmp_path, capsys,
+                                                                                      monkeypatch):
+    closed = []
+
+    def close(writer):
+        closed.append(writer.log_dir)
+        raise OSError(28, "No space left on device")  # the last flush of the event file, on a full disk
+
+    monkeypatch.setattr(train.SummaryWriter, "close", close)
+    out = tmp_path / "run"
+    result = train.main(train_args(tiny_set, out, 2))
+    err = capsys.readouterr().err
+    assert result["step"] == 2 and closed == [str(out)] and (out / "model.pt").is_file()
+    assert "warning: the TensorBoard event file could not be written to the end (No space left on device)" in err
+    assert "Traceback" not in err
+
+
 def test_ctrl_c_saves_and_the_same_command_resumes(tiny_set, tmp_path):
     out = tmp_path / "run"
     argv = train_args(tiny_set, out, 100000, "--save-every", "100000", "--workers", "1")
