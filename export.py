@@ -355,8 +355,8 @@ def export_embeddings(args, checkpoint, out, device, flag="--out"):
     out = out[:-4] if out.endswith((".npy", ".csv")) else out
     out_folder, parts = os.path.dirname(os.path.abspath(out)), out + ".parts"
     safety.check_writable(out_folder, f"{flag} {out}")
-    lock = safety.FolderLock(parts, f"{flag} {out}", name="export.lock").acquire()
-    with lock:  # released however the export ends; on success remove_parts releases it as it goes
+    # Released however the export ends; on success remove_parts releases it as it goes.
+    with safety.FolderLock(parts, f"{flag} {out}", name="export.lock") as lock:
         model, settings = load_encoder(checkpoint, args, device)
         csv = datasets.manifest_or_scan(args.csv, datasets.SCAN_CACHE) if args.csv else \
             synthetic.make_synthetic_set(args.synthetic_dir)

@@ -4,8 +4,9 @@ log_scalars and log_images write the step's losses (the objective and its views 
 parts, read from the step, never recomputed), lr, speed, failed files and skipped steps, and
 the batch's target and similarity matrices, to TensorBoard.
 
-The k-NN monitor, a downstream score of the frozen encoder on a labeled set: every --monitor-every steps train.py calls KnnMonitor.evaluate: the current encoder, in
-eval mode and without gradients, embeds fixed clips of the monitor manifest's train and
+The k-NN monitor is a downstream score of the frozen encoder on a labeled set. Every
+--monitor-every steps train.py calls KnnMonitor.evaluate: the current encoder, in eval
+mode and without gradients, embeds fixed clips of the monitor manifest's train and
 test tracks (the same clips at every step, so values compare over time); each test track
 (the mean of its clip embeddings) takes the labels of its k nearest train tracks by cosine
 similarity, weighted by exp(similarity / 0.07) as in DINO's k-NN evaluation. Scores:
@@ -173,7 +174,7 @@ def log_scalars(writer, stats, step, lr, failed_files, skipped_steps, speed, pro
 def log_images(writer, stats, step):
     """The batch's target matrix, its density, and the cosine-similarity matrix (a diagnostic: image steps only)."""
     target = losses.build_target(stats["clip_all"], stats["signals_all"])  # [N, N]
-    z = torch.nn.functional.normalize(stats["z_all"].float(), dim=1)
+    z = F.normalize(stats["z_all"].float(), dim=1)
     writer.add_scalar("target/density", (target.sum() / (len(target) * (len(target) - 1))).item(), step)
     writer.add_image("batch/target", target[None].float().cpu(), step)
     writer.add_image("batch/similarity", ((z @ z.T + 1) / 2)[None].cpu(), step)

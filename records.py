@@ -109,11 +109,16 @@ def finished_results(out):
     if not out or not os.path.isfile(out):
         return []
     try:
-        with open(out, encoding="utf-8") as f:
-            results = json.load(f)
-        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-            raise ValueError("not a list of results")
+        return load_results(out)
     except (OSError, ValueError) as error:
         print(f"results: {out} is damaged ({str(error).splitlines()[0][:120]}); its probes run again")
         return []
+
+
+def load_results(path):
+    """The results dicts of a probe's --out file; OSError or ValueError where it is not one."""
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "checkpoint" in r for r in results):
+        raise ValueError("not a list of probe results")
     return results

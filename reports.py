@@ -13,7 +13,6 @@ way, since a surprising result is information, not a failure):
 """
 import argparse
 import io
-import json
 import os
 import re
 
@@ -22,6 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+import records
 import safety
 import utils
 from utils import UserError
@@ -400,14 +400,10 @@ def read_results(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such results file; run `make demo` (or probe.py --out {path}) first")
     try:
-        with open(path, encoding="utf-8") as f:
-            results = json.load(f)
+        return records.load_results(path)
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: not a results file ({str(error).splitlines()[0][:120]}); run the probe again") \
             from None
-    if not isinstance(results, list) or not all(isinstance(r, dict) and "checkpoint" in r for r in results):
-        raise UserError(f"{path}: not a results file (a list of probe results); run the probe again")
-    return results
 
 
 def main(argv=None):

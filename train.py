@@ -240,7 +240,8 @@ def train_loop(run, loader, val_loader, step, stop):
     args, device = run.args, run.device
     # Files that failed to load; clips seen and host seconds blocked on the data workers since the last log.
     counts = {"failed_files": 0, "clips": 0, "data_wait": 0.0}
-    history, started, tick = [], time.perf_counter(), time.perf_counter()
+    history, started = [], time.perf_counter()
+    tick = started  # the last logging step's time
     # Non-finite steps in a row and in all, counted on the device and read on logging steps only.
     bad_steps = torch.zeros((), dtype=torch.long, device=device)
     skipped_steps = torch.zeros((), dtype=torch.long, device=device)
